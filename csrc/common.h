@@ -1,0 +1,185 @@
+// Shared by the CPU and CUDA kernels: how a (N, C, *spatial) tensor is laid out in memory,
+// and the argument checks every op runs before any kernel is launched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace fusedres {
+
+// Every kernel sees a dense tensor as (outer, channels, inner): element (o, c, i) lives at
+// ((o * channels) + c) * inner + i.
+//   NCHW-contiguous:  outer = N,       inner = H * W   (a channel is a run of `inner` values)
+//   channels_last:    outer = N * H*W, inner = 1       (a row of C values per pixel)
+struct ChannelView {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+  int64_t numel() const { return outer * channels * inner; }
+  // Number of values that share one channel (the BN reduction size).
+  int64_t per_channel() const { return outer * inner; }
+};
+
+inline bool is_channels_last(const at::Tensor& t) {
+  if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+// The kernels read NCHW-contiguous or channels_last tensors; anything else is copied once.
+inline at::Tensor dense_for_kernels(const at::Tensor& t) {
+  if (t.is_contiguous() || is_channels_last(t)) return t;
+  return t.contiguous();
+}
+
+inline ChannelView channel_view(const at::Tensor& t) {
+  const int64_t n = t.size(0), c = t.size(1);
+  const int64_t spatial = (n * c == 0) ? 0 : t.numel() / (n * c);
+  if (t.is_contiguous()) return {n, c, spatial};
+  TORCH_INTERNAL_ASSERT(is_channels_last(t), "fusedres: tensor is not dense");
+  return {n * spatial, c, 1};
+}
+
+// Brings `t` (same shape as `like`) into the memory layout of `like`, copying only if needed,
+// so both can be indexed with one ChannelView.
+inline at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like) {
+  if (like.is_contiguous()) return t.contiguous();
+  if (like.dim() == 4) return t.contiguous(at::MemoryFormat::ChannelsLast);
+  return t.contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+inline std::optional<at::Tensor> match_layout(const std::optional<at::Tensor>& t,
+                                              const at::Tensor& like) {
+  if (!t.has_value()) return std::nullopt;
+  return match_layout(*t, like);
+}
+
+inline void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, "fusedres: ", name, " must have shape (N, C, ...), got ", x.dim(),
+              " dimension(s)");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "fusedres: ", name,
+              " must be a floating point tensor, got ", x.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), "fusedres: ", name, " must have the shape of input ",
+              x.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fusedres: ", name,
+              " must have the dtype of input (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fusedres: ", name, " is on ", t.device(),
+              " but input is on ", x.device());
+}
+
+// Per-channel vectors (scale, shift, mean, weight ...): `channels` values of dtype `dtype`.
+inline void check_channel_vector(const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype,
+                                 const char* name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), "fusedres: ", name, " must have shape (",
+              x.size(1), ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "fusedres: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fusedres: ", name, " is on ", t.device(),
+              " but input is on ", x.device());
+}
+
+// Statistics and per-channel parameters of the kernels are kept in this type: float for
+// half / bfloat16 / float inputs, double for double inputs.
+inline at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Arguments of batch_norm_apply, checked before any kernel runs.
+inline void check_apply_args(const at::Tensor& input, const at::Tensor& mean,
+                             const at::Tensor& scale, const std::optional<at::Tensor>& shift,
+                             const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& residual_mean,
+                             const std::optional<at::Tensor>& residual_scale,
+                             const std::optional<at::Tensor>& residual_shift) {
+  check_input(input, "input");
+  const auto acc = accumulate_type(input.scalar_type());
+  check_channel_vector(mean, input, acc, "mean");
+  check_channel_vector(scale, input, acc, "scale");
+  if (shift) check_channel_vector(*shift, input, acc, "shift");
+  TORCH_CHECK(residual.has_value() || (!residual_mean && !residual_scale && !residual_shift),
+              "fusedres: residual_mean / residual_scale / residual_shift given without a residual");
+  if (residual) check_same(*residual, input, "residual");
+  if (residual_mean) check_channel_vector(*residual_mean, input, acc, "residual_mean");
+  if (residual_scale) check_channel_vector(*residual_scale, input, acc, "residual_scale");
+  if (residual_shift) check_channel_vector(*residual_shift, input, acc, "residual_shift");
+}
+
+// Arguments shared by the two BN backward passes.
+inline void check_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& output,
+                                const at::Tensor& input, const at::Tensor& mean,
+                                const at::Tensor& invstd) {
+  check_input(input, "input");
+  check_same(grad_out, input, "grad_out");
+  if (output) check_same(*output, input, "output");
+  const auto acc = accumulate_type(input.scalar_type());
+  check_channel_vector(mean, input, acc, "mean");
+  check_channel_vector(invstd, input, acc, "invstd");
+}
+
+// Operands of the folded conv + bias (+ residual) + ReLU ops, checked and brought into the
+// input's memory format so that the output keeps it.
+struct ConvOperands {
+  at::Tensor input, weight;
+  std::optional<at::Tensor> bias, residual;
+  at::MemoryFormat format;
+};
+
+inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(input.dim() == 4, "fusedres: input must have shape (N, C, H, W), got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fusedres: input must be a floating point tensor, got ", input.scalar_type());
+  TORCH_CHECK(weight.dim() == 4, "fusedres: weight must have shape (C_out, C_in / groups, kH, kW),"
+              " got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "fusedres: weight must have the dtype "
+              "of input (", input.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "fusedres: weight is on ", weight.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(groups > 0 && input.size(1) == weight.size(1) * groups, "fusedres: input has ",
+              input.size(1), " channels but weight expects ", weight.size(1) * groups,
+              " (weight.size(1) * groups)");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "fusedres: stride, padding and dilation must have 2 values each");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fusedres: bias must have "
+                "shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->device() == input.device(), "fusedres: bias is on ", bias->device(),
+                " but input is on ", input.device());
+  }
+  const at::MemoryFormat format =
+      is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  ConvOperands c{input.contiguous(format), weight.contiguous(format), bias, std::nullopt, format};
+  if (residual) {
+    std::vector<int64_t> out_size{input.size(0), weight.size(0)};
+    for (int d = 0; d < 2; ++d) {
+      const int64_t extent = dilation[d] * (weight.size(d + 2) - 1) + 1;
+      out_size.push_back((input.size(d + 2) + 2 * padding[d] - extent) / stride[d] + 1);
+    }
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), "fusedres: residual must have "
+                "the convolution's output shape ", at::IntArrayRef(out_size), ", got ",
+                residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fusedres: residual must have "
+                "the dtype of input (", input.scalar_type(), "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "fusedres: residual is on ",
+                residual->device(), " but input is on ", input.device());
+    c.residual = residual->contiguous(format);
+  }
+  return c;
+}
+
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+}  // namespace fusedres

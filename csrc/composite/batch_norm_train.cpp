@@ -1,0 +1,108 @@
+// Training-mode fused BN forwards, written once for every device: batch statistics, then one
+// normalize (+ residual) (+ ReLU) pass. The two kernels they call are registered per device
+// in cpu/ and cuda/; the autograd formula lives in fusedres/_ops.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common.h"
+
+namespace fusedres {
+namespace {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor> call_batch_norm_stats(const Tensor& input) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::batch_norm_stats", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&)>();
+  return op.call(input);
+}
+
+using OptTensor = std::optional<Tensor>;
+
+Tensor call_batch_norm_apply(const Tensor& input, const Tensor& mean, const Tensor& scale,
+                             const OptTensor& shift, const OptTensor& residual,
+                             const OptTensor& residual_mean, const OptTensor& residual_scale,
+                             const OptTensor& residual_shift, bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::batch_norm_apply", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                     const OptTensor&, const OptTensor&, const OptTensor&,
+                                     const OptTensor&, bool)>();
+  return op.call(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                 residual_shift, relu);
+}
+
+void check_train_input(const Tensor& input, const char* name) {
+  check_input(input, name);
+  TORCH_CHECK(input.numel() == 0 || input.numel() / input.size(1) > 1,
+              "Expected more than 1 value per channel when training, got ", name, " size ",
+              input.sizes());
+}
+
+void check_affine(const std::optional<Tensor>& t, const Tensor& input, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "fusedres: ", name,
+              " must have shape (", input.size(1), ",), got ", t->sizes());
+  TORCH_CHECK(t->device() == input.device(), "fusedres: ", name, " is on ", t->device(),
+              " but input is on ", input.device());
+}
+
+// out = (x - mean) * scale + shift with scale = weight / sqrt(var + eps), shift = bias, in
+// the statistics' dtype.
+std::tuple<Tensor, OptTensor> scale_shift(const Tensor& var, const OptTensor& weight,
+                                          const OptTensor& bias, double eps) {
+  Tensor scale = var.add(eps).rsqrt();
+  if (weight.has_value()) scale = scale.mul(weight->to(scale.scalar_type()));
+  OptTensor shift;
+  if (bias.has_value()) shift = bias->to(var.scalar_type());
+  return {scale, shift};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train(const Tensor& input,
+                                                        const std::optional<Tensor>& weight,
+                                                        const std::optional<Tensor>& bias,
+                                                        const std::optional<Tensor>& residual,
+                                                        double eps, bool relu) {
+  check_train_input(input, "input");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  if (residual.has_value()) check_same(*residual, input, "residual");
+  auto [mean, var] = call_batch_norm_stats(input);
+  auto [scale, shift] = scale_shift(var, weight, bias, eps);
+  Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, std::nullopt,
+                                     std::nullopt, std::nullopt, relu);
+  return {out, mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const Tensor& residual, const std::optional<Tensor>& residual_weight,
+    const std::optional<Tensor>& residual_bias, double eps, double residual_eps, bool relu) {
+  check_train_input(input, "input");
+  check_same(residual, input, "residual");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  check_affine(residual_weight, input, "residual_weight");
+  check_affine(residual_bias, input, "residual_bias");
+  auto [mean, var] = call_batch_norm_stats(input);
+  auto [residual_mean, residual_var] = call_batch_norm_stats(residual);
+  auto [scale, shift] = scale_shift(var, weight, bias, eps);
+  auto [residual_scale, residual_shift] =
+      scale_shift(residual_var, residual_weight, residual_bias, residual_eps);
+  Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, residual_mean,
+                                     residual_scale, residual_shift, relu);
+  return {out, mean, var, residual_mean, residual_var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CompositeExplicitAutograd, m) {
+  m.impl("batch_norm_act_train", &batch_norm_act_train);
+  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train);
+}
+
+}  // namespace fusedres

@@ -1,0 +1,134 @@
+// CPU: the training BN backward in two passes over (grad_out, output, input):
+//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+//   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
+// where g = grad_out, zeroed where the saved output is <= 0 (the ReLU mask) when output is
+// given, and xhat = (input - mean) * invstd.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common.h"
+#include "loops.h"
+
+namespace fusedres::cpu {
+namespace {
+
+using at::Tensor;
+
+// Checks the arguments both passes share and brings grad_out / output into input's layout.
+struct BackwardArgs {
+  Tensor grad_out, input;
+  std::optional<Tensor> output;
+};
+
+BackwardArgs prepare(const Tensor& grad_out, const std::optional<Tensor>& output,
+                     const Tensor& input_, const Tensor& mean, const Tensor& invstd) {
+  check_backward_args(grad_out, output, input_, mean, invstd);
+  const Tensor input = dense_for_kernels(input_);
+  return {match_layout(grad_out, input), input, match_layout(output, input)};
+}
+
+// The ReLU mask of the saved output: gradient passes where !(y <= 0), as threshold_backward.
+template <typename scalar_t, typename acc_t>
+inline acc_t masked(const scalar_t* dy, const scalar_t* y, int64_t i) {
+  const acc_t g = static_cast<acc_t>(dy[i]);
+  return (y && static_cast<acc_t>(y[i]) <= acc_t(0)) ? acc_t(0) : g;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
+                                                      const std::optional<Tensor>& output_,
+                                                      const Tensor& input_, const Tensor& mean_,
+                                                      const Tensor& invstd_) {
+  auto a = prepare(grad_out_, output_, input_, mean_, invstd_);
+  const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const int64_t C = a.input.size(1);
+  Tensor sum_dy = at::empty({C}, mean.options());
+  Tensor sum_dy_xhat = at::empty({C}, mean.options());
+  if (a.input.numel() == 0) {
+    sum_dy.zero_();
+    sum_dy_xhat.zero_();
+    return {sum_dy, sum_dy_xhat};
+  }
+  const ChannelView v = channel_view(a.input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const acc_t* mu = mean.const_data_ptr<acc_t>();
+    // sum(g * (x - mean)), scaled by invstd once at the end.
+    auto sums = per_channel_sums<acc_t, 2>(v, [&](int64_t i, int64_t c, acc_t* acc) {
+      const acc_t g = masked<scalar_t, acc_t>(dy, y, i);
+      acc[0] += g;
+      acc[1] += g * (static_cast<acc_t>(x[i]) - mu[c]);
+    });
+    const acc_t* is = invstd.const_data_ptr<acc_t>();
+    acc_t* s0 = sum_dy.data_ptr<acc_t>();
+    acc_t* s1 = sum_dy_xhat.data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      s0[c] = sums[2 * c];
+      s1[c] = sums[2 * c + 1] * is[c];
+    }
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Tensor>& output_,
+                                 const Tensor& input_, const Tensor& mean_, const Tensor& invstd_,
+                                 const std::optional<Tensor>& weight_, const Tensor& sum_dy_,
+                                 const Tensor& sum_dy_xhat_) {
+  auto a = prepare(grad_out_, output_, input_, mean_, invstd_);
+  const auto acc = accumulate_type(a.input.scalar_type());
+  check_channel_vector(sum_dy_, a.input, acc, "sum_dy");
+  check_channel_vector(sum_dy_xhat_, a.input, acc, "sum_dy_xhat");
+  if (weight_) {
+    TORCH_CHECK(weight_->dim() == 1 && weight_->size(0) == a.input.size(1),
+                "fusedres: weight must have shape (", a.input.size(1), ",), got ", weight_->sizes());
+  }
+  Tensor grad_input = at::empty_like(a.input);
+  if (a.input.numel() == 0) return grad_input;
+  const ChannelView v = channel_view(a.input);
+  const int64_t C = v.channels;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_input", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Per channel: grad_input = k * (g - mean_dy - (x - mean) * proj)
+    const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
+    const Tensor sum_dy = sum_dy_.contiguous(), sum_dy_xhat = sum_dy_xhat_.contiguous();
+    const Tensor weight = weight_ ? weight_->to(acc).contiguous() : Tensor();
+    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(v.per_channel());
+    std::vector<acc_t> k(C), mean_dy(C), proj(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t is = invstd.const_data_ptr<acc_t>()[c];
+      const acc_t w = weight.defined() ? weight.const_data_ptr<acc_t>()[c] : acc_t(1);
+      k[c] = w * is;
+      mean_dy[c] = sum_dy.const_data_ptr<acc_t>()[c] * inv_m;
+      proj[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_m * is;
+    }
+    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+    const acc_t* mu = mean.const_data_ptr<acc_t>();
+    scalar_t* dx = grad_input.data_ptr<scalar_t>();
+    for_each_element(v, [&](int64_t i, int64_t c) {
+      const acc_t g = masked<scalar_t, acc_t>(dy, y, i);
+      const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
+      dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_input", &batch_norm_backward_input);
+}
+
+}  // namespace fusedres::cpu

@@ -1,0 +1,132 @@
+// CPU: per-channel mean and biased variance. Each run of values (a channel's H*W plane, or a
+// block of channels_last rows) gets two-pass moments while it sits in cache, taken relative to
+// the run's first value so a large mean does not swamp the sums; the runs are then combined
+// with Chan's parallel formula.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../common.h"
+
+namespace fusedres::cpu {
+namespace {
+
+using at::Tensor;
+
+template <typename acc_t>
+struct Moments {
+  acc_t count = 0, mean = 0, m2 = 0;  // m2: sum of squared deviations from mean
+
+  void merge(const Moments& other) {
+    if (other.count == 0) return;
+    const acc_t total = count + other.count;
+    const acc_t delta = other.mean - mean;
+    mean += delta * (other.count / total);
+    m2 += other.m2 + delta * delta * (count * other.count / total);
+    count = total;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
+  at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Moments<acc_t> total;
+      for (int64_t o = 0; o < v.outer; ++o) {
+        const scalar_t* run = x + (o * v.channels + c) * v.inner;
+        const acc_t shift = static_cast<acc_t>(run[0]);
+        acc_t sum = 0;
+        for (int64_t i = 0; i < v.inner; ++i) sum += static_cast<acc_t>(run[i]) - shift;
+        Moments<acc_t> part;
+        part.count = static_cast<acc_t>(v.inner);
+        const acc_t offset = sum / part.count;  // mean - shift
+        for (int64_t i = 0; i < v.inner; ++i) {
+          const acc_t d = static_cast<acc_t>(run[i]) - shift - offset;
+          part.m2 += d * d;
+        }
+        part.mean = shift + offset;
+        total.merge(part);
+      }
+      mean[c] = total.mean;
+      var[c] = total.m2 / total.count;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
+  constexpr int64_t kRowsPerBlock = 128;
+  const int64_t C = v.channels;
+  const int64_t blocks = (v.outer + kRowsPerBlock - 1) / kRowsPerBlock;
+  std::vector<Moments<acc_t>> partial(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      Moments<acc_t>* part = partial.data() + b * C;
+      const int64_t row_begin = b * kRowsPerBlock;
+      const int64_t row_end = std::min(v.outer, row_begin + kRowsPerBlock);
+      const acc_t count = static_cast<acc_t>(row_end - row_begin);
+      const scalar_t* first = x + row_begin * C;  // the shift of each channel: its first value
+      std::vector<acc_t> offset(C, acc_t(0));      // mean - shift
+      for (int64_t row = row_begin; row < row_end; ++row)
+        for (int64_t c = 0; c < C; ++c)
+          offset[c] += static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]);
+      for (int64_t c = 0; c < C; ++c) offset[c] /= count;
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t d = static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]) - offset[c];
+          part[c].m2 += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        part[c].count = count;
+        part[c].mean = static_cast<acc_t>(first[c]) + offset[c];
+      }
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      Moments<acc_t> total;
+      for (int64_t b = 0; b < blocks; ++b) total.merge(partial[b * C + c]);
+      mean[c] = total.mean;
+      var[c] = total.m2 / total.count;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
+  check_input(input_, "input");
+  const Tensor input = dense_for_kernels(input_);
+  const int64_t C = input.size(1);
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor mean = at::empty({C}, options);
+  Tensor var = at::empty({C}, options);
+  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
+    mean.zero_();
+    var.zero_();
+    return {mean, var};
+  }
+  const ChannelView v = channel_view(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    if (v.inner == 1)
+      stats_channels_last(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+    else
+      stats_channels_first(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+  });
+  return {mean, var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+}
+
+}  // namespace fusedres::cpu

@@ -1,0 +1,49 @@
+// CPU folded inference: the convolution (oneDNN / ATen) without its bias, then one in-place
+// epilogue pass adding bias (+ residual) and applying ReLU (normalize_act.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/convolution.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "normalize_act.h"
+
+namespace fusedres::cpu {
+namespace {
+
+using at::Tensor;
+
+Tensor conv_bias_act(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                     const std::optional<Tensor>& residual, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvOperands c =
+      prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
+  Tensor out = at::convolution(c.input, c.weight, std::nullopt, stride, padding, dilation,
+                               /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                   .contiguous(c.format);
+  std::optional<Tensor> shift;
+  if (c.bias) shift = c.bias->to(accumulate_type(out.scalar_type())).contiguous();
+  normalize_act(out, {.shift = shift, .residual = c.residual, .relu = true}, out);
+  return out;
+}
+
+Tensor conv_bias_relu(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                      int64_t groups) {
+  return conv_bias_act(input, weight, bias, std::nullopt, stride, padding, dilation, groups);
+}
+
+Tensor conv_bias_add_relu(const Tensor& input, const Tensor& weight,
+                          const std::optional<Tensor>& bias, const Tensor& residual,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  return conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("conv_bias_relu", &conv_bias_relu);
+  m.impl("conv_bias_add_relu", &conv_bias_add_relu);
+}
+
+}  // namespace fusedres::cpu

@@ -1,0 +1,179 @@
+// CUDA: out = act((input - mean[c]) * scale[c] + shift[c] + residual term) in one pass, see
+// normalize_act.cuh.
+// channels_last: each thread owns VEC channels (16-byte accesses) and walks rows, its
+// channels' parameters held in registers. Channels-first: a flat loop, VEC values of one
+// channel per access.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "normalize_act.cuh"
+#include "utils.cuh"
+
+namespace fusedres::cuda {
+namespace {
+
+using at::Tensor;
+
+// Per-channel vectors; nullptr means 0 (mean, shift) or 1 (scale).
+template <typename acc_t>
+struct NormalizeParams {
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+  const acc_t* residual_mean;
+  const acc_t* residual_scale;
+  const acc_t* residual_shift;
+  bool relu;
+};
+
+// One channel's coefficients: out = act((x - m) * s + b + (r - rm) * rs + rb).
+template <typename acc_t>
+struct Coefficients {
+  acc_t m, s, b, rm, rs, rb;
+
+  __device__ __forceinline__ Coefficients(const NormalizeParams<acc_t>& p, int64_t c)
+      : m(p.mean ? p.mean[c] : acc_t(0)),
+        s(p.scale ? p.scale[c] : acc_t(1)),
+        b(p.shift ? p.shift[c] : acc_t(0)),
+        rm(p.residual_mean ? p.residual_mean[c] : acc_t(0)),
+        rs(p.residual_scale ? p.residual_scale[c] : acc_t(1)),
+        rb(p.residual_shift ? p.residual_shift[c] : acc_t(0)) {}
+  __device__ __forceinline__ Coefficients() {}
+
+  template <typename scalar_t>
+  __device__ __forceinline__ scalar_t apply(acc_t x, bool has_residual, acc_t r, bool relu) const {
+    acc_t value = (x - m) * s + b;
+    if (has_residual) value += (r - rm) * rs + rb;
+    // (value < 0) keeps NaN, as torch.relu does.
+    if (relu && value < acc_t(0)) value = acc_t(0);
+    return static_cast<scalar_t>(value);
+  }
+};
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void normalize_channels_last_kernel(const scalar_t* __restrict__ x,
+                                               const scalar_t* __restrict__ residual,
+                                               scalar_t* __restrict__ out,
+                                               NormalizeParams<acc_t> p, int64_t rows,
+                                               int64_t C) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;
+  Coefficients<acc_t> k[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) k[j] = Coefficients<acc_t>(p, c0 + j);
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+#pragma unroll 2
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
+    const int64_t i = row * C + c0;
+    const auto xv = load_vec<scalar_t, VEC>(x + i);
+    Vec<scalar_t, VEC> rv;
+    if (residual != nullptr) rv = load_vec<scalar_t, VEC>(residual + i);
+    Vec<scalar_t, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+      yv.v[j] = k[j].template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr,
+                                              r, p.relu);
+    }
+    store_vec<scalar_t, VEC>(out + i, yv);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void normalize_channels_first_kernel(const scalar_t* __restrict__ x,
+                                                const scalar_t* __restrict__ residual,
+                                                scalar_t* __restrict__ out,
+                                                NormalizeParams<acc_t> p, int64_t vectors,
+                                                int64_t C, int64_t inner) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
+    const int64_t i = u * VEC;
+    const Coefficients<acc_t> k(p, (i / inner) % C);
+    const auto xv = load_vec<scalar_t, VEC>(x + i);
+    Vec<scalar_t, VEC> rv;
+    if (residual != nullptr) rv = load_vec<scalar_t, VEC>(residual + i);
+    Vec<scalar_t, VEC> yv;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+      yv.v[j] = k.template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r,
+                                           p.relu);
+    }
+    store_vec<scalar_t, VEC>(out + i, yv);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_normalize(const ChannelView& v, const scalar_t* x, const scalar_t* residual,
+                      scalar_t* out, const NormalizeParams<acc_t>& p, int device,
+                      cudaStream_t stream) {
+  if (v.inner == 1) {
+    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    normalize_channels_last_kernel<scalar_t, acc_t, VEC>
+        <<<g.grid, g.block, 0, stream>>>(x, residual, out, p, v.outer, v.channels);
+  } else {
+    const int64_t vectors = v.numel() / VEC;
+    normalize_channels_first_kernel<scalar_t, acc_t, VEC>
+        <<<elementwise_blocks(vectors, device), 256, 0, stream>>>(x, residual, out, p, vectors,
+                                                                   v.channels, v.inner);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+const T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
+  if (input.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int device = input.get_device();
+  const ChannelView v = channel_view(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "normalize_act", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NormalizeParams<acc_t> p{ptr_or_null<acc_t>(a.mean),          ptr_or_null<acc_t>(a.scale),
+                                   ptr_or_null<acc_t>(a.shift),         ptr_or_null<acc_t>(a.residual_mean),
+                                   ptr_or_null<acc_t>(a.residual_scale), ptr_or_null<acc_t>(a.residual_shift),
+                                   a.relu};
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* r = ptr_or_null<scalar_t>(a.residual);
+    scalar_t* y = out.data_ptr<scalar_t>();
+    constexpr int V = kVec16<scalar_t>;
+    if (can_vectorize(v, V) && aligned16(x) && aligned16(r) && aligned16(y))
+      launch_normalize<scalar_t, acc_t, V>(v, x, r, y, p, device, stream);
+    else
+      launch_normalize<scalar_t, acc_t, 1>(v, x, r, y, p, device, stream);
+  });
+}
+
+namespace {
+
+Tensor batch_norm_apply(const Tensor& input_, const Tensor& mean, const Tensor& scale,
+                        const std::optional<Tensor>& shift, const std::optional<Tensor>& residual,
+                        const std::optional<Tensor>& residual_mean,
+                        const std::optional<Tensor>& residual_scale,
+                        const std::optional<Tensor>& residual_shift, bool relu) {
+  check_apply_args(input_, mean, scale, shift, residual, residual_mean, residual_scale,
+                   residual_shift);
+  const Tensor input = dense_for_kernels(input_);
+  Tensor out = at::empty_like(input);
+  normalize_act(input,
+                {mean.contiguous(), scale.contiguous(), contiguous(shift),
+                 match_layout(residual, input), contiguous(residual_mean),
+                 contiguous(residual_scale), contiguous(residual_shift), relu},
+                out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("batch_norm_apply", &batch_norm_apply);
+}
+
+}  // namespace fusedres::cuda

@@ -1,0 +1,332 @@
+// CUDA: the training BN backward in two passes over (grad_out, output, input):
+//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+//   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
+// g = grad_out masked by the saved output's ReLU (when output is given), xhat = (x - mean) *
+// invstd. The reduce pass follows batch_norm_stats.cu: per-thread sums, a block merge, then
+// one warp per channel over the blocks' partials.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "utils.cuh"
+
+namespace fusedres::cuda {
+namespace {
+
+using at::Tensor;
+
+// K = 2 values a channel: sum(g), sum(g * xhat).
+template <typename acc_t>
+struct SumsOp {
+  static __device__ void init(acc_t* s) { s[0] = s[1] = acc_t(0); }
+  static __device__ void merge(acc_t* a, const acc_t* b) {
+    a[0] += b[0];
+    a[1] += b[1];
+  }
+  static __device__ void finish(const acc_t* s, acc_t* sum_dy, acc_t* sum_dy_xhat) {
+    *sum_dy = s[0];
+    *sum_dy_xhat = s[1];
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ y;  // saved output, nullptr without ReLU mask
+  const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ invstd;
+};
+
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, acc_t>& a,
+                                                 int64_t i, acc_t (&g)[VEC], acc_t (&x)[VEC]) {
+  const auto dyv = load_vec<scalar_t, VEC>(a.dy + i);
+  const auto xv = load_vec<scalar_t, VEC>(a.x + i);
+  Vec<scalar_t, VEC> yv;
+  if (a.y != nullptr) yv = load_vec<scalar_t, VEC>(a.y + i);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const bool pass = a.y == nullptr || !(static_cast<acc_t>(yv.v[j]) <= acc_t(0));
+    g[j] = pass ? static_cast<acc_t>(dyv.v[j]) : acc_t(0);
+    x[j] = static_cast<acc_t>(xv.v[j]);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t rows,
+                                            int64_t C, acc_t* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c0 < C;
+  acc_t state[VEC][2] = {};
+  if (active) {
+    acc_t mu[VEC], is[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      mu[j] = a.mean[c0 + j];
+      is[j] = a.invstd[c0 + j];
+    }
+    const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+#pragma unroll 2
+    for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
+      acc_t g[VEC], x[VEC];
+      load_masked_grad<scalar_t, acc_t, VEC>(a, row * C + c0, g, x);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        state[j][0] += g[j];
+        state[j][1] += g[j] * (x[j] - mu[j]) * is[j];
+      }
+    }
+  }
+  block_merge_rows<SumsOp<acc_t>, 2, VEC>(state, smem);
+  if (threadIdx.y == 0 && active) {
+    for (int j = 0; j < VEC; ++j)
+      for (int k = 0; k < 2; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c0 + j] = state[j][k];
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t outer,
+                                             int64_t C, int64_t inner,
+                                             acc_t* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t c = blockIdx.x;
+  const acc_t mu = a.mean[c], is = a.invstd[c];
+  const int64_t run_vectors = inner / VEC;
+  const int64_t vectors = outer * run_vectors;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  acc_t state[2] = {};
+  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
+    const int64_t o = u / run_vectors;
+    const int64_t i = (o * C + c) * inner + (u - o * run_vectors) * VEC;
+    acc_t g[VEC], x[VEC];
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      state[0] += g[j];
+      state[1] += g[j] * (x[j] - mu) * is;
+    }
+  }
+  block_merge_all<SumsOp<acc_t>, 2>(state, smem);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < 2; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c] = state[k];
+}
+
+// grad_input = k[c] * (g - mean_dy[c] - (x - mean[c]) * proj[c])
+template <typename acc_t>
+struct InputGradParams {
+  const acc_t* __restrict__ weight;  // nullptr: 1
+  const acc_t* __restrict__ sum_dy;
+  const acc_t* __restrict__ sum_dy_xhat;
+  acc_t inv_count;  // 1 / M
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void channel_coefficients(const acc_t* mean, const acc_t* invstd,
+                                                     const InputGradParams<acc_t>& p, int64_t c,
+                                                     acc_t& mu, acc_t& k, acc_t& mean_dy,
+                                                     acc_t& proj) {
+  const acc_t is = invstd[c];
+  mu = mean[c];
+  k = (p.weight ? p.weight[c] : acc_t(1)) * is;
+  mean_dy = p.sum_dy[c] * p.inv_count;
+  proj = p.sum_dy_xhat[c] * p.inv_count * is;
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void input_grad_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a,
+                                                InputGradParams<acc_t> p,
+                                                scalar_t* __restrict__ dx, int64_t rows,
+                                                int64_t C) {
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= C) return;
+  acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    channel_coefficients(a.mean, a.invstd, p, c0 + j, mu[j], k[j], mean_dy[j], proj[j]);
+  const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+#pragma unroll 2
+  for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
+    const int64_t i = row * C + c0;
+    acc_t g[VEC], x[VEC];
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      out.v[j] = static_cast<scalar_t>(k[j] * (g[j] - mean_dy[j] - (x[j] - mu[j]) * proj[j]));
+    store_vec<scalar_t, VEC>(dx + i, out);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a,
+                                                 InputGradParams<acc_t> p,
+                                                 scalar_t* __restrict__ dx, int64_t vectors,
+                                                 int64_t C, int64_t inner) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
+    const int64_t i = u * VEC;
+    acc_t mu, k, mean_dy, proj;
+    channel_coefficients(a.mean, a.invstd, p, (i / inner) % C, mu, k, mean_dy, proj);
+    acc_t g[VEC], x[VEC];
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+    Vec<scalar_t, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      out.v[j] = static_cast<scalar_t>(k * (g[j] - mean_dy - (x[j] - mu) * proj));
+    store_vec<scalar_t, VEC>(dx + i, out);
+  }
+}
+
+struct Prepared {
+  Tensor grad_out, input;
+  std::optional<Tensor> output;
+  Tensor mean, invstd;
+};
+
+Prepared prepare(const Tensor& grad_out, const std::optional<Tensor>& output, const Tensor& input_,
+                 const Tensor& mean, const Tensor& invstd) {
+  check_backward_args(grad_out, output, input_, mean, invstd);
+  const Tensor input = dense_for_kernels(input_);
+  return {match_layout(grad_out, input), input, match_layout(output, input), mean.contiguous(),
+          invstd.contiguous()};
+}
+
+template <typename scalar_t, typename acc_t>
+BackwardArgs<scalar_t, acc_t> kernel_args(const Prepared& t) {
+  return {t.grad_out.const_data_ptr<scalar_t>(),
+          t.output ? t.output->const_data_ptr<scalar_t>() : nullptr,
+          t.input.const_data_ptr<scalar_t>(), t.mean.const_data_ptr<acc_t>(),
+          t.invstd.const_data_ptr<acc_t>()};
+}
+
+template <typename scalar_t, typename acc_t>
+bool vectorizable(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
+                  const void* out = nullptr) {
+  return can_vectorize(v, kVec16<scalar_t>) && aligned16(a.dy) && aligned16(a.y) &&
+         aligned16(a.x) && aligned16(out);
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a, acc_t* sum_dy,
+                   acc_t* sum_dy_xhat, const at::TensorOptions& acc_options, int device,
+                   cudaStream_t stream) {
+  Tensor partials;
+  int64_t blocks;
+  if (v.inner == 1) {
+    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    blocks = g.grid.y;
+    partials = at::empty({2, blocks, v.channels}, acc_options);
+    const size_t smem = size_t(g.block.x) * g.block.y * VEC * 2 * sizeof(acc_t);
+    reduce_channels_last_kernel<scalar_t, acc_t, VEC><<<g.grid, g.block, smem, stream>>>(
+        a, v.outer, v.channels, partials.data_ptr<acc_t>());
+  } else {
+    const dim3 grid = channels_first_grid(v, device);
+    blocks = grid.y;
+    partials = at::empty({2, blocks, v.channels}, acc_options);
+    const size_t smem = size_t(256) * 2 * sizeof(acc_t);
+    reduce_channels_first_kernel<scalar_t, acc_t, VEC><<<grid, 256, smem, stream>>>(
+        a, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge_partials<SumsOp<acc_t>, 2, acc_t>(partials.const_data_ptr<acc_t>(), blocks,
+                                                 v.channels, sum_dy, sum_dy_xhat, stream);
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
+                       const InputGradParams<acc_t>& p, scalar_t* dx, int device,
+                       cudaStream_t stream) {
+  if (v.inner == 1) {
+    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>
+        <<<g.grid, g.block, 0, stream>>>(a, p, dx, v.outer, v.channels);
+  } else {
+    const int64_t vectors = v.numel() / VEC;
+    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>
+        <<<elementwise_blocks(vectors, device), 256, 0, stream>>>(a, p, dx, vectors, v.channels,
+                                                                   v.inner);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out,
+                                                      const std::optional<Tensor>& output,
+                                                      const Tensor& input, const Tensor& mean,
+                                                      const Tensor& invstd) {
+  const Prepared t = prepare(grad_out, output, input, mean, invstd);
+  const int64_t C = t.input.size(1);
+  Tensor sum_dy = at::empty({C}, t.mean.options());
+  Tensor sum_dy_xhat = at::empty({C}, t.mean.options());
+  if (t.input.numel() == 0) {
+    sum_dy.zero_();
+    sum_dy_xhat.zero_();
+    return {sum_dy, sum_dy_xhat};
+  }
+  const c10::cuda::CUDAGuard guard(t.input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ChannelView v = channel_view(t.input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = kernel_args<scalar_t, acc_t>(t);
+    if (vectorizable(v, a))
+      launch_reduce<scalar_t, acc_t, kVec16<scalar_t>>(v, a, sum_dy.data_ptr<acc_t>(),
+                                                       sum_dy_xhat.data_ptr<acc_t>(),
+                                                       t.mean.options(), t.input.get_device(), stream);
+    else
+      launch_reduce<scalar_t, acc_t, 1>(v, a, sum_dy.data_ptr<acc_t>(),
+                                        sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
+                                        t.input.get_device(), stream);
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Tensor>& output,
+                                 const Tensor& input, const Tensor& mean, const Tensor& invstd,
+                                 const std::optional<Tensor>& weight, const Tensor& sum_dy,
+                                 const Tensor& sum_dy_xhat) {
+  const Prepared t = prepare(grad_out, output, input, mean, invstd);
+  const auto acc = accumulate_type(t.input.scalar_type());
+  check_channel_vector(sum_dy, t.input, acc, "sum_dy");
+  check_channel_vector(sum_dy_xhat, t.input, acc, "sum_dy_xhat");
+  if (weight) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == t.input.size(1),
+                "fusedres: weight must have shape (", t.input.size(1), ",), got ", weight->sizes());
+  }
+  Tensor grad_input = at::empty_like(t.input);
+  if (t.input.numel() == 0) return grad_input;
+  const c10::cuda::CUDAGuard guard(t.input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ChannelView v = channel_view(t.input);
+  const Tensor weight_acc = weight ? weight->to(acc).contiguous() : Tensor();
+  const Tensor sums0 = sum_dy.contiguous(), sums1 = sum_dy_xhat.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_input", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto a = kernel_args<scalar_t, acc_t>(t);
+    const InputGradParams<acc_t> p{
+        weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr,
+        sums0.const_data_ptr<acc_t>(), sums1.const_data_ptr<acc_t>(),
+        acc_t(1) / static_cast<acc_t>(v.per_channel())};
+    scalar_t* dx = grad_input.data_ptr<scalar_t>();
+    if (vectorizable(v, a, dx))
+      launch_input_grad<scalar_t, acc_t, kVec16<scalar_t>>(v, a, p, dx, t.input.get_device(), stream);
+    else
+      launch_input_grad<scalar_t, acc_t, 1>(v, a, p, dx, t.input.get_device(), stream);
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_input", &batch_norm_backward_input);
+}
+
+}  // namespace fusedres::cuda

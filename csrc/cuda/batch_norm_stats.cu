@@ -1,0 +1,175 @@
+// CUDA: per-channel mean and biased variance in one read of the input.
+// Each thread accumulates shifted sums (its first value as the shift, so a large mean never
+// cancels), turns them into (count, mean, M2), and the moments are combined with Chan's
+// formula: across the block, then across blocks (merge_partials_kernel, one warp a channel).
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "utils.cuh"
+
+namespace fusedres::cuda {
+namespace {
+
+using at::Tensor;
+
+// K = 3 values a channel: count, mean, M2 (sum of squared deviations).
+template <typename acc_t>
+struct MomentsOp {
+  static __device__ void init(acc_t* s) { s[0] = s[1] = s[2] = acc_t(0); }
+  static __device__ void merge(acc_t* a, const acc_t* b) {
+    const acc_t nb = b[0];
+    if (nb == acc_t(0)) return;
+    const acc_t n = a[0] + nb;
+    const acc_t delta = b[1] - a[1];
+    const acc_t wb = nb / n;
+    a[2] += b[2] + delta * delta * a[0] * wb;
+    a[1] += delta * wb;
+    a[0] = n;
+  }
+  static __device__ void finish(const acc_t* s, acc_t* mean, acc_t* var) {
+    *mean = s[1];
+    *var = s[0] > acc_t(0) ? s[2] / s[0] : acc_t(0);
+  }
+};
+
+// Shifted sums of one channel's values seen by one thread.
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t shift = 0, sum = 0, sumsq = 0;
+  __device__ void add(acc_t x, bool first) {
+    if (first) shift = x;
+    const acc_t d = x - shift;
+    sum += d;
+    sumsq += d * d;
+  }
+  __device__ void to_moments(acc_t count, acc_t* s) const {
+    s[0] = count;
+    if (count == acc_t(0)) {
+      s[1] = s[2] = acc_t(0);
+      return;
+    }
+    const acc_t offset = sum / count;
+    s[1] = shift + offset;
+    s[2] = max(sumsq - sum * offset, acc_t(0));
+  }
+};
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
+                                           acc_t* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c0 < C;
+  ShiftedSums<acc_t> sums[VEC];
+  int64_t count = 0;
+  if (active) {
+    const int64_t stride = int64_t(gridDim.y) * blockDim.y;
+#pragma unroll 4
+    for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
+      const auto v = load_vec<scalar_t, VEC>(x + row * C + c0);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sums[j].add(static_cast<acc_t>(v.v[j]), count == 0);
+      ++count;
+    }
+  }
+  acc_t state[VEC][3];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) sums[j].to_moments(static_cast<acc_t>(count), state[j]);
+  block_merge_rows<MomentsOp<acc_t>, 3, VEC>(state, smem);
+  if (threadIdx.y == 0 && active) {
+    for (int j = 0; j < VEC; ++j)
+      for (int k = 0; k < 3; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c0 + j] = state[j][k];
+  }
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+__global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int64_t outer,
+                                            int64_t C, int64_t inner,
+                                            acc_t* __restrict__ partials) {
+  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+  const int64_t c = blockIdx.x;
+  const int64_t run_vectors = inner / VEC;
+  const int64_t vectors = outer * run_vectors;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  ShiftedSums<acc_t> sums;
+  int64_t count = 0;
+  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
+    const int64_t o = u / run_vectors;
+    const int64_t i = (u - o * run_vectors) * VEC;
+    const auto v = load_vec<scalar_t, VEC>(x + (o * C + c) * inner + i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) sums.add(static_cast<acc_t>(v.v[j]), count + j == 0);
+    count += VEC;
+  }
+  acc_t state[3];
+  sums.to_moments(static_cast<acc_t>(count), state);
+  block_merge_all<MomentsOp<acc_t>, 3>(state, smem);
+  if (threadIdx.x == 0)
+    for (int k = 0; k < 3; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c] = state[k];
+}
+
+template <typename scalar_t, typename acc_t, int VEC>
+void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var,
+                  const at::TensorOptions& acc_options, int device, cudaStream_t stream) {
+  Tensor partials;
+  int64_t blocks;
+  if (v.inner == 1) {
+    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    blocks = g.grid.y;
+    partials = at::empty({3, blocks, v.channels}, acc_options);
+    const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(acc_t);
+    stats_channels_last_kernel<scalar_t, acc_t, VEC><<<g.grid, g.block, smem, stream>>>(
+        x, v.outer, v.channels, partials.data_ptr<acc_t>());
+  } else {
+    const dim3 grid = channels_first_grid(v, device);
+    blocks = grid.y;
+    partials = at::empty({3, blocks, v.channels}, acc_options);
+    const size_t smem = size_t(256) * 3 * sizeof(acc_t);
+    stats_channels_first_kernel<scalar_t, acc_t, VEC><<<grid, 256, smem, stream>>>(
+        x, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge_partials<MomentsOp<acc_t>, 3, acc_t>(partials.const_data_ptr<acc_t>(), blocks,
+                                                    v.channels, mean, var, stream);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
+  check_input(input_, "input");
+  const Tensor input = dense_for_kernels(input_);
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor mean = at::empty({input.size(1)}, options);
+  Tensor var = at::empty({input.size(1)}, options);
+  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
+    mean.zero_();
+    var.zero_();
+    return {mean, var};
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ChannelView v = channel_view(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    constexpr int V = kVec16<scalar_t>;
+    if (can_vectorize(v, V) && aligned16(x))
+      launch_stats<scalar_t, acc_t, V>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                       options, input.get_device(), stream);
+    else
+      launch_stats<scalar_t, acc_t, 1>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                       options, input.get_device(), stream);
+  });
+  return {mean, var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+}
+
+}  // namespace fusedres::cuda

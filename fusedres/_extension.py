@@ -1,0 +1,70 @@
+"""Loads the compiled extensions. A missing or broken build never breaks ``import fusedres``:
+it warns once, says why and how to rebuild, and the backends that need it become unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import warnings
+
+import torch
+
+REBUILD_HINT = "rebuild in the fusedres checkout with: pip install -e . --no-build-isolation"
+
+try:
+    from . import _build_info as build_info  # written by setup.py
+except ImportError:  # running from a checkout that was never built
+    build_info = None
+
+cpp_loaded = False
+cpp_error: str | None = None
+cuda_loaded = False
+cuda_error: str | None = None
+
+
+def _import(name: str) -> str | None:
+    """Imports a compiled module; returns None on success, else why it failed."""
+    try:
+        importlib.import_module(name)
+        return None
+    except (ImportError, OSError, RuntimeError) as e:  # missing file, ABI / symbol mismatch
+        return f"{type(e).__name__}: {e}"
+
+
+def _load() -> None:
+    global cpp_loaded, cpp_error, cuda_loaded, cuda_error
+    cpp_error = _import("fusedres._C")
+    cpp_loaded = cpp_error is None
+    if not cpp_loaded:
+        warnings.warn(
+            f"fusedres: the compiled extension fusedres._C could not be loaded ({cpp_error}). "
+            f"The 'cpp' and 'cuda' backends are unavailable and 'auto' falls back to "
+            f"'reference'; {REBUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        cuda_error = "fusedres._C did not load"
+        return
+    if importlib.util.find_spec("fusedres._C_cuda") is None:
+        reason = build_info.CUDA_REASON if build_info is not None else "not built"
+        cuda_error = f"not built ({reason})"
+        if torch.cuda.is_available():
+            warnings.warn(
+                f"fusedres was built without its CUDA kernels ({reason}), so the 'cuda' backend "
+                f"is unavailable on this GPU machine; {REBUILD_HINT}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return
+    cuda_error = _import("fusedres._C_cuda")
+    cuda_loaded = cuda_error is None
+    if not cuda_loaded:
+        warnings.warn(
+            f"fusedres: the CUDA extension fusedres._C_cuda could not be loaded ({cuda_error}). "
+            f"The 'cuda' backend is unavailable; {REBUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+_load()

@@ -1,0 +1,287 @@
+"""Fake (meta) kernels and autograd formulas of the C++ ops in csrc/fusedres.cpp.
+
+Imported only once fusedres._C has loaded the op schemas. The fake kernels reproduce the
+C++ kernels' output strides exactly (so torch.compile and opcheck see what runs), and the
+backward formulas call the fused backward kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+ops = torch.ops.fusedres
+_threshold_backward = torch.ops.aten.threshold_backward.default
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of statistics and per-channel parameters: float, or double for double inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def empty_like_kernel_output(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels allocate for an output shaped like x (common.h: dense_for_kernels)."""
+    if x.is_contiguous() or is_channels_last(x):
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def channel_vector(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[1],), dtype=accumulate_dtype(x.dtype))
+
+
+def broadcast_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+# ---- fake kernels ---------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fusedres::batch_norm_stats")
+def _(input):
+    return channel_vector(input), channel_vector(input)
+
+
+@torch.library.register_fake("fusedres::batch_norm_apply")
+def _(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu):
+    return empty_like_kernel_output(input)
+
+
+@torch.library.register_fake("fusedres::batch_norm_act_train")
+def _(input, weight, bias, residual, eps, relu):
+    return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
+
+
+@torch.library.register_fake("fusedres::dual_batch_norm_act_train")
+def _(input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu):
+    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
+
+
+@torch.library.register_fake("fusedres::batch_norm_backward_reduce")
+def _(grad_out, output, input, mean, invstd):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+@torch.library.register_fake("fusedres::batch_norm_backward_input")
+def _(grad_out, output, input, mean, invstd, weight, sum_dy, sum_dy_xhat):
+    return empty_like_kernel_output(input)
+
+
+@torch.library.register_fake("fusedres::add_relu")
+def _(input, residual):
+    return empty_like_kernel_output(input)
+
+
+def _conv_output(input, weight, stride, padding, dilation):
+    size = [input.shape[0], weight.shape[0]]
+    for d in range(2):
+        extent = dilation[d] * (weight.shape[d + 2] - 1) + 1
+        size.append((input.shape[d + 2] + 2 * padding[d] - extent) // stride[d] + 1)
+    fmt = torch.channels_last if is_channels_last(input) else torch.contiguous_format
+    return torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
+
+
+@torch.library.register_fake("fusedres::conv_bias_relu")
+def _(input, weight, bias, stride, padding, dilation, groups):
+    return _conv_output(input, weight, stride, padding, dilation)
+
+
+@torch.library.register_fake("fusedres::conv_bias_add_relu")
+def _(input, weight, bias, residual, stride, padding, dilation, groups):
+    return _conv_output(input, weight, stride, padding, dilation)
+
+
+# ---- autograd -------------------------------------------------------------------------------
+# The ReLU mask is read from the saved output (gradient passes where !(out <= 0)); the
+# pre-activation is never stored.
+
+
+def _relu_grad(grad, out, relu):
+    return _threshold_backward(grad, out, 0) if relu else grad
+
+
+def _bn_train_grads(g, masked_by, input, mean, invstd, weight, needs_input):
+    """Training BN backward: (grad_input or None, grad_weight, grad_bias) in float."""
+    sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
+    grad_input = None
+    if needs_input:
+        grad_input = ops.batch_norm_backward_input(
+            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat
+        )
+    return grad_input, sum_dy_xhat, sum_dy
+
+
+def _cast(grad, like):
+    return None if like is None or grad is None else grad.to(like.dtype)
+
+
+def _setup_apply(ctx, inputs, output):
+    input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu = inputs
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(input, mean, scale, residual, residual_mean, residual_scale,
+                          output if relu else None)
+
+
+def _affine_grads(g, x, mean, scale, need):
+    """Gradients of (x - mean) * scale + shift for need = (x, mean, scale, shift) flags."""
+    dx = dmean = dscale = dshift = None
+    if need[0]:
+        dx = g if scale is None else (g * broadcast_channel(scale, g)).to(x.dtype)
+    if any(need[1:]):
+        acc = accumulate_dtype(x.dtype)
+        channels = x.shape[1]
+        center = mean if mean is not None else x.new_zeros(channels, dtype=acc)
+        # sum(g) and sum(g * (x - mean)): the reduce kernel with invstd 1.
+        sum_g, sum_gx = ops.batch_norm_backward_reduce(
+            g, None, x, center, x.new_ones(channels, dtype=acc))
+        if need[1]:
+            dmean = -sum_g if scale is None else -sum_g * scale
+        dscale = sum_gx if need[2] else None
+        dshift = sum_g if need[3] else None
+    return dx, dmean, dscale, dshift
+
+
+def _backward_apply(ctx, grad):
+    input, mean, scale, residual, residual_mean, residual_scale, out = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = _relu_grad(grad, out, ctx.relu)
+    grads = _affine_grads(g, input, mean, scale, need[0:4])
+    if ctx.has_residual:
+        grads += _affine_grads(g, residual, residual_mean, residual_scale, need[4:8])
+    else:
+        grads += (None,) * 4
+    return grads + (None,)
+
+
+torch.library.register_autograd(
+    "fusedres::batch_norm_apply", _backward_apply, setup_context=_setup_apply
+)
+
+
+def _setup_train(ctx, inputs, output):
+    input, weight, bias, residual, eps, relu = inputs
+    out, mean, var = output
+    ctx.relu = relu
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, var)
+    invstd = torch.rsqrt(var + eps)
+    ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
+
+
+def _backward_train(ctx, grad, _grad_mean, _grad_var):
+    input, weight, bias, out, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if ctx.has_residual:
+        # The residual's gradient is the masked gradient itself: materialise it once.
+        g, masked_by = _relu_grad(grad, out, ctx.relu), None
+    else:
+        g, masked_by = grad, out  # the kernels apply the ReLU mask on the fly
+    grad_input, grad_weight, grad_bias = _bn_train_grads(
+        g, masked_by, input, mean, invstd, weight, need[0]
+    )
+    return (
+        grad_input,
+        _cast(grad_weight, weight) if need[1] else None,
+        _cast(grad_bias, bias) if need[2] else None,
+        g if ctx.has_residual and need[3] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fusedres::batch_norm_act_train", _backward_train, setup_context=_setup_train
+)
+
+
+def _setup_dual(ctx, inputs, output):
+    input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu = inputs
+    out, mean, var, residual_mean, residual_var = output
+    ctx.relu = relu
+    ctx.mark_non_differentiable(mean, var, residual_mean, residual_var)
+    ctx.save_for_backward(
+        input, weight, bias, mean, torch.rsqrt(var + eps),
+        residual, residual_weight, residual_bias, residual_mean,
+        torch.rsqrt(residual_var + residual_eps), out if relu else None,
+    )
+
+
+def _backward_dual(ctx, grad, *_grad_stats):
+    (input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
+     residual_mean, residual_invstd, out) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = _relu_grad(grad, out, ctx.relu)
+    gi, gw, gb = _bn_train_grads(g, None, input, mean, invstd, weight, need[0])
+    gr, grw, grb = _bn_train_grads(
+        g, None, residual, residual_mean, residual_invstd, residual_weight, need[3]
+    )
+    return (
+        gi,
+        _cast(gw, weight) if need[1] else None,
+        _cast(gb, bias) if need[2] else None,
+        gr,
+        _cast(grw, residual_weight) if need[4] else None,
+        _cast(grb, residual_bias) if need[5] else None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fusedres::dual_batch_norm_act_train", _backward_dual, setup_context=_setup_dual
+)
+
+
+def _setup_add_relu(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _backward_add_relu(ctx, grad):
+    (out,) = ctx.saved_tensors
+    g = _threshold_backward(grad, out, 0)
+    return g, g
+
+
+torch.library.register_autograd(
+    "fusedres::add_relu", _backward_add_relu, setup_context=_setup_add_relu
+)
+
+
+def _setup_conv(ctx, inputs, output):
+    input, weight, bias = inputs[:3]
+    ctx.conv_args = tuple(inputs[-4:])  # stride, padding, dilation, groups
+    ctx.has_bias = bias is not None
+    ctx.has_residual = len(inputs) == 8
+    ctx.save_for_backward(input, weight, bias, output)
+
+
+def _backward_conv(ctx, grad):
+    input, weight, bias, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    need = ctx.needs_input_grad
+    g = _threshold_backward(grad, out, 0)
+    grad_input, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        g, input, weight, [weight.shape[0]] if ctx.has_bias else None,
+        stride, padding, dilation, False, [0, 0], groups,
+        [need[0], need[1], ctx.has_bias and need[2]],
+    )
+    grads = [grad_input, grad_weight, _cast(grad_bias, bias) if ctx.has_bias else None]
+    if ctx.has_residual:
+        grads.append(g if need[3] else None)
+    return tuple(grads) + (None,) * 4
+
+
+torch.library.register_autograd(
+    "fusedres::conv_bias_relu", _backward_conv, setup_context=_setup_conv
+)
+torch.library.register_autograd(
+    "fusedres::conv_bias_add_relu", _backward_conv, setup_context=_setup_conv
+)

@@ -1,0 +1,378 @@
+"""The fused ops, as functions. Each mirrors the unfused PyTorch computation it replaces
+(see fusedres.reference) and runs on the active backend (fusedres.set_backend).
+
+Arguments are checked here, before any kernel runs, and errors name the argument.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from ._extension import cpp_loaded
+
+if cpp_loaded:
+    from . import _ops  # noqa: F401  (fake kernels and autograd of the C++ ops)
+    from ._ops import accumulate_dtype
+else:
+    def accumulate_dtype(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+__all__ = [
+    "batch_norm_relu",
+    "batch_norm_add_relu",
+    "dual_batch_norm_add_relu",
+    "add_relu",
+    "fold_conv_bn",
+    "conv_bias_relu",
+    "conv_bias_add_relu",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_IntOrPair = Union[int, Sequence[int]]
+
+
+# ---- argument checks ------------------------------------------------------------------------
+
+
+def _check_input(input, name="input", min_dim=2):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"fusedres: {name} must be a Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"fusedres: {name} must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    if input.dim() < min_dim:
+        raise ValueError(
+            f"fusedres: {name} must have shape (N, C, ...) with at least {min_dim} dimensions, "
+            f"got shape {tuple(input.shape)}"
+        )
+
+
+def _check_like(t, input, name):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fusedres: {name} must be a Tensor, got {type(t).__name__}")
+    if t.shape != input.shape:
+        raise ValueError(
+            f"fusedres: {name} must have the shape of input {tuple(input.shape)}, "
+            f"got {tuple(t.shape)}"
+        )
+    if t.dtype != input.dtype:
+        raise TypeError(f"fusedres: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
+    if t.device != input.device:
+        raise RuntimeError(f"fusedres: {name} is on {t.device} but input is on {input.device}")
+
+
+def _check_channel_vector(t, input, name, channels=None):
+    if t is None:
+        return
+    channels = input.shape[1] if channels is None else channels
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fusedres: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"fusedres: {name} must be a floating point tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(
+            f"fusedres: {name} should contain {channels} elements (one per channel), "
+            f"got shape {tuple(t.shape)}"
+        )
+    if t.device != input.device:
+        raise RuntimeError(f"fusedres: {name} is on {t.device} but input is on {input.device}")
+
+
+def _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   num_batches_tracked, prefix=""):
+    _check_channel_vector(running_mean, input, prefix + "running_mean")
+    _check_channel_vector(running_var, input, prefix + "running_var")
+    _check_channel_vector(weight, input, prefix + "weight")
+    _check_channel_vector(bias, input, prefix + "bias")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"fusedres: {prefix}running_mean and {prefix}running_var must both be given or both be None"
+        )
+    if not training and running_mean is None:
+        raise RuntimeError(f"fusedres: {prefix}running_mean must be defined in evaluation mode")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"fusedres: {prefix}eps must be a non-negative number, got {eps!r}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(
+                f"fusedres: {prefix}momentum=None (a cumulative average) needs "
+                f"{prefix}num_batches_tracked"
+            )
+    elif not isinstance(momentum, (int, float)):
+        raise TypeError(f"fusedres: {prefix}momentum must be a float or None, got {momentum!r}")
+    if num_batches_tracked is not None and not isinstance(num_batches_tracked, Tensor):
+        raise TypeError(f"fusedres: {prefix}num_batches_tracked must be a Tensor or None")
+    if training and input.numel() > 0 and input.numel() // input.shape[1] <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.shape}"
+        )
+
+
+# ---- batch norm -----------------------------------------------------------------------------
+
+
+def _momentum_factor(training, momentum, num_batches_tracked):
+    """nn.BatchNorm2d's exponential_average_factor; counts the batch in num_batches_tracked."""
+    if not training or num_batches_tracked is None:
+        return momentum
+    with torch.no_grad():
+        num_batches_tracked.add_(1)
+    if momentum is None:  # cumulative moving average
+        return 1.0 / num_batches_tracked
+    return momentum
+
+
+def _update_running_stats(running_mean, running_var, mean, var, count, factor):
+    """running = (1 - factor) * running + factor * batch, with the unbiased variance."""
+    if running_mean is None or count == 0:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.mul_(1 - factor).add_((mean * factor).to(running_mean.dtype))
+        running_var.mul_(1 - factor).add_((unbiased * factor).to(running_var.dtype))
+
+
+def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):
+    """Eval BN as out = (x - mean) * scale + shift, in float (double for double inputs)."""
+    acc = accumulate_dtype(input.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    shift = bias.to(acc) if bias is not None else None
+    return running_mean.to(acc), scale, shift
+
+
+def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
+                    momentum, eps, relu, num_batches_tracked):
+    _check_input(input)
+    if residual is not None:
+        _check_like(residual, input, "residual")
+    _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   num_batches_tracked)
+    factor = _momentum_factor(training, momentum, num_batches_tracked)
+    if _backend.resolve(input.device) == "reference":
+        return reference.batch_norm_act(input, residual, running_mean, running_var, weight,
+                                        bias, training, factor, eps, relu)
+    if not training:
+        mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
+                                                eps)
+        return torch.ops.fusedres.batch_norm_apply(
+            input, mean, scale, shift, residual, None, None, None, relu)
+    out, mean, var = torch.ops.fusedres.batch_norm_act_train(
+        input, weight, bias, residual, float(eps), relu)
+    count = input.numel() // input.shape[1] if input.numel() else 0
+    _update_running_stats(running_mean, running_var, mean, var, count, factor)
+    return out
+
+
+def batch_norm_relu(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """relu(batch_norm(input)), arguments as torch.nn.functional.batch_norm.
+
+    In training, batch statistics normalise the input and update running_mean / running_var
+    in place (unbiased variance) when they are given. With num_batches_tracked (a tensor, as
+    nn.BatchNorm2d's buffer) the batch is counted, and momentum=None then means a cumulative
+    average, exactly as nn.BatchNorm2d. relu=False gives plain batch norm.
+    """
+    return _batch_norm_act(input, None, running_mean, running_var, weight, bias, training,
+                           momentum, eps, relu, num_batches_tracked)
+
+
+def batch_norm_add_relu(
+    input: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """relu(batch_norm(input) + residual): the end of a ResNet block. See batch_norm_relu."""
+    if residual is None:
+        raise TypeError("fusedres: residual must be a Tensor, got None (use batch_norm_relu)")
+    return _batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
+                           momentum, eps, relu, num_batches_tracked)
+
+
+def dual_batch_norm_add_relu(
+    input: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    residual_running_mean: Optional[Tensor],
+    residual_running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    residual_weight: Optional[Tensor] = None,
+    residual_bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    residual_momentum: Optional[float] = None,
+    residual_eps: Optional[float] = None,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+    residual_num_batches_tracked: Optional[Tensor] = None,
+) -> Tensor:
+    """relu(batch_norm(input) + batch_norm(residual)): a block with a projection shortcut,
+    whose shortcut BN has its own statistics and parameters (residual_*). residual_momentum
+    and residual_eps default to momentum and eps.
+    """
+    residual_momentum = momentum if residual_momentum is None else residual_momentum
+    residual_eps = eps if residual_eps is None else residual_eps
+    _check_input(input)
+    _check_like(residual, input, "residual")
+    _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   num_batches_tracked)
+    _check_bn_args(residual, residual_running_mean, residual_running_var, residual_weight,
+                   residual_bias, training, residual_momentum, residual_eps,
+                   residual_num_batches_tracked, prefix="residual_")
+    factor = _momentum_factor(training, momentum, num_batches_tracked)
+    residual_factor = _momentum_factor(training, residual_momentum, residual_num_batches_tracked)
+    if _backend.resolve(input.device) == "reference":
+        bn_residual = reference.batch_norm(residual, residual_running_mean, residual_running_var,
+                                           residual_weight, residual_bias, training,
+                                           residual_factor, residual_eps)
+        return reference.batch_norm_act(input, bn_residual, running_mean, running_var, weight,
+                                        bias, training, factor, eps, relu)
+    if not training:
+        mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
+                                                eps)
+        residual_coefficients = _eval_coefficients(
+            residual, residual_running_mean, residual_running_var, residual_weight,
+            residual_bias, residual_eps)
+        return torch.ops.fusedres.batch_norm_apply(
+            input, mean, scale, shift, residual, *residual_coefficients, relu)
+    out, mean, var, residual_mean, residual_var = torch.ops.fusedres.dual_batch_norm_act_train(
+        input, weight, bias, residual, residual_weight, residual_bias, float(eps),
+        float(residual_eps), relu)
+    count = input.numel() // input.shape[1] if input.numel() else 0
+    _update_running_stats(running_mean, running_var, mean, var, count, factor)
+    _update_running_stats(residual_running_mean, residual_running_var, residual_mean,
+                          residual_var, count, residual_factor)
+    return out
+
+
+# ---- residual epilogue ----------------------------------------------------------------------
+
+
+def add_relu(input: Tensor, residual: Tensor) -> Tensor:
+    """relu(input + residual) in one pass."""
+    _check_input(input, min_dim=1)
+    _check_like(residual, input, "residual")
+    if input.dim() < 2 or _backend.resolve(input.device) == "reference":
+        return reference.add_relu(input, residual)
+    return torch.ops.fusedres.add_relu(input, residual)
+
+
+# ---- folded inference -----------------------------------------------------------------------
+
+
+def fold_conv_bn(
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    bn_running_mean: Tensor,
+    bn_running_var: Tensor,
+    bn_eps: float,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of a convolution with the eval BatchNorm after it folded in:
+    weight * g / sqrt(v + eps) and (bias - m) * g / sqrt(v + eps) + beta, computed in float
+    (double for double weights) and cast back to the convolution's dtype (the weight's dtype
+    for the new bias of a conv without one).
+    """
+    _check_input(conv_weight, "conv_weight", min_dim=3)
+    out_channels = conv_weight.shape[0]
+    for t, name in ((conv_bias, "conv_bias"), (bn_running_mean, "bn_running_mean"),
+                    (bn_running_var, "bn_running_var"), (bn_weight, "bn_weight"),
+                    (bn_bias, "bn_bias")):
+        _check_channel_vector(t, conv_weight, name, channels=out_channels)
+    if bn_running_mean is None or bn_running_var is None:
+        raise ValueError("fusedres: bn_running_mean and bn_running_var are required to fold a BN")
+    if _backend.resolve(conv_weight.device) == "reference":
+        return reference.fold_conv_bn(conv_weight, conv_bias, bn_running_mean, bn_running_var,
+                                      bn_eps, bn_weight, bn_bias)
+    return torch.ops.fusedres.fold_conv_bn(conv_weight, conv_bias, bn_running_mean,
+                                           bn_running_var, float(bn_eps), bn_weight, bn_bias)
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"fusedres: {name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):
+    _check_input(input)
+    if input.dim() != 4:
+        raise ValueError(f"fusedres: input must have shape (N, C, H, W), got {tuple(input.shape)}")
+    _check_input(weight, "weight")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"fusedres: weight must have shape (C_out, C_in / groups, kH, kW), got {tuple(weight.shape)}"
+        )
+    if weight.dtype != input.dtype:
+        raise TypeError(f"fusedres: weight must have the dtype of input ({input.dtype}), got {weight.dtype}")
+    if weight.device != input.device:
+        raise RuntimeError(f"fusedres: weight is on {weight.device} but input is on {input.device}")
+    if not isinstance(groups, int) or groups < 1 or input.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"fusedres: input has {input.shape[1]} channels but weight expects "
+            f"{weight.shape[1]} x groups={groups}"
+        )
+    _check_channel_vector(bias, input, "bias", channels=weight.shape[0])
+    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
+                                 _pair(dilation, "dilation"))
+    if residual is not None and (not isinstance(residual, Tensor) or residual.dtype != input.dtype
+                                 or residual.device != input.device):
+        raise TypeError("fusedres: residual must be a Tensor of input's dtype and device")
+    if _backend.resolve(input.device) == "reference":
+        return reference.conv_bias_act(input, weight, bias, residual, stride, padding, dilation,
+                                       groups)
+    if residual is None:
+        return torch.ops.fusedres.conv_bias_relu(input, weight, bias, stride, padding, dilation,
+                                                 groups)
+    return torch.ops.fusedres.conv_bias_add_relu(input, weight, bias, residual, stride, padding,
+                                                 dilation, groups)
+
+
+def conv_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                   stride: _IntOrPair = 1, padding: _IntOrPair = 0, dilation: _IntOrPair = 1,
+                   groups: int = 1) -> Tensor:
+    """relu(conv2d(input, weight, bias)): a convolution with its BN folded in (fold_conv_bn).
+    CUDA: cuDNN's fused kernel; CPU: the convolution, then one epilogue pass."""
+    return _conv_bias_act(input, weight, bias, None, stride, padding, dilation, groups)
+
+
+def conv_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Tensor,
+                       stride: _IntOrPair = 1, padding: _IntOrPair = 0,
+                       dilation: _IntOrPair = 1, groups: int = 1) -> Tensor:
+    """relu(conv2d(input, weight, bias) + residual): the folded end of a ResNet block."""
+    if residual is None:
+        raise TypeError("fusedres: residual must be a Tensor, got None (use conv_bias_relu)")
+    return _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups)

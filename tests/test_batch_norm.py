@@ -1,0 +1,260 @@
+"""The fused BN ops (batch_norm_relu, batch_norm_add_relu, dual_batch_norm_add_relu) against
+the unfused PyTorch computation in fp64: outputs, running statistics and gradients."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedres
+import fusedres.functional as FF
+from conftest import (DEVICES, DTYPES, LAYOUTS, TOLERANCE, assert_close, make,
+                      has_layout, native_backend)
+
+SHAPE = (4, 6, 5, 7)  # odd spatial sizes: no vector path hides a tail bug
+
+
+def bn_params(C, dtype=torch.float32, device="cpu", requires_grad=False):
+    """(running_mean, running_var, weight, bias) with non-trivial values."""
+    rm = torch.randn(C, dtype=torch.float64).to(dtype).to(device)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(dtype).to(device).requires_grad_(requires_grad)
+    b = torch.randn(C, dtype=torch.float64).to(dtype).to(device).requires_grad_(requires_grad)
+    return rm, rv, w, b
+
+
+def reference_bn_act(x, residual, params, residual_params, training, momentum, eps, relu):
+    """The unfused computation in fp64 on copies of the running stats."""
+    rm, rv, w, b = [p.detach().double().clone() if p is not None else None for p in params]
+    out = F.batch_norm(x.double(), rm, rv, w, b, training, momentum, eps)
+    running = [(rm, rv)]
+    if residual_params is not None:
+        rrm, rrv, rw, rb = [p.detach().double().clone() for p in residual_params]
+        out = out + F.batch_norm(residual.double(), rrm, rrv, rw, rb, training, momentum, eps)
+        running.append((rrm, rrv))
+    elif residual is not None:
+        out = out + residual.double()
+    return (torch.relu(out) if relu else out), running
+
+
+def run_fused(kind, x, residual, params, residual_params, training, momentum, eps, relu):
+    rm, rv, w, b = params
+    if kind == "none":
+        return FF.batch_norm_relu(x, rm, rv, w, b, training, momentum, eps, relu=relu)
+    if kind == "add":
+        return FF.batch_norm_add_relu(x, residual, rm, rv, w, b, training, momentum, eps, relu=relu)
+    rrm, rrv, rw, rb = residual_params
+    return FF.dual_batch_norm_add_relu(x, residual, rm, rv, rrm, rrv, w, b, rw, rb, training,
+                                       momentum, eps, relu=relu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "add", "dual"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_matches_reference(device, layout, dtype, kind, relu, training):
+    fusedres.set_backend(native_backend(device))
+    C = SHAPE[1]
+    x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5)
+    residual = make(SHAPE, dtype, device, layout) if kind != "none" else None
+    params = bn_params(C, torch.float32, device)
+    residual_params = bn_params(C, torch.float32, device) if kind == "dual" else None
+    ref, ref_running = reference_bn_act(x, residual, params, residual_params, training, 0.1,
+                                        1e-5, relu)
+    out = run_fused(kind, x, residual, params, residual_params, training, 0.1, 1e-5, relu)
+
+    assert out.dtype == dtype and out.device == x.device
+    assert has_layout(out, layout)
+    assert_close(out, ref, dtype)
+    # Running statistics: updated in training (unbiased variance), untouched in eval.
+    fused_running = [params[:2]] + ([residual_params[:2]] if residual_params else [])
+    for (rm, rv), (ref_rm, ref_rv) in zip(fused_running, ref_running):
+        assert_close(rm, ref_rm, torch.float32)
+        assert_close(rv, ref_rv, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["none", "add", "dual"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_matches_reference(device, layout, dtype, kind, relu, training):
+    fusedres.set_backend(native_backend(device))
+    C = SHAPE[1]
+    x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5, requires_grad=True)
+    residual = make(SHAPE, dtype, device, layout, requires_grad=True) if kind != "none" else None
+    params = bn_params(C, torch.float32, device, requires_grad=True)
+    residual_params = bn_params(C, torch.float32, device, True) if kind == "dual" else None
+    grad = make(SHAPE, dtype, device, layout)
+
+    out = run_fused(kind, x, residual, params, residual_params, training, 0.1, 1e-5, relu)
+    leaves = [x, params[2], params[3]]
+    if residual is not None:
+        leaves.append(residual)
+    if residual_params is not None:
+        leaves += [residual_params[2], residual_params[3]]
+    grads = torch.autograd.grad(out, leaves, grad)
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_x, ref_w, ref_b = ref_leaves[:3]
+    ref_res = ref_leaves[3] if residual is not None else None
+    ref_params = (params[0], params[1], ref_w, ref_b)
+    ref_res_params = None
+    if residual_params is not None:
+        ref_res_params = (residual_params[0], residual_params[1], ref_leaves[4], ref_leaves[5])
+    ref_out = F.batch_norm(ref_x, params[0].double().clone(), params[1].double().clone(), ref_w,
+                           ref_b, training, 0.1, 1e-5)
+    if ref_res_params is not None:
+        ref_out = ref_out + F.batch_norm(ref_res, ref_res_params[0].double().clone(),
+                                         ref_res_params[1].double().clone(), ref_res_params[2],
+                                         ref_res_params[3], training, 0.1, 1e-5)
+    elif ref_res is not None:
+        ref_out = ref_out + ref_res
+    if relu:
+        ref_out = torch.relu(ref_out)
+    ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad.double())
+
+    for name, g, ref_g, leaf in zip(["input", "weight", "bias", "residual", "residual_weight",
+                                     "residual_bias"], grads, ref_grads, leaves):
+        assert g.dtype == leaf.dtype, name
+        # Gradients of low-precision tensors are rounded once more than the output.
+        assert_close(g, ref_g, dtype if g.dtype == dtype else torch.float32,
+                     tolerance={**TOLERANCE, torch.float16: 4e-3, torch.bfloat16: 2e-2})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape, training",
+    [
+        ((2, 3, 9, 9), True),  # C = 3
+        ((5, 8, 1, 1), True),  # H = W = 1
+        ((1, 8, 1, 1), False),  # N = 1 in eval: one value per channel is fine
+        ((1, 4, 3, 3), True),  # N = 1 in training
+        ((7, 5), True),  # (N, C) as BatchNorm1d
+        ((2, 3, 4, 5, 6), True),  # 5-D
+        ((3, 16, 8, 8), True),  # channels divisible by every vector width
+    ],
+)
+@pytest.mark.parametrize("layout", LAYOUTS + ["strided"])
+def test_odd_shapes(device, shape, training, layout):
+    fusedres.set_backend(native_backend(device))
+    if layout != "nchw" and len(shape) != 4:
+        pytest.skip("layout needs a 4-D tensor")
+    x = make(shape, torch.float32, device, layout, scale=3.0, offset=-1.0)
+    residual = make(shape, torch.float32, device, layout)
+    params = bn_params(shape[1], torch.float32, device)
+    ref, ref_running = reference_bn_act(x, residual, params, None, training, 0.1, 1e-5, True)
+    out = FF.batch_norm_add_relu(x, residual, *params, training=training)
+    assert_close(out, ref, torch.float32)
+    assert_close(params[0], ref_running[0][0], torch.float32)
+    assert_close(params[1], ref_running[0][1], torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_empty_batch(device, training, layout):
+    fusedres.set_backend(native_backend(device))
+    x = make((0, 4, 3, 3), torch.float32, device, layout, requires_grad=True)
+    rm, rv, w, b = bn_params(4, torch.float32, device, requires_grad=True)
+    rm_before, rv_before = rm.clone(), rv.clone()
+    nbt = torch.tensor(0, device=device)
+    out = FF.batch_norm_relu(x, rm, rv, w, b, training, num_batches_tracked=nbt)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    # As nn.BatchNorm2d: nothing to average, but the (empty) batch is counted.
+    assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before)
+    assert nbt.item() == (1 if training else 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+@pytest.mark.parametrize("kind", ["none", "add", "dual"])
+def test_running_stats_match_batchnorm2d(device, momentum, kind):
+    """Several steps against nn.BatchNorm2d modules, num_batches_tracked included."""
+    fusedres.set_backend(native_backend(device))
+    C = 5
+    bn = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
+    bn_res = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
+    mine = {k: v.clone() for k, v in bn.state_dict().items()}
+    mine_res = {k: v.clone() for k, v in bn_res.state_dict().items()}
+    for step in range(4):
+        x = make((3, C, 4, 4), torch.float32, device, scale=step + 1.0, offset=step)
+        z = make((3, C, 4, 4), torch.float32, device, scale=2.0, offset=-step)
+        ref = bn(x)
+        if kind == "none":
+            out = FF.batch_norm_relu(x, mine["running_mean"], mine["running_var"], bn.weight,
+                                     bn.bias, True, momentum, bn.eps, relu=False,
+                                     num_batches_tracked=mine["num_batches_tracked"])
+        elif kind == "add":
+            ref = ref + z
+            out = FF.batch_norm_add_relu(x, z, mine["running_mean"], mine["running_var"],
+                                         bn.weight, bn.bias, True, momentum, bn.eps, relu=False,
+                                         num_batches_tracked=mine["num_batches_tracked"])
+        else:
+            ref = ref + bn_res(z)
+            out = FF.dual_batch_norm_add_relu(
+                x, z, mine["running_mean"], mine["running_var"], mine_res["running_mean"],
+                mine_res["running_var"], bn.weight, bn.bias, bn_res.weight, bn_res.bias, True,
+                momentum, bn.eps, relu=False, num_batches_tracked=mine["num_batches_tracked"],
+                residual_num_batches_tracked=mine_res["num_batches_tracked"])
+        assert_close(out, ref, torch.float32)
+        for state, module in [(mine, bn)] + ([(mine_res, bn_res)] if kind == "dual" else []):
+            for key, value in module.state_dict().items():
+                if key == "num_batches_tracked":
+                    assert state[key].item() == value.item() == step + 1
+                elif "running" in key:
+                    assert_close(state[key], value, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_params_and_stats(device, layout, dtype):
+    """A model cast to bf16 has bf16 weights and running stats; the math stays in fp32."""
+    fusedres.set_backend(native_backend(device))
+    x = make(SHAPE, dtype, device, layout)
+    params = bn_params(SHAPE[1], dtype, device)
+    ref, ref_running = reference_bn_act(x, None, params, None, True, 0.1, 1e-5, True)
+    out = FF.batch_norm_relu(x, *params, training=True)
+    assert_close(out, ref, dtype)
+    assert params[0].dtype == dtype
+    assert_close(params[0], ref_running[0][0], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_mean_small_variance(device):
+    """E[x^2] - E[x]^2 in float32 would lose every digit here (x^2 ~ 1e8 has an ulp of 8);
+    the stable statistics keep the error at the input's own rounding (ulp(1e4) / std ~ 1e-3)."""
+    fusedres.set_backend(native_backend(device))
+    for layout in LAYOUTS:
+        x = make((8, 4, 16, 16), torch.float32, device, layout, scale=1.0, offset=1e4)
+        params = bn_params(4, torch.float32, device)
+        ref, ref_running = reference_bn_act(x, None, params, None, True, 0.1, 1e-5, False)
+        out = FF.batch_norm_relu(x, *params, training=True, relu=False)
+        assert_close(out, ref, torch.float32, tolerance={torch.float32: 1e-3})
+        assert_close(params[1], ref_running[0][1], torch.float32, tolerance={torch.float32: 1e-3})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_running_stats_in_training(device):
+    """track_running_stats=False: batch statistics only."""
+    fusedres.set_backend(native_backend(device))
+    x = make(SHAPE, torch.float32, device)
+    out = FF.batch_norm_relu(x, None, None, training=True)
+    assert_close(out, torch.relu(F.batch_norm(x.double(), None, None, training=True)),
+                 torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates(device):
+    fusedres.set_backend(native_backend(device))
+    x = make((2, 3, 4, 4), torch.float32, device)
+    x[0, 1, 2, 2] = float("nan")
+    params = bn_params(3, torch.float32, device)
+    out = FF.batch_norm_relu(x, *params, training=False)
+    ref = torch.relu(F.batch_norm(x, *params, training=False))
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out[0, 1, 2, 2])

@@ -1,0 +1,153 @@
+"""The ops as torch.library sees them: schemas + fake kernels + autograd (opcheck), fp64
+gradcheck of every differentiable op, and torch.compile(fullgraph=True) over the functions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedres
+import fusedres.functional as FF
+from conftest import DEVICES, assert_close, make, native_backend
+
+ops = torch.ops.fusedres
+
+
+def per_channel(C, device, dtype=torch.float64, positive=False, requires_grad=False):
+    t = torch.rand(C, dtype=dtype) + 0.5 if positive else torch.randn(C, dtype=dtype)
+    return t.to(device).requires_grad_(requires_grad)
+
+
+def sample_calls(device, dtype=torch.float64, layout="nchw", requires_grad=True):
+    """(op, args) for every op, with small inputs."""
+    shape = (3, 4, 3, 5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def x():
+        return make(shape, dtype, device, layout, requires_grad=requires_grad)
+
+    def vec(positive=False):
+        return per_channel(4, device, acc, positive, requires_grad)
+
+    out = x().detach()
+    mean, invstd = per_channel(4, device, acc), per_channel(4, device, acc, positive=True)
+    conv_w = make((6, 4, 3, 3), dtype, device, requires_grad=requires_grad)
+    return [
+        (ops.batch_norm_stats, (x().detach(),)),
+        (ops.batch_norm_apply, (x(), vec(), vec(True), vec(), None, None, None, None, True)),
+        (ops.batch_norm_apply, (x(), vec(), vec(True), None, x(), None, None, None, False)),
+        (ops.batch_norm_apply, (x(), vec(), vec(True), vec(), x(), vec(), vec(True), vec(), True)),
+        (ops.batch_norm_act_train, (x(), vec(True), vec(), None, 1e-5, True)),
+        (ops.batch_norm_act_train, (x(), None, None, x(), 1e-3, True)),
+        (ops.batch_norm_act_train, (x(), vec(True), vec(), None, 1e-5, False)),
+        (ops.dual_batch_norm_act_train, (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4, True)),
+        (ops.batch_norm_backward_reduce, (x().detach(), out, x().detach(), mean, invstd)),
+        (ops.batch_norm_backward_input, (x().detach(), None, x().detach(), mean, invstd,
+                                         vec().detach(), mean, invstd)),
+        (ops.add_relu, (x(), x())),
+        (ops.conv_bias_relu, (x(), conv_w, per_channel(6, device, dtype, requires_grad=requires_grad),
+                              [1, 1], [1, 1], [1, 1], 1)),
+        (ops.conv_bias_add_relu, (x(), conv_w, None, make((3, 6, 2, 3), dtype, device, layout,
+                                                          requires_grad=requires_grad),
+                                  [2, 2], [1, 1], [1, 1], 1)),
+        (ops.fold_conv_bn, (conv_w, None, per_channel(6, device, acc), per_channel(6, device, acc, True),
+                            1e-5, per_channel(6, device, acc, True, requires_grad),
+                            per_channel(6, device, acc, requires_grad=requires_grad))),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(device, layout, dtype):
+    for op, args in sample_calls(device, dtype, layout):
+        # fold_conv_bn is CompositeImplicitAutograd: ATen's own autograd and meta kernels apply.
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64(device):
+    differentiable = {"batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
+                      "add_relu", "conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}
+    checked = set()
+    for op, args in sample_calls(device, torch.float64):
+        name = op._qualified_op_name.split("::")[1]
+        if name not in differentiable:
+            continue
+
+        def first_output(*a, op=op):
+            out = op(*a)
+            return out[0] if isinstance(out, tuple) else out
+
+        assert torch.autograd.gradcheck(first_output, args, eps=1e-6, atol=1e-5, rtol=1e-4), name
+        checked.add(name)
+    assert checked == differentiable
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph(device, training):
+    """The functional API traces without graph breaks, running stats and autograd included."""
+    fusedres.set_backend(native_backend(device))
+    torch._dynamo.reset()
+    C = 4
+
+    def block(x, z, rm, rv, w, b, nbt, conv_w):
+        y = FF.batch_norm_relu(x, rm, rv, w, b, training, 0.1, 1e-5, num_batches_tracked=nbt)
+        y = FF.batch_norm_add_relu(y, z, rm, rv, w, b, training, None, 1e-5,
+                                   num_batches_tracked=nbt)
+        y = FF.dual_batch_norm_add_relu(y, z, rm, rv, rm, rv, w, b, w, b, training)
+        y = FF.add_relu(y, z)
+        return FF.conv_bias_relu(y, conv_w, b, 1, 1)
+
+    def inputs():
+        x = make((2, C, 5, 5), torch.float32, device, requires_grad=True)
+        z = make((2, C, 5, 5), torch.float32, device)
+        rm = torch.zeros(C, device=device)
+        rv = torch.ones(C, device=device)
+        w = (torch.rand(C, device=device) + 0.5).requires_grad_()
+        b = torch.randn(C, device=device).requires_grad_()
+        nbt = torch.tensor(0, device=device)
+        conv_w = make((C, C, 3, 3), torch.float32, device, scale=0.3)
+        return [x, z, rm, rv, w, b, nbt, conv_w]
+
+    eager_in = inputs()
+    compiled_in = [t.detach().clone().requires_grad_(t.requires_grad) for t in eager_in]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    for step in range(2):
+        out = block(*eager_in)
+        out_c = compiled(*compiled_in)
+        assert_close(out_c, out, torch.float32)
+        out.sum().backward()
+        out_c.sum().backward()
+    for a, b in zip(eager_in, compiled_in):
+        if a.requires_grad:
+            assert_close(b.grad, a.grad, torch.float32)
+        else:
+            assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)  # running stats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor(device):
+    """The same under the default Inductor backend, for the training BN + ReLU."""
+    fusedres.set_backend(native_backend(device))
+    torch._dynamo.reset()
+    x = make((4, 8, 6, 6), torch.float32, device, "channels_last")
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    rm_c, rv_c = rm.clone(), rv.clone()
+    fn = torch.compile(FF.batch_norm_relu, fullgraph=True)
+    out = fn(x, rm_c, rv_c, None, None, True)
+    ref = FF.batch_norm_relu(x, rm, rv, None, None, True)
+    assert_close(out, ref, torch.float32)
+    assert_close(rm_c, rm, torch.float32)
+    assert_close(rv_c, rv, torch.float32)
+    assert_close(out, torch.relu(F.batch_norm(x.double(), None, None, training=True)), torch.float32)
+
+
+def test_cuda_kernels_are_registered_when_built():
+    """CI has no GPU: this is where it checks that the compiled CUDA kernels did register."""
+    info = fusedres.info()
+    if not info["built"]["cuda"]:
+        pytest.skip("built without CUDA kernels")
+    assert info["loaded"]["cuda"], info["errors"]["cuda"]
+    for name in ["batch_norm_stats", "batch_norm_apply", "batch_norm_backward_reduce",
+                 "batch_norm_backward_input", "add_relu", "conv_bias_relu", "conv_bias_add_relu"]:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CUDA"), name
