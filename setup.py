@@ -64,6 +64,10 @@ if build_cuda:
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         )
     )
+else:
+    # A CUDA module left by an earlier build would load kernels this build does not match.
+    for stale in glob.glob(os.path.join(HERE, "fusedres", "_C_cuda*.so")):
+        os.remove(stale)
 print(f"fusedres: CUDA kernels {'will' if build_cuda else 'will not'} be built ({why})")
 
 # What was built, for fusedres.info().

@@ -1,5 +1,5 @@
-// CPU folded inference: the convolution (oneDNN / ATen) without its bias, then one in-place
-// epilogue pass adding bias (+ residual) and applying ReLU (normalize_act.h).
+// CPU folded inference: the convolution with its bias (oneDNN adds it for free), then one
+// in-place epilogue pass adding the residual and applying ReLU (normalize_act.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <torch/library.h>
@@ -17,12 +17,12 @@ Tensor conv_bias_act(const Tensor& input, const Tensor& weight, const std::optio
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const ConvOperands c =
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
-  Tensor out = at::convolution(c.input, c.weight, std::nullopt, stride, padding, dilation,
+  std::optional<Tensor> bias_;
+  if (c.bias) bias_ = c.bias->to(c.input.scalar_type());
+  Tensor out = at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
                                /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
                    .contiguous(c.format);
-  std::optional<Tensor> shift;
-  if (c.bias) shift = c.bias->to(accumulate_type(out.scalar_type())).contiguous();
-  normalize_act(out, {.shift = shift, .residual = c.residual, .relu = true}, out);
+  normalize_act(out, {.residual = c.residual, .relu = true}, out);
   return out;
 }
 

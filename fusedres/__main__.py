@@ -1,0 +1,96 @@
+"""python -m fusedres: checks this installation end to end.
+
+Prints what was built and loaded, then runs every fused op on the active backend of each
+available device against the unfused PyTorch computation in float64, and exits non-zero if
+any result is off. (Later: the ResNet-50 check and benchmark.)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import fusedres
+import fusedres.functional as FF
+
+# Relative norm error against float64 (DESIGN.md); float32 through a convolution: 1e-4.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+CONV_TOLERANCE = {**TOLERANCE, torch.float32: 1e-4}
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def checks(device, dtype, shape):
+    """(name, fused result, fp64 reference) for each op on one device / dtype."""
+    C = shape[1]
+    x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
+    z = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    xd, zd = x.double(), z.double()
+
+    def bn(t, training):
+        return F.batch_norm(t, rm.double(), rv.double(), w.double(), b.double(), training)
+
+    yield ("bn_relu train", FF.batch_norm_relu(x, rm.clone(), rv.clone(), w, b, True),
+           torch.relu(bn(xd, True)))
+    yield ("bn_relu eval", FF.batch_norm_relu(x, rm, rv, w, b, False), torch.relu(bn(xd, False)))
+    yield ("bn_add_relu train", FF.batch_norm_add_relu(x, z, rm.clone(), rv.clone(), w, b, True),
+           torch.relu(bn(xd, True) + zd))
+    yield ("dual_bn_add_relu train",
+           FF.dual_batch_norm_add_relu(x, z, rm.clone(), rv.clone(), rm.clone(), rv.clone(),
+                                       w, b, w, b, True),
+           torch.relu(bn(xd, True) + bn(zd, True)))
+    yield ("add_relu", FF.add_relu(x, z), torch.relu(xd + zd))
+    conv_w = (torch.randn(C, C, 3, 3, device=device) * 0.1).to(dtype)
+    fw, fb = FF.fold_conv_bn(conv_w, None, rm, rv, 1e-5, w, b)
+    ref_conv = bn(F.conv2d(xd, conv_w.double(), None, 1, 1), False)
+    yield ("fold + conv_bias_add_relu", FF.conv_bias_add_relu(x, fw, fb, z, 1, 1),
+           torch.relu(ref_conv + zd))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default=None, help="backend to check (default: the active one)")
+    args = parser.parse_args(argv)
+    if args.backend:
+        fusedres.set_backend(args.backend)
+
+    info = fusedres.info()
+    print(f"fusedres {fusedres.__version__}  torch {info['torch']}")
+    print(f"  built:   C++ {info['built']['cpp']}, CUDA {info['built']['cuda']} "
+          f"({info['built']['cuda_reason']})")
+    print(f"  loaded:  C++ {info['loaded']['cpp']}, CUDA {info['loaded']['cuda']}")
+    print(f"  backends available: {', '.join(k for k, v in info['available'].items() if v)}")
+    for name, why in info["unavailable_reasons"].items():
+        print(f"  {name}: unavailable, {why}")
+    print(f"  active: {info['active']} -> {info['resolved']}")
+
+    torch.manual_seed(0)
+    devices = [("cpu", (4, 16, 9, 9))]
+    if torch.cuda.is_available():
+        devices.append(("cuda", (32, 64, 28, 28)))
+    failures = 0
+    print(f"\n{'op':28} {'device':6} {'dtype':9} {'backend':9} {'rel. error':>10}")
+    for device, shape in devices:
+        backend = fusedres.info()["resolved"].get(device)
+        for dtype in TOLERANCE:
+            for name, out, ref in checks(device, dtype, shape):
+                err = rel_err(out, ref)
+                ok = err <= (CONV_TOLERANCE if "conv" in name else TOLERANCE)[dtype]
+                failures += not ok
+                print(f"{name:28} {device:6} {str(dtype)[6:]:9} {backend:9} {err:10.2e}"
+                      f"{'' if ok else '  FAILED'}")
+    print(f"\n{'all checks passed' if failures == 0 else f'{failures} check(s) FAILED'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
