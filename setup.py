@@ -43,12 +43,14 @@ def cuda_arch_list():
     return "8.0;9.0"
 
 
-cxx_flags = ["-O3"]
+# -fopenmp: at::parallel_for runs its OpenMP loop in our own code, serially without it.
+cxx_flags = ["-O3", "-fopenmp"]
 ext_modules = [
     CppExtension(
         "fusedres._C",
         sources("csrc/fusedres.cpp") + sources("csrc/composite/*.cpp") + sources("csrc/cpu/*.cpp"),
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 ]
 

@@ -34,17 +34,40 @@ struct ChannelValues {
   }
 };
 
+template <typename acc_t, bool kResidual, bool kRelu>
+inline acc_t normalize_value(acc_t x, acc_t r, acc_t m, acc_t s, acc_t b, acc_t rm, acc_t rs,
+                             acc_t rb) {
+  acc_t value = (x - m) * s + b;
+  if constexpr (kResidual) value += (r - rm) * rs + rb;
+  // (value < 0) keeps NaN, as torch.relu does.
+  if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
+  return value;
+}
+
+// Restrict-qualified pointers let the compiler vectorise (out never aliases an input).
 template <typename scalar_t, typename acc_t, bool kResidual, bool kRelu>
-void normalize_kernel(const ChannelView& v, const scalar_t* x, const scalar_t* r,
-                      const acc_t* m, const acc_t* s, const acc_t* b, const acc_t* rm,
-                      const acc_t* rs, const acc_t* rb, scalar_t* y) {
-  for_each_element(v, [&](int64_t i, int64_t c) {
-    acc_t value = (static_cast<acc_t>(x[i]) - m[c]) * s[c] + b[c];
-    if constexpr (kResidual) value += (static_cast<acc_t>(r[i]) - rm[c]) * rs[c] + rb[c];
-    // (value < 0) keeps NaN, as torch.relu does.
-    if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
-    y[i] = static_cast<scalar_t>(value);
-  });
+void normalize_kernel(const ChannelView& v, const scalar_t* __restrict__ x,
+                      const scalar_t* __restrict__ r, const acc_t* __restrict__ m,
+                      const acc_t* __restrict__ s, const acc_t* __restrict__ b,
+                      const acc_t* __restrict__ rm, const acc_t* __restrict__ rs,
+                      const acc_t* __restrict__ rb, scalar_t* __restrict__ y) {
+  const int64_t C = v.channels;
+  auto row = [=](int64_t offset) {
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t rv = kResidual ? static_cast<acc_t>(r[offset + c]) : acc_t(0);
+      y[offset + c] = static_cast<scalar_t>(normalize_value<acc_t, kResidual, kRelu>(
+          static_cast<acc_t>(x[offset + c]), rv, m[c], s[c], b[c], rm[c], rs[c], rb[c]));
+    }
+  };
+  auto plane = [=](int64_t offset, int64_t n, int64_t c) {
+    const acc_t mc = m[c], sc = s[c], bc = b[c], rmc = rm[c], rsc = rs[c], rbc = rb[c];
+    for (int64_t i = offset; i < offset + n; ++i) {
+      const acc_t rv = kResidual ? static_cast<acc_t>(r[i]) : acc_t(0);
+      y[i] = static_cast<scalar_t>(normalize_value<acc_t, kResidual, kRelu>(
+          static_cast<acc_t>(x[i]), rv, mc, sc, bc, rmc, rsc, rbc));
+    }
+  };
+  for_each_run(v, row, plane);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "../common.h"
 #include "loops.h"
@@ -33,11 +34,22 @@ BackwardArgs prepare(const Tensor& grad_out, const std::optional<Tensor>& output
   return {match_layout(grad_out, input), input, match_layout(output, input)};
 }
 
-// The ReLU mask of the saved output: gradient passes where !(y <= 0), as threshold_backward.
-template <typename scalar_t, typename acc_t>
+// g: grad_out, with the ReLU mask of the saved output when kMasked. The gradient passes
+// where !(y <= 0), as threshold_backward.
+template <bool kMasked, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 inline acc_t masked(const scalar_t* dy, const scalar_t* y, int64_t i) {
   const acc_t g = static_cast<acc_t>(dy[i]);
-  return (y && static_cast<acc_t>(y[i]) <= acc_t(0)) ? acc_t(0) : g;
+  if constexpr (kMasked) return static_cast<acc_t>(y[i]) <= acc_t(0) ? acc_t(0) : g;
+  return g;
+}
+
+// Calls fn(std::bool_constant<masked>) for the runtime choice, so loops are branch-free.
+template <typename Fn>
+void with_mask(bool masked, const Fn& fn) {
+  if (masked)
+    fn(std::true_type{});
+  else
+    fn(std::false_type{});
 }
 
 std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
@@ -61,19 +73,33 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
     const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const acc_t* mu = mean.const_data_ptr<acc_t>();
-    // sum(g * (x - mean)), scaled by invstd once at the end.
-    auto sums = per_channel_sums<acc_t, 2>(v, [&](int64_t i, int64_t c, acc_t* acc) {
-      const acc_t g = masked<scalar_t, acc_t>(dy, y, i);
-      acc[0] += g;
-      acc[1] += g * (static_cast<acc_t>(x[i]) - mu[c]);
+    with_mask(y != nullptr, [&](auto mask) {
+      constexpr bool kMasked = decltype(mask)::value;
+      // sum(g) and sum(g * (x - mean)); the latter is scaled by invstd once at the end.
+      auto row = [&](int64_t offset, acc_t* acc0, acc_t* acc1) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t g = masked<kMasked>(dy, y, offset + c);
+          acc0[c] += g;
+          acc1[c] += g * (static_cast<acc_t>(x[offset + c]) - mu[c]);
+        }
+      };
+      auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
+        const acc_t m = mu[c];
+        acc_t sums[2];
+        lane_sums<2>(offset, offset + n, [&](int64_t i, acc_t* t) {
+          t[0] = masked<kMasked>(dy, y, i);
+          t[1] = t[0] * (static_cast<acc_t>(x[i]) - m);
+        }, sums);
+        acc0 += sums[0];
+        acc1 += sums[1];
+      };
+      auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
+      const acc_t* is = invstd.const_data_ptr<acc_t>();
+      for (int64_t c = 0; c < C; ++c) {
+        sum_dy.data_ptr<acc_t>()[c] = s0[c];
+        sum_dy_xhat.data_ptr<acc_t>()[c] = s1[c] * is[c];
+      }
     });
-    const acc_t* is = invstd.const_data_ptr<acc_t>();
-    acc_t* s0 = sum_dy.data_ptr<acc_t>();
-    acc_t* s1 = sum_dy_xhat.data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      s0[c] = sums[2 * c];
-      s1[c] = sums[2 * c + 1] * is[c];
-    }
   });
   return {sum_dy, sum_dy_xhat};
 }
@@ -115,10 +141,24 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
     const scalar_t* x = a.input.const_data_ptr<scalar_t>();
     const acc_t* mu = mean.const_data_ptr<acc_t>();
     scalar_t* dx = grad_input.data_ptr<scalar_t>();
-    for_each_element(v, [&](int64_t i, int64_t c) {
-      const acc_t g = masked<scalar_t, acc_t>(dy, y, i);
-      const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
-      dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+    with_mask(y != nullptr, [&](auto mask) {
+      constexpr bool kMasked = decltype(mask)::value;
+      auto row = [&](int64_t offset) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = offset + c;
+          const acc_t g = masked<kMasked>(dy, y, i);
+          const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
+          dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+        }
+      };
+      auto plane = [&](int64_t offset, int64_t n, int64_t c) {
+        const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
+        for (int64_t i = offset; i < offset + n; ++i) {
+          const acc_t g = masked<kMasked>(dy, y, i);
+          dx[i] = static_cast<scalar_t>(kc * (g - mdc - (static_cast<acc_t>(x[i]) - mc) * pc));
+        }
+      };
+      for_each_run(v, row, plane);
     });
   });
   return grad_input;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "loops.h"
 
 namespace fusedres::cpu {
 namespace {
@@ -41,15 +42,18 @@ void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, 
       for (int64_t o = 0; o < v.outer; ++o) {
         const scalar_t* run = x + (o * v.channels + c) * v.inner;
         const acc_t shift = static_cast<acc_t>(run[0]);
-        acc_t sum = 0;
-        for (int64_t i = 0; i < v.inner; ++i) sum += static_cast<acc_t>(run[i]) - shift;
+        acc_t sum[1], m2[1];
+        lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
+          t[0] = static_cast<acc_t>(run[i]) - shift;
+        }, sum);
         Moments<acc_t> part;
         part.count = static_cast<acc_t>(v.inner);
-        const acc_t offset = sum / part.count;  // mean - shift
-        for (int64_t i = 0; i < v.inner; ++i) {
+        const acc_t offset = sum[0] / part.count;  // mean - shift
+        lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
           const acc_t d = static_cast<acc_t>(run[i]) - shift - offset;
-          part.m2 += d * d;
-        }
+          t[0] = d * d;
+        }, m2);
+        part.m2 = m2[0];
         part.mean = shift + offset;
         total.merge(part);
       }

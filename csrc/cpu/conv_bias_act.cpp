@@ -1,7 +1,8 @@
 // CPU folded inference: the convolution with its bias (oneDNN adds it for free), then one
-// in-place epilogue pass adding the residual and applying ReLU (normalize_act.h).
+// epilogue pass adding the residual and applying ReLU (normalize_act.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -19,10 +20,11 @@ Tensor conv_bias_act(const Tensor& input, const Tensor& weight, const std::optio
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
   std::optional<Tensor> bias_;
   if (c.bias) bias_ = c.bias->to(c.input.scalar_type());
-  Tensor out = at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
-                               /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
-                   .contiguous(c.format);
-  normalize_act(out, {.residual = c.residual, .relu = true}, out);
+  const Tensor conv = at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
+                                     /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                         .contiguous(c.format);
+  Tensor out = at::empty_like(conv);
+  normalize_act(conv, {.residual = c.residual, .relu = true}, out);
   return out;
 }
 

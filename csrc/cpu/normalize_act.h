@@ -3,8 +3,8 @@
 //   out = act((input - mean[c]) * scale[c] + shift[c]
 //             + (residual - residual_mean[c]) * residual_scale[c] + residual_shift[c])
 // An absent mean / shift / residual_mean / residual_shift is 0, an absent scale /
-// residual_scale is 1, an absent residual means no residual term. `out` may alias `input`
-// (in-place epilogue).
+// residual_scale is 1, an absent residual means no residual term. `out` must not alias an
+// input.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -3,7 +3,7 @@
 //   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
 // g = grad_out masked by the saved output's ReLU (when output is given), xhat = (x - mean) *
 // invstd. The reduce pass follows batch_norm_stats.cu: per-thread sums, a block merge, then
-// one warp per channel over the blocks' partials.
+// a merge of the blocks' partials.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

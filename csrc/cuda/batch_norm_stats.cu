@@ -1,7 +1,7 @@
 // CUDA: per-channel mean and biased variance in one read of the input.
 // Each thread accumulates shifted sums (its first value as the shift, so a large mean never
 // cancels), turns them into (count, mean, M2), and the moments are combined with Chan's
-// formula: across the block, then across blocks (merge_partials_kernel, one warp a channel).
+// formula: across the block, then across blocks (merge_partials_kernel).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

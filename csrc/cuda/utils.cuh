@@ -1,5 +1,5 @@
 // Helpers shared by the CUDA kernels: vector access, launch shapes, and the per-channel
-// reductions over a ChannelView (a partial per block, then one warp per channel merges).
+// reductions over a ChannelView (a partial per block, then one kernel merges the partials).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -61,17 +61,11 @@ inline int elementwise_blocks(int64_t units, int device) {
       1, std::min<int64_t>(ceil_div(units, 256), int64_t(sm_count(device)) * 16)));
 }
 
-// Value at position `i` of `x`, masked by the ReLU of the saved output `y` (if any): the
-// gradient passes where !(y <= 0), as threshold_backward.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t masked_grad(scalar_t dy, const scalar_t* y, int64_t i) {
-  return (y != nullptr && static_cast<acc_t>(y[i]) <= acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dy);
-}
-
 // ---- per-channel reductions ------------------------------------------------------------
 // A reduction keeps K values per channel. Each block reduces its share of the rows to one
-// partial per channel (layout [K][blocks][C]); merge_partials_kernel then combines those,
-// one warp per channel. Op provides `merge(acc_t* a, const acc_t* b)` over K values.
+// partial per channel (layout [K][blocks][C]); merge_partials_kernel then combines those.
+// Op provides init(acc_t* s), merge(acc_t* a, const acc_t* b) and finish(s, out0, out1) over
+// K values.
 
 // Launch shape of a channels_last kernel: threads along x cover channel vectors (so each
 // thread keeps its channels' parameters in registers), along y rows; the grid's y dimension
@@ -131,40 +125,40 @@ __device__ void block_merge_all(acc_t (&state)[K], acc_t* smem) {
     for (int k = 0; k < K; ++k) state[k] = smem[k];
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t shfl_down(acc_t v, int offset) {
-  return __shfl_down_sync(0xffffffffu, v, offset);
-}
+// partials: [K][blocks][C] -> Op::finish(merge over the blocks) for each channel. A 32 x 8
+// thread block serves 32 consecutive channels (coalesced reads); its 8 rows of threads
+// split the partials, then row 0 merges the 8 results.
+constexpr int kMergeRows = 8;
 
-// partials: [K][blocks][C] -> out[c] = Op::finish(merge of the blocks' states); one warp per
-// channel, 8 channels per 256-thread block.
 template <class Op, int K, typename acc_t>
 __global__ void merge_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks,
                                       int64_t C, acc_t* __restrict__ out0,
                                       acc_t* __restrict__ out1) {
-  const int64_t c = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (c >= C) return;
+  __shared__ acc_t smem[kMergeRows][32][K];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   acc_t state[K];
   Op::init(state);
-  for (int64_t b = lane; b < blocks; b += 32) {
-    acc_t other[K];
-    for (int k = 0; k < K; ++k) other[k] = partials[(k * blocks + b) * C + c];
-    Op::merge(state, other);
+  if (c < C) {
+    for (int64_t b = threadIdx.y; b < blocks; b += kMergeRows) {
+      acc_t other[K];
+      for (int k = 0; k < K; ++k) other[k] = partials[(k * blocks + b) * C + c];
+      Op::merge(state, other);
+    }
   }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    acc_t other[K];
-    for (int k = 0; k < K; ++k) other[k] = shfl_down(state[k], offset);
-    Op::merge(state, other);
+  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int row = 1; row < kMergeRows; ++row) Op::merge(state, smem[row][threadIdx.x]);
+    Op::finish(state, out0 + c, out1 + c);
   }
-  if (lane == 0) Op::finish(state, out0 + c, out1 + c);
 }
 
 template <class Op, int K, typename acc_t>
 void launch_merge_partials(const acc_t* partials, int64_t blocks, int64_t C, acc_t* out0,
                            acc_t* out1, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(ceil_div(C, 8));
-  merge_partials_kernel<Op, K, acc_t><<<grid, 256, 0, stream>>>(partials, blocks, C, out0, out1);
+  const unsigned grid = static_cast<unsigned>(ceil_div(C, 32));
+  merge_partials_kernel<Op, K, acc_t>
+      <<<grid, dim3(32, kMergeRows), 0, stream>>>(partials, blocks, C, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
