@@ -1,14 +1,16 @@
-"""Fake (meta) kernels and autograd formulas of the C++ ops in csrc/fusedres.cpp.
+"""Fake (meta) kernels and autograd formulas of the fused ops.
 
-Imported only once fusedres._C has loaded the op schemas. The fake kernels reproduce the
-C++ kernels' output strides exactly (so torch.compile and opcheck see what runs), and the
-backward formulas call the fused backward kernels.
+Two namespaces hold ops of the same names and schemas: `fusedres` (the C++ / CUDA kernels of
+csrc/, schemas in csrc/fusedres.cpp) and `fusedres_triton` (the Triton kernels of
+fusedres.kernels). register(namespace) gives the ops of one of them their fake kernels and
+autograd formulas, once its ops exist. The fake kernels reproduce the kernels' output strides
+exactly (so torch.compile and opcheck see what runs); the backward formulas call the fused
+backward kernels of the same namespace.
 """
 from __future__ import annotations
 
 import torch
 
-ops = torch.ops.fusedres
 _threshold_backward = torch.ops.aten.threshold_backward.default
 
 
@@ -43,38 +45,31 @@ def broadcast_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---- fake kernels ---------------------------------------------------------------------------
 
 
-@torch.library.register_fake("fusedres::batch_norm_stats")
-def _(input):
+def _fake_batch_norm_stats(input):
     return channel_vector(input), channel_vector(input)
 
 
-@torch.library.register_fake("fusedres::batch_norm_apply")
-def _(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu):
+def _fake_batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu):
     return empty_like_kernel_output(input)
 
 
-@torch.library.register_fake("fusedres::batch_norm_act_train")
-def _(input, weight, bias, residual, eps, relu):
+def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
     return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
 
 
-@torch.library.register_fake("fusedres::dual_batch_norm_act_train")
-def _(input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu):
+def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu):
     return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
 
 
-@torch.library.register_fake("fusedres::batch_norm_backward_reduce")
-def _(grad_out, output, input, mean, invstd):
+def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
-@torch.library.register_fake("fusedres::batch_norm_backward_input")
-def _(grad_out, output, input, mean, invstd, weight, sum_dy, sum_dy_xhat):
+def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy, sum_dy_xhat):
     return empty_like_kernel_output(input)
 
 
-@torch.library.register_fake("fusedres::add_relu")
-def _(input, residual):
+def _fake_add_relu(input, residual):
     return empty_like_kernel_output(input)
 
 
@@ -87,13 +82,11 @@ def _conv_output(input, weight, stride, padding, dilation):
     return torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
 
 
-@torch.library.register_fake("fusedres::conv_bias_relu")
-def _(input, weight, bias, stride, padding, dilation, groups):
+def _fake_conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
     return _conv_output(input, weight, stride, padding, dilation)
 
 
-@torch.library.register_fake("fusedres::conv_bias_add_relu")
-def _(input, weight, bias, residual, stride, padding, dilation, groups):
+def _fake_conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation, groups):
     return _conv_output(input, weight, stride, padding, dilation)
 
 
@@ -106,7 +99,7 @@ def _relu_grad(grad, out, relu):
     return _threshold_backward(grad, out, 0) if relu else grad
 
 
-def _bn_train_grads(g, masked_by, input, mean, invstd, weight, needs_input):
+def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input):
     """Training BN backward: (grad_input or None, grad_weight, grad_bias) in float."""
     sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
     grad_input = None
@@ -129,7 +122,7 @@ def _setup_apply(ctx, inputs, output):
                           output if relu else None)
 
 
-def _affine_grads(g, x, mean, scale, need):
+def _affine_grads(ops, g, x, mean, scale, need):
     """Gradients of (x - mean) * scale + shift for need = (x, mean, scale, shift) flags."""
     dx = dmean = dscale = dshift = None
     if need[0]:
@@ -152,17 +145,13 @@ def _backward_apply(ctx, grad):
     input, mean, scale, residual, residual_mean, residual_scale, out = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = _relu_grad(grad, out, ctx.relu)
-    grads = _affine_grads(g, input, mean, scale, need[0:4])
+    grads = _affine_grads(ctx.ops, g, input, mean, scale, need[0:4])
     if ctx.has_residual:
-        grads += _affine_grads(g, residual, residual_mean, residual_scale, need[4:8])
+        grads += _affine_grads(ctx.ops, g, residual, residual_mean, residual_scale, need[4:8])
     else:
         grads += (None,) * 4
     return grads + (None,)
 
-
-torch.library.register_autograd(
-    "fusedres::batch_norm_apply", _backward_apply, setup_context=_setup_apply
-)
 
 
 def _setup_train(ctx, inputs, output):
@@ -184,7 +173,7 @@ def _backward_train(ctx, grad, _grad_mean, _grad_var):
     else:
         g, masked_by = grad, out  # the kernels apply the ReLU mask on the fly
     grad_input, grad_weight, grad_bias = _bn_train_grads(
-        g, masked_by, input, mean, invstd, weight, need[0]
+        ctx.ops, g, masked_by, input, mean, invstd, weight, need[0]
     )
     return (
         grad_input,
@@ -195,10 +184,6 @@ def _backward_train(ctx, grad, _grad_mean, _grad_var):
         None,
     )
 
-
-torch.library.register_autograd(
-    "fusedres::batch_norm_act_train", _backward_train, setup_context=_setup_train
-)
 
 
 def _setup_dual(ctx, inputs, output):
@@ -218,9 +203,9 @@ def _backward_dual(ctx, grad, *_grad_stats):
      residual_mean, residual_invstd, out) = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = _relu_grad(grad, out, ctx.relu)
-    gi, gw, gb = _bn_train_grads(g, None, input, mean, invstd, weight, need[0])
+    gi, gw, gb = _bn_train_grads(ctx.ops, g, None, input, mean, invstd, weight, need[0])
     gr, grw, grb = _bn_train_grads(
-        g, None, residual, residual_mean, residual_invstd, residual_weight, need[3]
+        ctx.ops, g, None, residual, residual_mean, residual_invstd, residual_weight, need[3]
     )
     return (
         gi,
@@ -235,10 +220,6 @@ def _backward_dual(ctx, grad, *_grad_stats):
     )
 
 
-torch.library.register_autograd(
-    "fusedres::dual_batch_norm_act_train", _backward_dual, setup_context=_setup_dual
-)
-
 
 def _setup_add_relu(ctx, inputs, output):
     ctx.save_for_backward(output)
@@ -249,10 +230,6 @@ def _backward_add_relu(ctx, grad):
     g = _threshold_backward(grad, out, 0)
     return g, g
 
-
-torch.library.register_autograd(
-    "fusedres::add_relu", _backward_add_relu, setup_context=_setup_add_relu
-)
 
 
 def _setup_conv(ctx, inputs, output):
@@ -279,9 +256,34 @@ def _backward_conv(ctx, grad):
     return tuple(grads) + (None,) * 4
 
 
-torch.library.register_autograd(
-    "fusedres::conv_bias_relu", _backward_conv, setup_context=_setup_conv
-)
-torch.library.register_autograd(
-    "fusedres::conv_bias_add_relu", _backward_conv, setup_context=_setup_conv
-)
+_FAKES = {name: globals()[f"_fake_{name}"] for name in (
+    "batch_norm_stats", "batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
+    "batch_norm_backward_reduce", "batch_norm_backward_input", "add_relu", "conv_bias_relu",
+    "conv_bias_add_relu")}
+
+# op name -> (setup_context, backward)
+_AUTOGRAD = {
+    "batch_norm_apply": (_setup_apply, _backward_apply),
+    "batch_norm_act_train": (_setup_train, _backward_train),
+    "dual_batch_norm_act_train": (_setup_dual, _backward_dual),
+    "add_relu": (_setup_add_relu, _backward_add_relu),
+    "conv_bias_relu": (_setup_conv, _backward_conv),
+    "conv_bias_add_relu": (_setup_conv, _backward_conv),
+}
+
+
+def register(namespace: str) -> None:
+    """Registers fake kernels and autograd for every op of `namespace` named above."""
+    ops = getattr(torch.ops, namespace)
+    for name, fake in _FAKES.items():
+        if hasattr(ops, name):
+            torch.library.register_fake(f"{namespace}::{name}", fake)
+    for name, (setup, backward) in _AUTOGRAD.items():
+        if hasattr(ops, name):
+
+            def setup_context(ctx, inputs, output, setup=setup):
+                ctx.ops = ops  # the backward kernels of the same namespace
+                setup(ctx, inputs, output)
+
+            torch.library.register_autograd(f"{namespace}::{name}", backward,
+                                            setup_context=setup_context)

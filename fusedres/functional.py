@@ -13,12 +13,10 @@ from torch import Tensor
 from . import _backend, reference
 from ._extension import cpp_loaded
 
+from ._ops import accumulate_dtype, register
+
 if cpp_loaded:
-    from . import _ops  # noqa: F401  (fake kernels and autograd of the C++ ops)
-    from ._ops import accumulate_dtype
-else:
-    def accumulate_dtype(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
+    register("fusedres")  # fake kernels and autograd of the C++ ops
 
 __all__ = [
     "batch_norm_relu",
