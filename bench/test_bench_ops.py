@@ -8,7 +8,7 @@ import fusedres
 import fusedres.functional as FF
 from conftest import BATCH, DEVICE, DTYPE, GPU, channels_last
 
-PROVIDERS = ["eager", "fusedres"]
+PROVIDERS = ["eager", "fusedres"] + (["triton"] if GPU and fusedres.info()["available"]["triton"] else [])
 
 # ResNet-50 BN inputs (C, H) and convolutions (C_in, C_out, kernel, stride, H_in).
 BN_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)] if GPU else [(64, 28)]
@@ -28,7 +28,8 @@ def bn_relu(provider, x, state):
     rm, rv, w, b = state
     if provider == "eager":
         return torch.relu(F.batch_norm(x, rm, rv, w, b, True))
-    return FF.batch_norm_relu(x, rm, rv, w, b, True)
+    with fusedres.backend("triton" if provider == "triton" else "auto"):
+        return FF.batch_norm_relu(x, rm, rv, w, b, True)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -59,7 +60,7 @@ def test_bn_relu_train_forward_backward(timed, provider, shape):
     timed(step)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS + ["cudnn_conv_only"])
+@pytest.mark.parametrize("provider", ["eager", "fusedres", "cudnn_conv_only"])
 @pytest.mark.parametrize("residual", [False, True], ids=["bias_relu", "bias_add_relu"])
 @pytest.mark.parametrize("conv", CONV_SHAPES, ids=lambda c: "{}to{}_k{}s{}_h{}".format(*c))
 def test_folded_conv(timed, provider, residual, conv):

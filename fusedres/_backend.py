@@ -80,7 +80,12 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
             return f"it runs on CUDA tensors, got a {device_type} tensor"
         return None
     if name == "triton":
-        return "the Triton kernels are not implemented yet"
+        if not _extension.triton_loaded:
+            return f"the Triton kernels did not load ({_extension.triton_error})"
+        if device_type == "cuda" or (device_type == "cpu" and _extension.triton_interpreted):
+            return None
+        return (f"it runs on CUDA tensors (CPU tensors only under the Triton interpreter, "
+                f"TRITON_INTERPRET=1), got a {device_type} tensor")
     raise ValueError(f"fusedres: unknown backend {name!r}")
 
 
@@ -115,8 +120,11 @@ def info() -> dict:
             "cuda_reason": bi.CUDA_REASON if bi else "not built",
             "cuda_arch_list": bi.CUDA_ARCH_LIST if bi else None,
         },
-        "loaded": {"cpp": _extension.cpp_loaded, "cuda": _extension.cuda_loaded},
-        "errors": {"cpp": _extension.cpp_error, "cuda": _extension.cuda_error},
+        "loaded": {"cpp": _extension.cpp_loaded, "cuda": _extension.cuda_loaded,
+                   "triton": _extension.triton_loaded},
+        "errors": {"cpp": _extension.cpp_error, "cuda": _extension.cuda_error,
+                   "triton": _extension.triton_error},
+        "triton_interpreter": _extension.triton_interpreted,
         "available": available,
         "unavailable_reasons": {
             name: _why_unavailable_here(name) for name in BACKENDS[1:] if not available[name]
@@ -130,6 +138,9 @@ def info() -> dict:
 def _why_unavailable_here(name: str) -> str:
     if name == "cuda" and _extension.cuda_loaded and not torch.cuda.is_available():
         return "no CUDA device is visible (the CUDA kernels are built but cannot run here)"
+    if name == "triton" and _extension.triton_loaded and not torch.cuda.is_available():
+        return ("no CUDA device is visible; on CPU tensors the Triton kernels run only under "
+                "the interpreter, TRITON_INTERPRET=1")
     return unavailable_reason(name, "cuda" if name == "cuda" else "cpu")
 
 

@@ -20,6 +20,9 @@ cpp_loaded = False
 cpp_error: str | None = None
 cuda_loaded = False
 cuda_error: str | None = None
+triton_loaded = False
+triton_error: str | None = None
+triton_interpreted = False  # TRITON_INTERPRET=1: the Triton kernels also run on CPU tensors
 
 
 def _import(name: str) -> str | None:
@@ -27,7 +30,8 @@ def _import(name: str) -> str | None:
     try:
         importlib.import_module(name)
         return None
-    except (ImportError, OSError, RuntimeError) as e:  # missing file, ABI / symbol mismatch
+    except (ImportError, OSError, RuntimeError) as e:  # missing file, ABI / symbol mismatch,
+        # no triton
         return f"{type(e).__name__}: {e}"
 
 
@@ -67,4 +71,14 @@ def _load() -> None:
         )
 
 
+def _load_triton() -> None:
+    """The Triton kernels are optional: without triton the backend is just unavailable."""
+    global triton_loaded, triton_error, triton_interpreted
+    triton_error = _import("fusedres.kernels")
+    triton_loaded = triton_error is None
+    if triton_loaded:
+        triton_interpreted = importlib.import_module("fusedres.kernels").INTERPRETED
+
+
 _load()
+_load_triton()

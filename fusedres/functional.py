@@ -28,6 +28,11 @@ __all__ = [
     "conv_bias_add_relu",
 ]
 
+def _fused_ops(backend: str):
+    """The op namespace of a compiled backend: C++ / CUDA kernels, or the Triton kernels."""
+    return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _IntOrPair = Union[int, Sequence[int]]
 
@@ -152,15 +157,16 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
     _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    num_batches_tracked)
     factor = _momentum_factor(training, momentum, num_batches_tracked)
-    if _backend.resolve(input.device) == "reference":
+    backend = _backend.resolve(input.device)
+    if backend == "reference":
         return reference.batch_norm_act(input, residual, running_mean, running_var, weight,
                                         bias, training, factor, eps, relu)
+    ops = _fused_ops(backend)
     if not training:
         mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
                                                 eps)
-        return torch.ops.fusedres.batch_norm_apply(
-            input, mean, scale, shift, residual, None, None, None, relu)
-    out, mean, var = torch.ops.fusedres.batch_norm_act_train(
+        return ops.batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
+    out, mean, var = ops.batch_norm_act_train(
         input, weight, bias, residual, float(eps), relu)
     count = input.numel() // input.shape[1] if input.numel() else 0
     _update_running_stats(running_mean, running_var, mean, var, count, factor)
@@ -248,7 +254,8 @@ def dual_batch_norm_add_relu(
                    residual_num_batches_tracked, prefix="residual_")
     factor = _momentum_factor(training, momentum, num_batches_tracked)
     residual_factor = _momentum_factor(training, residual_momentum, residual_num_batches_tracked)
-    if _backend.resolve(input.device) == "reference":
+    backend = _backend.resolve(input.device)
+    if backend == "reference":
         bn_residual = reference.batch_norm(residual, residual_running_mean, residual_running_var,
                                            residual_weight, residual_bias, training,
                                            residual_factor, residual_eps)
@@ -260,9 +267,9 @@ def dual_batch_norm_add_relu(
         residual_coefficients = _eval_coefficients(
             residual, residual_running_mean, residual_running_var, residual_weight,
             residual_bias, residual_eps)
-        return torch.ops.fusedres.batch_norm_apply(
+        return _fused_ops(backend).batch_norm_apply(
             input, mean, scale, shift, residual, *residual_coefficients, relu)
-    out, mean, var, residual_mean, residual_var = torch.ops.fusedres.dual_batch_norm_act_train(
+    out, mean, var, residual_mean, residual_var = _fused_ops(backend).dual_batch_norm_act_train(
         input, weight, bias, residual, residual_weight, residual_bias, float(eps),
         float(residual_eps), relu)
     count = input.numel() // input.shape[1] if input.numel() else 0
@@ -279,9 +286,10 @@ def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     """relu(input + residual) in one pass."""
     _check_input(input, min_dim=1)
     _check_like(residual, input, "residual")
-    if input.dim() < 2 or _backend.resolve(input.device) == "reference":
+    backend = _backend.resolve(input.device)
+    if input.dim() < 2 or backend == "reference":
         return reference.add_relu(input, residual)
-    return torch.ops.fusedres.add_relu(input, residual)
+    return _fused_ops(backend).add_relu(input, residual)
 
 
 # ---- folded inference -----------------------------------------------------------------------
@@ -309,7 +317,8 @@ def fold_conv_bn(
         _check_channel_vector(t, conv_weight, name, channels=out_channels)
     if bn_running_mean is None or bn_running_var is None:
         raise ValueError("fusedres: bn_running_mean and bn_running_var are required to fold a BN")
-    if _backend.resolve(conv_weight.device) == "reference":
+    # Plain per-channel math: the Triton backend uses the reference formula.
+    if _backend.resolve(conv_weight.device) in ("reference", "triton"):
         return reference.fold_conv_bn(conv_weight, conv_bias, bn_running_mean, bn_running_var,
                                       bn_eps, bn_weight, bn_bias)
     return torch.ops.fusedres.fold_conv_bn(conv_weight, conv_bias, bn_running_mean,
@@ -349,9 +358,14 @@ def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, gro
     if residual is not None and (not isinstance(residual, Tensor) or residual.dtype != input.dtype
                                  or residual.device != input.device):
         raise TypeError("fusedres: residual must be a Tensor of input's dtype and device")
-    if _backend.resolve(input.device) == "reference":
+    backend = _backend.resolve(input.device)
+    if backend == "reference":
         return reference.conv_bias_act(input, weight, bias, residual, stride, padding, dilation,
                                        groups)
+    if backend == "triton":
+        raise NotImplementedError(
+            "fusedres: the Triton convolution is not implemented yet; use the 'cuda', 'cpp' or "
+            "'reference' backend for conv_bias_relu / conv_bias_add_relu")
     if residual is None:
         return torch.ops.fusedres.conv_bias_relu(input, weight, bias, stride, padding, dilation,
                                                  groups)

@@ -1,10 +1,18 @@
-"""Shared test helpers: devices, layouts, tolerances and the fp64 reference comparisons."""
+"""Shared test helpers: backends and devices, layouts, tolerances and the fp64 reference
+comparisons."""
+import os
+
 import pytest
 import torch
 
-import fusedres
-
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # The Triton kernels run on CPU tensors in the interpreter; it must be on before they load.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedres  # noqa: E402
+
+HAS_TRITON = fusedres.info()["available"]["triton"]
 
 # Relative norm error allowed against the fp64 reference (DESIGN.md, "Numerics for tests").
 TOLERANCE = {
@@ -17,16 +25,26 @@ CONV_TOLERANCE = {**TOLERANCE, torch.float32: 1e-4}
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# (backend, device) pairs every fused op is checked on.
+NATIVE_TARGETS = [
+    pytest.param(("cpp", "cpu"), id="cpp"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
+]
+TARGETS = NATIVE_TARGETS + [
+    pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.triton),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.triton]),
+]
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="Triton kernels unavailable: " + str(
+        fusedres.info()["unavailable_reasons"].get("triton")))
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+        if "triton" in item.keywords and not HAS_TRITON:
+            item.add_marker(skip_triton)
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +59,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def native_backend(device):
-    """The compiled backend of a device: what these tests check against the reference."""
-    return {"cpu": "cpp", "cuda": "cuda"}[device]
+def use(target):
+    """Makes target's backend active; returns its device."""
+    backend, device = target
+    fusedres.set_backend(backend)
+    return device
 
 
 def make(shape, dtype=torch.float32, device="cpu", layout="nchw", scale=1.0, offset=0.0,

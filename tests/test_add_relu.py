@@ -4,15 +4,15 @@ import torch
 
 import fusedres
 import fusedres.functional as FF
-from conftest import DEVICES, DTYPES, LAYOUTS, assert_close, make, has_layout, native_backend
+from conftest import TARGETS, DTYPES, LAYOUTS, assert_close, make, has_layout, use
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(3, 8, 5, 7), (2, 3, 1, 1), (0, 4, 2, 2)])
-def test_add_relu_matches_reference(device, dtype, layout, shape):
-    fusedres.set_backend(native_backend(device))
+def test_add_relu_matches_reference(target, dtype, layout, shape):
+    device = use(target)
     x = make(shape, dtype, device, layout, requires_grad=True)
     z = make(shape, dtype, device, layout, requires_grad=True)
     out = FF.add_relu(x, z)
@@ -29,10 +29,10 @@ def test_add_relu_matches_reference(device, dtype, layout, shape):
         assert_close(gz, ref_g, dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_add_relu_mixed_layouts(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_add_relu_mixed_layouts(target):
     """A channels_last input with an NCHW residual: output follows the input."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     x = make((2, 16, 4, 4), torch.float32, device, "channels_last")
     z = make((2, 16, 4, 4), torch.float32, device, "nchw")
     out = FF.add_relu(x, z)
@@ -40,9 +40,9 @@ def test_add_relu_mixed_layouts(device):
     assert_close(out, torch.relu(x.double() + z.double()), torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_add_relu_keeps_nan(device):
-    fusedres.set_backend(native_backend(device))
+@pytest.mark.parametrize("target", TARGETS)
+def test_add_relu_keeps_nan(target):
+    device = use(target)
     x = make((2, 3, 4, 4), torch.float32, device)
     x[1, 2, 3, 0] = float("nan")
     out = FF.add_relu(x, torch.zeros_like(x) - 5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import assert_close, make
+from conftest import HAS_TRITON, assert_close, make
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,8 +56,25 @@ def test_backend_that_cannot_run_says_why():
         with pytest.raises(RuntimeError, match="backend 'cuda' cannot run this op"):
             FF.add_relu(x, x)
     with fusedres.backend("triton"):
-        with pytest.raises(RuntimeError, match="Triton kernels are not implemented"):
-            FF.add_relu(x, x)
+        with pytest.raises(NotImplementedError, match="Triton convolution is not implemented"):
+            FF.conv_bias_relu(x, make((3, 3, 1, 1)))
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    out, _ = run_python(
+        """
+        import torch, fusedres
+        import fusedres.functional as FF
+        print(fusedres.info()["unavailable_reasons"].get("triton"))
+        with fusedres.backend("triton"):
+            try:
+                FF.add_relu(torch.randn(2, 3), torch.randn(2, 3))
+            except RuntimeError as e:
+                print("raised:", e)
+        """,
+        TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="",
+    )
+    assert "TRITON_INTERPRET=1" in out and "raised: fusedres: backend 'triton' cannot run" in out
 
 
 @pytest.mark.parametrize("name", ["reference", "cpp", "auto"])
@@ -77,7 +94,8 @@ def test_info_reports_build_load_and_active():
     assert info["torch"] == torch.__version__
     assert info["loaded"]["cpp"] and info["available"]["cpp"] and info["available"]["reference"]
     assert info["available"]["cuda"] == (info["loaded"]["cuda"] and torch.cuda.is_available())
-    assert not info["available"]["triton"] and "triton" in info["unavailable_reasons"]
+    assert info["available"]["triton"] == HAS_TRITON
+    assert info["loaded"]["triton"] == (info["errors"]["triton"] is None)
     assert info["active"] == fusedres.get_backend()
     assert info["resolved"]["cpu"] == "cpp"
     with fusedres.backend("reference"):

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import (DEVICES, DTYPES, LAYOUTS, TOLERANCE, assert_close, make,
-                      has_layout, native_backend)
+from conftest import (TARGETS, DTYPES, LAYOUTS, TOLERANCE, assert_close, make,
+                      has_layout, use)
 
 SHAPE = (4, 6, 5, 7)  # odd spatial sizes: no vector path hides a tail bug
 
@@ -46,14 +46,14 @@ def run_fused(kind, x, residual, params, residual_params, training, momentum, ep
                                        momentum, eps, relu=relu)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["none", "add", "dual"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_forward_matches_reference(device, layout, dtype, kind, relu, training):
-    fusedres.set_backend(native_backend(device))
+def test_forward_matches_reference(target, layout, dtype, kind, relu, training):
+    device = use(target)
     C = SHAPE[1]
     x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5)
     residual = make(SHAPE, dtype, device, layout) if kind != "none" else None
@@ -73,14 +73,14 @@ def test_forward_matches_reference(device, layout, dtype, kind, relu, training):
         assert_close(rv, ref_rv, torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["none", "add", "dual"])
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_backward_matches_reference(device, layout, dtype, kind, relu, training):
-    fusedres.set_backend(native_backend(device))
+def test_backward_matches_reference(target, layout, dtype, kind, relu, training):
+    device = use(target)
     C = SHAPE[1]
     x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5, requires_grad=True)
     residual = make(SHAPE, dtype, device, layout, requires_grad=True) if kind != "none" else None
@@ -123,7 +123,7 @@ def test_backward_matches_reference(device, layout, dtype, kind, relu, training)
                      tolerance={**TOLERANCE, torch.float16: 4e-3, torch.bfloat16: 2e-2})
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize(
     "shape, training",
     [
@@ -137,8 +137,8 @@ def test_backward_matches_reference(device, layout, dtype, kind, relu, training)
     ],
 )
 @pytest.mark.parametrize("layout", LAYOUTS + ["strided"])
-def test_odd_shapes(device, shape, training, layout):
-    fusedres.set_backend(native_backend(device))
+def test_odd_shapes(target, shape, training, layout):
+    device = use(target)
     if layout != "nchw" and len(shape) != 4:
         pytest.skip("layout needs a 4-D tensor")
     x = make(shape, torch.float32, device, layout, scale=3.0, offset=-1.0)
@@ -151,11 +151,11 @@ def test_odd_shapes(device, shape, training, layout):
     assert_close(params[1], ref_running[0][1], torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_empty_batch(device, training, layout):
-    fusedres.set_backend(native_backend(device))
+def test_empty_batch(target, training, layout):
+    device = use(target)
     x = make((0, 4, 3, 3), torch.float32, device, layout, requires_grad=True)
     rm, rv, w, b = bn_params(4, torch.float32, device, requires_grad=True)
     rm_before, rv_before = rm.clone(), rv.clone()
@@ -169,12 +169,12 @@ def test_empty_batch(device, training, layout):
     assert nbt.item() == (1 if training else 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("kind", ["none", "add", "dual"])
-def test_running_stats_match_batchnorm2d(device, momentum, kind):
+def test_running_stats_match_batchnorm2d(target, momentum, kind):
     """Several steps against nn.BatchNorm2d modules, num_batches_tracked included."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     C = 5
     bn = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
     bn_res = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
@@ -209,12 +209,12 @@ def test_running_stats_match_batchnorm2d(device, momentum, kind):
                     assert_close(state[key], value, torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_params_and_stats(device, layout, dtype):
+def test_low_precision_params_and_stats(target, layout, dtype):
     """A model cast to bf16 has bf16 weights and running stats; the math stays in fp32."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     x = make(SHAPE, dtype, device, layout)
     params = bn_params(SHAPE[1], dtype, device)
     ref, ref_running = reference_bn_act(x, None, params, None, True, 0.1, 1e-5, True)
@@ -224,11 +224,11 @@ def test_low_precision_params_and_stats(device, layout, dtype):
     assert_close(params[0], ref_running[0][0], dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_large_mean_small_variance(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_large_mean_small_variance(target):
     """E[x^2] - E[x]^2 in float32 would lose every digit here (x^2 ~ 1e8 has an ulp of 8);
     the stable statistics keep the error at the input's own rounding (ulp(1e4) / std ~ 1e-3)."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     for layout in LAYOUTS:
         x = make((8, 4, 16, 16), torch.float32, device, layout, scale=1.0, offset=1e4)
         params = bn_params(4, torch.float32, device)
@@ -238,19 +238,19 @@ def test_large_mean_small_variance(device):
         assert_close(params[1], ref_running[0][1], torch.float32, tolerance={torch.float32: 1e-3})
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_no_running_stats_in_training(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_no_running_stats_in_training(target):
     """track_running_stats=False: batch statistics only."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     x = make(SHAPE, torch.float32, device)
     out = FF.batch_norm_relu(x, None, None, training=True)
     assert_close(out, torch.relu(F.batch_norm(x.double(), None, None, training=True)),
                  torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_nan_propagates(device):
-    fusedres.set_backend(native_backend(device))
+@pytest.mark.parametrize("target", TARGETS)
+def test_nan_propagates(target):
+    device = use(target)
     x = make((2, 3, 4, 4), torch.float32, device)
     x[0, 1, 2, 2] = float("nan")
     params = bn_params(3, torch.float32, device)

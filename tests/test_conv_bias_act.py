@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import (CONV_TOLERANCE, DEVICES, DTYPES, LAYOUTS, assert_close, make,
-                      has_layout, native_backend)
+from conftest import (NATIVE_TARGETS, CONV_TOLERANCE, DTYPES, LAYOUTS, assert_close, make,
+                      has_layout, use)
 
 # (C_in, C_out, kernel, stride, padding, groups): the kinds of convolution in ResNets.
 CONVS = [
@@ -28,11 +28,11 @@ def eval_bn(C, device="cpu"):
     return rm, rv, w, b
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("conv_bias", [False, True])
-def test_fold_conv_bn_matches_conv_then_bn(device, dtype, conv_bias):
-    fusedres.set_backend(native_backend(device))
+def test_fold_conv_bn_matches_conv_then_bn(target, dtype, conv_bias):
+    device = use(target)
     weight = make((16, 8, 3, 3), dtype, device)
     bias = make((16,), dtype, device) if conv_bias else None
     rm, rv, w, b = [t.float() for t in eval_bn(16, device)]  # BN in float32, as in a model
@@ -45,9 +45,9 @@ def test_fold_conv_bn_matches_conv_then_bn(device, dtype, conv_bias):
     assert_close(out, ref, dtype, CONV_TOLERANCE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_fold_conv_bn_keeps_weight_layout_and_optional_affine(device):
-    fusedres.set_backend(native_backend(device))
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+def test_fold_conv_bn_keeps_weight_layout_and_optional_affine(target):
+    device = use(target)
     weight = make((4, 2, 3, 3), torch.float32, device, "channels_last")
     rm, rv, _, _ = eval_bn(4, device)
     fw, fb = FF.fold_conv_bn(weight, None, rm.float(), rv.float(), 1e-3, None, None)
@@ -57,13 +57,13 @@ def test_fold_conv_bn_keeps_weight_layout_and_optional_affine(device):
     assert_close(fb, -rm * scale, torch.float32)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_conv_bias_act_matches_reference(device, dtype, layout, conv, with_residual):
-    fusedres.set_backend(native_backend(device))
+def test_conv_bias_act_matches_reference(target, dtype, layout, conv, with_residual):
+    device = use(target)
     if device == "cpu" and dtype == torch.float16 and conv[5] > 1:
         pytest.skip("PyTorch has no grouped float16 convolution on the CPU")
     cin, cout, k, stride, padding, groups = conv
@@ -83,10 +83,10 @@ def test_conv_bias_act_matches_reference(device, dtype, layout, conv, with_resid
     assert_close(out, ref, dtype, CONV_TOLERANCE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_conv_bias_act_backward(device, with_residual):
-    fusedres.set_backend(native_backend(device))
+def test_conv_bias_act_backward(target, with_residual):
+    device = use(target)
     x = make((2, 4, 6, 6), torch.float32, device, requires_grad=True)
     weight = make((6, 4, 3, 3), torch.float32, device, scale=0.3, requires_grad=True)
     bias = make((6,), torch.float32, device, requires_grad=True)
@@ -107,9 +107,9 @@ def test_conv_bias_act_backward(device, with_residual):
         assert_close(g, ref_g, torch.float32, CONV_TOLERANCE)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_conv_bias_act_empty_batch_and_no_bias(device):
-    fusedres.set_backend(native_backend(device))
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+def test_conv_bias_act_empty_batch_and_no_bias(target):
+    device = use(target)
     x = make((0, 4, 5, 5), torch.float32, device)
     weight = make((8, 4, 3, 3), torch.float32, device)
     out = FF.conv_bias_relu(x, weight, None, 1, 1)

@@ -6,9 +6,13 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import DEVICES, assert_close, make, native_backend
+from conftest import TARGETS, assert_close, make, use
 
-ops = torch.ops.fusedres
+CONV_OPS = {"conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}  # C++ namespace only
+
+
+def namespace(backend):
+    return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
 
 
 def per_channel(C, device, dtype=torch.float64, positive=False, requires_grad=False):
@@ -16,9 +20,18 @@ def per_channel(C, device, dtype=torch.float64, positive=False, requires_grad=Fa
     return t.to(device).requires_grad_(requires_grad)
 
 
-def sample_calls(device, dtype=torch.float64, layout="nchw", requires_grad=True):
-    """(op, args) for every op, with small inputs."""
-    shape = (3, 4, 3, 5)
+def sample_calls(target, dtype=torch.float64, layout="nchw", requires_grad=True,
+                 shape=(3, 4, 3, 5)):
+    """(op, args) for every op of target's backend, with small inputs of 4 channels."""
+    backend, device = target
+    ops = namespace(backend)
+    return [(getattr(ops, name), args)
+            for name, args in _sample_args(device, dtype, layout, requires_grad, shape)
+            if backend != "triton" or name not in CONV_OPS]
+
+
+def _sample_args(device, dtype, layout, requires_grad, shape):
+    """(op name, args) pairs."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
 
     def x():
@@ -30,45 +43,51 @@ def sample_calls(device, dtype=torch.float64, layout="nchw", requires_grad=True)
     out = x().detach()
     mean, invstd = per_channel(4, device, acc), per_channel(4, device, acc, positive=True)
     conv_w = make((6, 4, 3, 3), dtype, device, requires_grad=requires_grad)
+    strided_out = F.conv2d(x().detach(), conv_w.detach(), None, 2, 1).shape
     return [
-        (ops.batch_norm_stats, (x().detach(),)),
-        (ops.batch_norm_apply, (x(), vec(), vec(True), vec(), None, None, None, None, True)),
-        (ops.batch_norm_apply, (x(), vec(), vec(True), None, x(), None, None, None, False)),
-        (ops.batch_norm_apply, (x(), vec(), vec(True), vec(), x(), vec(), vec(True), vec(), True)),
-        (ops.batch_norm_act_train, (x(), vec(True), vec(), None, 1e-5, True)),
-        (ops.batch_norm_act_train, (x(), None, None, x(), 1e-3, True)),
-        (ops.batch_norm_act_train, (x(), vec(True), vec(), None, 1e-5, False)),
-        (ops.dual_batch_norm_act_train, (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4, True)),
-        (ops.batch_norm_backward_reduce, (x().detach(), out, x().detach(), mean, invstd)),
-        (ops.batch_norm_backward_input, (x().detach(), None, x().detach(), mean, invstd,
+        ("batch_norm_stats", (x().detach(),)),
+        ("batch_norm_apply", (x(), vec(), vec(True), vec(), None, None, None, None, True)),
+        ("batch_norm_apply", (x(), vec(), vec(True), None, x(), None, None, None, False)),
+        ("batch_norm_apply", (x(), vec(), vec(True), vec(), x(), vec(), vec(True), vec(), True)),
+        ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, True)),
+        ("batch_norm_act_train", (x(), None, None, x(), 1e-3, True)),
+        ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, False)),
+        ("dual_batch_norm_act_train", (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4, True)),
+        ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd)),
+        ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd,
                                          vec().detach(), mean, invstd)),
-        (ops.add_relu, (x(), x())),
-        (ops.conv_bias_relu, (x(), conv_w, per_channel(6, device, dtype, requires_grad=requires_grad),
+        ("add_relu", (x(), x())),
+        ("conv_bias_relu", (x(), conv_w, per_channel(6, device, dtype, requires_grad=requires_grad),
                               [1, 1], [1, 1], [1, 1], 1)),
-        (ops.conv_bias_add_relu, (x(), conv_w, None, make((3, 6, 2, 3), dtype, device, layout,
-                                                          requires_grad=requires_grad),
+        ("conv_bias_add_relu", (x(), conv_w, None, make(strided_out, dtype, device, layout,
+                                                        requires_grad=requires_grad),
                                   [2, 2], [1, 1], [1, 1], 1)),
-        (ops.fold_conv_bn, (conv_w, None, per_channel(6, device, acc), per_channel(6, device, acc, True),
+        ("fold_conv_bn", (conv_w, None, per_channel(6, device, acc), per_channel(6, device, acc, True),
                             1e-5, per_channel(6, device, acc, True, requires_grad),
                             per_channel(6, device, acc, requires_grad=requires_grad))),
     ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(device, layout, dtype):
-    for op, args in sample_calls(device, dtype, layout):
+def test_opcheck(target, layout, dtype):
+    use(target)
+    for op, args in sample_calls(target, dtype, layout):
         # fold_conv_bn is CompositeImplicitAutograd: ATen's own autograd and meta kernels apply.
         torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_fp64(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_gradcheck_fp64(target):
+    use(target)
     differentiable = {"batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
-                      "add_relu", "conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}
+                      "add_relu"}
+    if target[0] != "triton":
+        differentiable |= CONV_OPS
     checked = set()
-    for op, args in sample_calls(device, torch.float64):
+    # Few elements: gradcheck evaluates every op twice per input element.
+    for op, args in sample_calls(target, torch.float64, shape=(2, 4, 2, 3)):
         name = op._qualified_op_name.split("::")[1]
         if name not in differentiable:
             continue
@@ -82,11 +101,11 @@ def test_gradcheck_fp64(device):
     assert checked == differentiable
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("training", [True, False])
-def test_compile_fullgraph(device, training):
+def test_compile_fullgraph(target, training):
     """The functional API traces without graph breaks, running stats and autograd included."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     torch._dynamo.reset()
     C = 4
 
@@ -96,6 +115,8 @@ def test_compile_fullgraph(device, training):
                                    num_batches_tracked=nbt)
         y = FF.dual_batch_norm_add_relu(y, z, rm, rv, rm, rv, w, b, w, b, training)
         y = FF.add_relu(y, z)
+        if fusedres.get_backend() == "triton":  # no Triton convolution yet
+            return y
         return FF.conv_bias_relu(y, conv_w, b, 1, 1)
 
     def inputs():
@@ -125,10 +146,10 @@ def test_compile_fullgraph(device, training):
             assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)  # running stats
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_inductor(device):
+@pytest.mark.parametrize("target", TARGETS)
+def test_compile_inductor(target):
     """The same under the default Inductor backend, for the training BN + ReLU."""
-    fusedres.set_backend(native_backend(device))
+    device = use(target)
     torch._dynamo.reset()
     x = make((4, 8, 6, 6), torch.float32, device, "channels_last")
     rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)

@@ -1,0 +1,76 @@
+"""Shared by the Triton kernels: the (outer, C, inner) view of a tensor, launch sizes, and
+the per-channel dtype (float32, or float64 for float64 inputs)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Rows of the (rows, C) tiles each program walks; channels a program covers.
+BLOCK_ROWS = 32
+BLOCK_CHANNELS = 32
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """NCHW-contiguous or channels_last as given; anything else copied to NCHW."""
+    return t if t.is_contiguous() or is_channels_last(t) else t.contiguous()
+
+
+def match_layout(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """t in the memory layout of like (same shape), copying only if needed."""
+    if t is None:
+        return None
+    if like.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
+def channel_view(t: torch.Tensor) -> tuple[int, int, int]:
+    """(rows, C, inner) of a dense tensor: element (row, c) lives at
+    (row // inner) * C * inner + row % inner + c * inner. NCHW: inner = H*W; channels_last:
+    inner = 1 (rows are pixels)."""
+    n, c = t.shape[0], t.shape[1]
+    spatial = t.numel() // (n * c) if n * c else 0
+    if t.is_contiguous():
+        return n * spatial, c, spatial
+    return n * spatial, c, 1
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def row_programs(rows: int, channel_blocks: int) -> int:
+    """Programs along the rows of a reduction: enough to fill the GPU, each walking many
+    tiles (few partials to merge); a handful under the interpreter."""
+    if INTERPRETED or not torch.cuda.is_available():
+        target = 4
+    else:
+        target = torch.cuda.get_device_properties().multi_processor_count * 4
+    return max(1, min(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(target, channel_blocks)))
+
+
+@triton.jit
+def tile_offsets(rows, cols, C, inner, CHANNELS_LAST: tl.constexpr):
+    """Memory offsets of a (rows, cols) tile; rows and cols are int64 vectors."""
+    if CHANNELS_LAST:
+        return rows[:, None] * C + cols[None, :]
+    return (rows // inner)[:, None] * (C * inner) + (rows % inner)[:, None] + cols[None, :] * inner

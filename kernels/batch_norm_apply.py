@@ -1,0 +1,87 @@
+"""Triton: out = act((input - mean[c]) * scale[c] + shift[c] + residual term), one pass.
+
+The residual term is absent, the residual itself, or (residual - residual_mean[c]) *
+residual_scale[c] + residual_shift[c] (the dual-BN form); see csrc/fusedres.cpp. Each program
+normalises one (BLOCK_ROWS, BLOCK_CHANNELS) tile, its channels' coefficients loaded once.
+Also the kernel of add_relu (no per-channel terms at all).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, channel_view, dense, match_layout,
+                      tile_offsets, tl_acc)
+
+
+@triton.jit
+def _channel_values(ptr, cols, col_ok, PRESENT: tl.constexpr, NEUTRAL: tl.constexpr,
+                    ACC: tl.constexpr):
+    if PRESENT:
+        return tl.load(ptr + cols, mask=col_ok, other=NEUTRAL).to(ACC)
+    return tl.full(cols.shape, NEUTRAL, ACC)
+
+
+@triton.jit
+def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mean_ptr,
+                      r_scale_ptr, r_shift_ptr, rows, C, inner,
+                      HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, HAS_R_MEAN: tl.constexpr,
+                      HAS_R_SCALE: tl.constexpr, HAS_R_SHIFT: tl.constexpr, RELU: tl.constexpr,
+                      CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (r < rows)[:, None] & col_ok[None, :]
+    offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+    m = _channel_values(mean_ptr, cols, col_ok, HAS_MEAN, 0.0, ACC)
+    s = _channel_values(scale_ptr, cols, col_ok, HAS_SCALE, 1.0, ACC)
+    b = _channel_values(shift_ptr, cols, col_ok, HAS_SHIFT, 0.0, ACC)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
+    y = (x - m[None, :]) * s[None, :] + b[None, :]
+    if HAS_RESIDUAL:
+        rm = _channel_values(r_mean_ptr, cols, col_ok, HAS_R_MEAN, 0.0, ACC)
+        rs = _channel_values(r_scale_ptr, cols, col_ok, HAS_R_SCALE, 1.0, ACC)
+        rb = _channel_values(r_shift_ptr, cols, col_ok, HAS_R_SHIFT, 0.0, ACC)
+        z = tl.load(r_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        y += (z - rm[None, :]) * rs[None, :] + rb[None, :]
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def normalize_act(input, mean=None, scale=None, shift=None, residual=None, residual_mean=None,
+                  residual_scale=None, residual_shift=None, relu=False):
+    """Launches the kernel on a fresh output in input's layout (absent terms are neutral)."""
+    x = dense(input)
+    residual = match_layout(residual, x)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    rows, C, inner = channel_view(x)
+    vectors = [t.contiguous() if t is not None else None
+               for t in (mean, scale, shift, residual_mean, residual_scale, residual_shift)]
+    dummy = x  # stands in for absent pointers; never read
+    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS))
+    _normalize_kernel[grid](
+        x, residual if residual is not None else dummy, out,
+        *[v if v is not None else dummy for v in vectors], rows, C, inner,
+        HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RESIDUAL=residual is not None, HAS_R_MEAN=residual_mean is not None,
+        HAS_R_SCALE=residual_scale is not None, HAS_R_SHIFT=residual_shift is not None,
+        RELU=relu, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype),
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    return out
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_apply", mutates_args=())
+def batch_norm_apply(input: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                     shift: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                     residual_mean: Optional[torch.Tensor], residual_scale: Optional[torch.Tensor],
+                     residual_shift: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    return normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                         residual_shift, relu)

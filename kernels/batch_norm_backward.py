@@ -1,0 +1,139 @@
+"""Triton: the training BN backward in two passes over (grad_out, output, input):
+  reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+  input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
+g = grad_out, zeroed where the saved output is <= 0 (the ReLU mask) when output is given;
+xhat = (input - mean) * invstd. The reduce pass writes one partial per program, summed by a
+second kernel in a fixed order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, acc_dtype, channel_view, dense, match_layout,
+                      row_programs, tile_offsets, tl_acc)
+
+
+@triton.jit
+def _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED: tl.constexpr, ACC: tl.constexpr):
+    g = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(ACC)
+    if MASKED:  # passes where !(y <= 0), as threshold_backward
+        y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        g = tl.where(y <= 0.0, 0.0, g)
+    return g
+
+
+@triton.jit
+def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, inner,
+                           rows_per_program, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    start = pid_r * rows_per_program
+    end = tl.minimum(start + rows_per_program, rows)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        ok = (r < end)[:, None] & col_ok[None, :]
+        offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+        g = _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED, ACC)
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        sum_g += tl.sum(g, axis=0)
+        sum_gx += tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0)
+    out = part_ptr + pid_r * C + cols
+    tl.store(out, sum_g, mask=col_ok)
+    tl.store(out + tl.num_programs(0).to(tl.int64) * C, sum_gx, mask=col_ok)
+
+
+@triton.jit
+def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, programs, C,
+                         ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    sum_g = tl.zeros([BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_C], ACC)
+    for p in range(0, programs):
+        sum_g += tl.load(part_ptr + p * C + cols, mask=col_ok, other=0.0)
+        sum_gx += tl.load(part_ptr + (programs + p) * C + cols, mask=col_ok, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    tl.store(sum_dy_ptr + cols, sum_g, mask=col_ok)
+    tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
+
+
+@triton.jit
+def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, k_ptr, mean_dy_ptr, proj_ptr,
+                       rows, C, inner, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    ok = (r < rows)[:, None] & col_ok[None, :]
+    offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    k = tl.load(k_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    mean_dy = tl.load(mean_dy_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    proj = tl.load(proj_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    g = _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED, ACC)
+    x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
+    dx = k * (g - mean_dy - (x - mean) * proj)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _prepare(grad_out, output, input):
+    x = dense(input)
+    return match_layout(grad_out, x), match_layout(output, x), x
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_backward_reduce", mutates_args=())
+def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Tensor],
+                               input: torch.Tensor, mean: torch.Tensor,
+                               invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dy, y, x = _prepare(grad_out, output, input)
+    rows, C, inner = channel_view(x)
+    acc = acc_dtype(x.dtype)
+    sum_dy = torch.zeros(C, dtype=acc, device=x.device)
+    sum_dy_xhat = torch.zeros(C, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return sum_dy, sum_dy_xhat
+    channel_blocks = triton.cdiv(C, BLOCK_CHANNELS)
+    programs = row_programs(rows, channel_blocks)
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
+    programs = triton.cdiv(rows, rows_per_program)
+    partials = torch.empty(2, programs, C, dtype=acc, device=x.device)
+    _reduce_partial_kernel[(programs, channel_blocks)](
+        dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C, inner,
+        rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype),
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    _reduce_merge_kernel[(channel_blocks,)](
+        partials, invstd.contiguous(), sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype),
+        BLOCK_C=BLOCK_CHANNELS)
+    return sum_dy, sum_dy_xhat
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_backward_input", mutates_args=())
+def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Tensor],
+                              input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                              weight: Optional[torch.Tensor], sum_dy: torch.Tensor,
+                              sum_dy_xhat: torch.Tensor) -> torch.Tensor:
+    dy, y, x = _prepare(grad_out, output, input)
+    grad_input = torch.empty_like(x)
+    if x.numel() == 0:
+        return grad_input
+    rows, C, inner = channel_view(x)
+    count = x.numel() // C
+    # Per-channel coefficients (C values, plain torch): dx = k * (g - mean_dy - (x - mean) * proj)
+    k = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    mean_dy = sum_dy / count
+    proj = sum_dy_xhat * invstd / count
+    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS))
+    _input_grad_kernel[grid](
+        dy, y if y is not None else dy, x, grad_input, mean.contiguous(), k.contiguous(),
+        mean_dy.contiguous(), proj.contiguous(), rows, C, inner, MASKED=y is not None,
+        CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    return grad_input

@@ -1,0 +1,95 @@
+"""Triton: per-channel mean and biased variance, fp32 (fp64 for fp64 inputs).
+
+Each program walks its share of the rows in (BLOCK_ROWS, BLOCK_CHANNELS) tiles, takes exact
+two-pass moments of each tile in registers and merges them into running (count, mean, M2)
+with Chan's formula; a second kernel merges the programs' partials the same way. Never
+E[x^2] - E[x]^2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, acc_dtype, channel_view, dense, row_programs,
+                      tile_offsets, tl_acc)
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Moments of the union of two sets, from each set's (count, mean, M2)."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+
+
+@triton.jit
+def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
+                          CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    n = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    start = pid_r * rows_per_program
+    end = tl.minimum(start + rows_per_program, rows)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        row_ok = r < end
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + tile_offsets(r, cols, C, inner, CHANNELS_LAST), mask=ok,
+                    other=0.0).to(ACC)
+        count = tl.sum(row_ok.to(ACC), axis=0)
+        tile_mean = tl.sum(x, axis=0) / count
+        d = tl.where(ok, x - tile_mean[None, :], 0.0)
+        n, mean, m2 = chan_merge(n, mean, m2, count, tile_mean, tl.sum(d * d, axis=0))
+    out = part_ptr + pid_r * C + cols
+    programs = tl.num_programs(0).to(tl.int64)
+    tl.store(out, n, mask=col_ok)
+    tl.store(out + programs * C, mean, mask=col_ok)
+    tl.store(out + 2 * programs * C, m2, mask=col_ok)
+
+
+@triton.jit
+def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, ACC: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    n = tl.zeros([BLOCK_C], ACC)
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    for p in range(0, programs):
+        part = part_ptr + p * C + cols
+        n, mean, m2 = chan_merge(
+            n, mean, m2,
+            tl.load(part, mask=col_ok, other=0.0),
+            tl.load(part + programs * C, mask=col_ok, other=0.0),
+            tl.load(part + 2 * programs * C, mask=col_ok, other=0.0),
+        )
+    tl.store(mean_ptr + cols, mean, mask=col_ok)
+    tl.store(var_ptr + cols, tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0), mask=col_ok)
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
+def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = dense(input)
+    rows, C, inner = channel_view(x)
+    acc = acc_dtype(x.dtype)
+    mean = torch.zeros(C, dtype=acc, device=x.device)
+    var = torch.zeros(C, dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return mean, var
+    channel_blocks = triton.cdiv(C, BLOCK_CHANNELS)
+    programs = row_programs(rows, channel_blocks)
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
+    programs = triton.cdiv(rows, rows_per_program)
+    partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
+    _stats_partial_kernel[(programs, channel_blocks)](
+        x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
+        ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+    _stats_merge_kernel[(channel_blocks,)](partials, mean, var, programs, C,
+                                           ACC=tl_acc(x.dtype), BLOCK_C=BLOCK_CHANNELS)
+    return mean, var

@@ -1,0 +1,52 @@
+"""Triton: the training-mode fused BN forwards, as csrc/composite/batch_norm_train.cpp: batch
+statistics (batch_norm_stats.py), then one normalize (+ residual) (+ ReLU) pass
+(batch_norm_apply.py). Autograd: fusedres/_ops.py."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .batch_norm_apply import normalize_act
+from .batch_norm_stats import batch_norm_stats
+
+
+def _check_train_input(input: torch.Tensor, name: str) -> None:
+    if input.numel() and input.numel() // input.shape[1] <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {name} size {input.shape}")
+
+
+def _scale_shift(var, weight, bias, eps):
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    return scale, bias.to(var.dtype) if bias is not None else None
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_act_train", mutates_args=())
+def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                         eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_train_input(input, "input")
+    mean, var = batch_norm_stats(input)
+    scale, shift = _scale_shift(var, weight, bias, eps)
+    out = normalize_act(input, mean, scale, shift, residual, relu=relu)
+    return out, mean, var
+
+
+@torch.library.custom_op("fusedres_triton::dual_batch_norm_act_train", mutates_args=())
+def dual_batch_norm_act_train(
+    input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    residual: torch.Tensor, residual_weight: Optional[torch.Tensor],
+    residual_bias: Optional[torch.Tensor], eps: float, residual_eps: float, relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_train_input(input, "input")
+    mean, var = batch_norm_stats(input)
+    residual_mean, residual_var = batch_norm_stats(residual)
+    scale, shift = _scale_shift(var, weight, bias, eps)
+    residual_scale, residual_shift = _scale_shift(residual_var, residual_weight, residual_bias,
+                                                  residual_eps)
+    out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                        residual_shift, relu)
+    return out, mean, var, residual_mean, residual_var
