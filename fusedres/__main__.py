@@ -1,8 +1,8 @@
 """python -m fusedres: checks this installation end to end.
 
-Prints what was built and loaded, then runs every fused op on the active backend of each
-available device against the unfused PyTorch computation in float64, and exits non-zero if
-any result is off. (Later: the ResNet-50 check and benchmark.)
+Prints what was built and loaded, then runs every fused op on each compiled backend (cpp,
+cuda, triton) available for each device against the unfused PyTorch computation in float64,
+and exits non-zero if any result is off. (Later: the ResNet-50 check and benchmark.)
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def checks(device, dtype, shape):
+def checks(device, dtype, shape, with_conv=True):
     """(name, fused result, fp64 reference) for each op on one device / dtype."""
     C = shape[1]
     x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
@@ -49,6 +49,8 @@ def checks(device, dtype, shape):
                                        w, b, w, b, True),
            torch.relu(bn(xd, True) + bn(zd, True)))
     yield ("add_relu", FF.add_relu(x, z), torch.relu(xd + zd))
+    if not with_conv:
+        return
     conv_w = (torch.randn(C, C, 3, 3, device=device) * 0.1).to(dtype)
     fw, fb = FF.fold_conv_bn(conv_w, None, rm, rv, 1e-5, w, b)
     ref_conv = bn(F.conv2d(xd, conv_w.double(), None, 1, 1), False)
@@ -58,10 +60,9 @@ def checks(device, dtype, shape):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default=None, help="backend to check (default: the active one)")
+    parser.add_argument("--backend", default=None,
+                        help="check only this backend (default: every available compiled one)")
     args = parser.parse_args(argv)
-    if args.backend:
-        fusedres.set_backend(args.backend)
 
     info = fusedres.info()
     print(f"fusedres {fusedres.__version__}  torch {info['torch']}")
@@ -77,17 +78,24 @@ def main(argv=None) -> int:
     devices = [("cpu", (4, 16, 9, 9))]
     if torch.cuda.is_available():
         devices.append(("cuda", (32, 64, 28, 28)))
-    failures = 0
+    failures = checked = 0
     print(f"\n{'op':28} {'device':6} {'dtype':9} {'backend':9} {'rel. error':>10}")
     for device, shape in devices:
-        backend = fusedres.info()["resolved"].get(device)
-        for dtype in TOLERANCE:
-            for name, out, ref in checks(device, dtype, shape):
-                err = rel_err(out, ref)
-                ok = err <= (CONV_TOLERANCE if "conv" in name else TOLERANCE)[dtype]
-                failures += not ok
-                print(f"{name:28} {device:6} {str(dtype)[6:]:9} {backend:9} {err:10.2e}"
-                      f"{'' if ok else '  FAILED'}")
+        for backend in ([args.backend] if args.backend else ["cpp", "cuda", "triton"]):
+            if fusedres._backend.unavailable_reason(backend, device) is not None:
+                continue
+            with fusedres.backend(backend):
+                for dtype in TOLERANCE:
+                    for name, out, ref in checks(device, dtype, shape, backend != "triton"):
+                        err = rel_err(out, ref)
+                        ok = err <= (CONV_TOLERANCE if "conv" in name else TOLERANCE)[dtype]
+                        failures += not ok
+                        checked += 1
+                        print(f"{name:28} {device:6} {str(dtype)[6:]:9} {backend:9} {err:10.2e}"
+                              f"{'' if ok else '  FAILED'}")
+    if checked == 0:
+        print(f"\nnothing checked: backend {args.backend!r} cannot run on this machine")
+        return 1
     print(f"\n{'all checks passed' if failures == 0 else f'{failures} check(s) FAILED'}")
     return 1 if failures else 0
 
