@@ -27,7 +27,7 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def checks(device, dtype, shape, with_conv=True):
+def checks(device, dtype, shape):
     """(name, fused result, fp64 reference) for each op on one device / dtype."""
     C = shape[1]
     x = torch.randn(shape, device=device).to(dtype).to(memory_format=torch.channels_last)
@@ -49,8 +49,6 @@ def checks(device, dtype, shape, with_conv=True):
                                        w, b, w, b, True),
            torch.relu(bn(xd, True) + bn(zd, True)))
     yield ("add_relu", FF.add_relu(x, z), torch.relu(xd + zd))
-    if not with_conv:
-        return
     conv_w = (torch.randn(C, C, 3, 3, device=device) * 0.1).to(dtype)
     fw, fb = FF.fold_conv_bn(conv_w, None, rm, rv, 1e-5, w, b)
     ref_conv = bn(F.conv2d(xd, conv_w.double(), None, 1, 1), False)
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
                 continue
             with fusedres.backend(backend):
                 for dtype in TOLERANCE:
-                    for name, out, ref in checks(device, dtype, shape, backend != "triton"):
+                    for name, out, ref in checks(device, dtype, shape):
                         err = rel_err(out, ref)
                         ok = err <= (CONV_TOLERANCE if "conv" in name else TOLERANCE)[dtype]
                         failures += not ok

@@ -90,6 +90,13 @@ def _fake_conv_bias_add_relu(input, weight, bias, residual, stride, padding, dil
     return _conv_output(input, weight, stride, padding, dilation)
 
 
+def _fake_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+                 dilation, groups, input_relu, relu, emit_stats):
+    out = _conv_output(input, weight, stride, padding, dilation)
+    stats = input.new_empty((weight.shape[0] if emit_stats else 0,), dtype=torch.float32)
+    return out, stats, torch.empty_like(stats)
+
+
 # ---- autograd -------------------------------------------------------------------------------
 # The ReLU mask is read from the saved output (gradient passes where !(out <= 0)); the
 # pre-activation is never stored.
@@ -256,10 +263,51 @@ def _backward_conv(ctx, grad):
     return tuple(grads) + (None,) * 4
 
 
+def _setup_conv2d(ctx, inputs, output):
+    (input, weight, bias, residual, input_scale, input_shift, stride, padding, dilation, groups,
+     input_relu, relu, emit_stats) = inputs
+    out, mean, var = output
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.flags = (bias is not None, residual is not None, input_relu, relu)
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(input, weight, bias, input_scale, input_shift, out if relu else None)
+
+
+def _backward_conv2d(ctx, grad, _grad_mean, _grad_var):
+    """The prologue's output is recomputed from the saved input (the forward never stores
+    it); ATen does the data and weight gradients."""
+    input, weight, bias, scale, shift, out = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    has_bias, has_residual, input_relu, relu = ctx.flags
+    need = ctx.needs_input_grad
+    g = _relu_grad(grad, out, relu)
+    conv_input, pre = input, None
+    if scale is not None:
+        pre = input.float() * broadcast_channel(scale, input) + broadcast_channel(shift, input)
+        conv_input = (pre.clamp_min(0) if input_relu else pre).to(input.dtype)
+    need_conv_input = need[0] or (scale is not None and (need[4] or need[5]))
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, conv_input, weight, [weight.shape[0]] if has_bias else None, stride, padding,
+        dilation, False, [0, 0], groups, [need_conv_input, need[1], has_bias and need[2]])
+    grad_x = grad_scale = grad_shift = None
+    if scale is None:
+        grad_x = grad_a
+    elif need_conv_input:
+        grad_pre = grad_a.float()
+        if input_relu:
+            grad_pre = grad_pre * (pre > 0)
+        dims = [d for d in range(input.dim()) if d != 1]
+        grad_x = (grad_pre * broadcast_channel(scale, input)).to(input.dtype) if need[0] else None
+        grad_scale = (grad_pre * input.float()).sum(dims) if need[4] else None
+        grad_shift = grad_pre.sum(dims) if need[5] else None
+    return (grad_x, grad_w, _cast(grad_b, bias) if has_bias else None,
+            g if has_residual and need[3] else None, grad_scale, grad_shift) + (None,) * 7
+
+
 _FAKES = {name: globals()[f"_fake_{name}"] for name in (
     "batch_norm_stats", "batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
     "batch_norm_backward_reduce", "batch_norm_backward_input", "add_relu", "conv_bias_relu",
-    "conv_bias_add_relu")}
+    "conv_bias_add_relu", "conv2d")}
 
 # op name -> (setup_context, backward)
 _AUTOGRAD = {
@@ -269,6 +317,7 @@ _AUTOGRAD = {
     "add_relu": (_setup_add_relu, _backward_add_relu),
     "conv_bias_relu": (_setup_conv, _backward_conv),
     "conv_bias_add_relu": (_setup_conv, _backward_conv),
+    "conv2d": (_setup_conv2d, _backward_conv2d),
 }
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "fold_conv_bn",
     "conv_bias_relu",
     "conv_bias_add_relu",
+    "fused_conv2d",
 ]
 
 def _fused_ops(backend: str):
@@ -334,7 +335,8 @@ def _pair(v, name):
     return v
 
 
-def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):
+def _check_conv_args(input, weight, bias, residual, stride, padding, dilation, groups):
+    """Checks the convolution's arguments; returns stride, padding, dilation as pairs."""
     _check_input(input)
     if input.dim() != 4:
         raise ValueError(f"fusedres: input must have shape (N, C, H, W), got {tuple(input.shape)}")
@@ -358,14 +360,26 @@ def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, gro
     if residual is not None and (not isinstance(residual, Tensor) or residual.dtype != input.dtype
                                  or residual.device != input.device):
         raise TypeError("fusedres: residual must be a Tensor of input's dtype and device")
+    return stride, padding, dilation
+
+
+def _triton_conv_dtype(input):
+    if input.dtype == torch.float64:
+        raise TypeError("fusedres: the Triton convolution takes float16, bfloat16 or float32 "
+                        "inputs, got torch.float64")
+
+
+def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):
+    stride, padding, dilation = _check_conv_args(input, weight, bias, residual, stride, padding,
+                                                 dilation, groups)
     backend = _backend.resolve(input.device)
     if backend == "reference":
         return reference.conv_bias_act(input, weight, bias, residual, stride, padding, dilation,
                                        groups)
     if backend == "triton":
-        raise NotImplementedError(
-            "fusedres: the Triton convolution is not implemented yet; use the 'cuda', 'cpp' or "
-            "'reference' backend for conv_bias_relu / conv_bias_add_relu")
+        _triton_conv_dtype(input)
+        return torch.ops.fusedres_triton.conv2d(input, weight, bias, residual, None, None, stride,
+                                                padding, dilation, groups, False, True, False)[0]
     if residual is None:
         return torch.ops.fusedres.conv_bias_relu(input, weight, bias, stride, padding, dilation,
                                                  groups)
@@ -388,3 +402,55 @@ def conv_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], re
     if residual is None:
         raise TypeError("fusedres: residual must be a Tensor, got None (use conv_bias_relu)")
     return _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def fused_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: _IntOrPair = 1,
+    padding: _IntOrPair = 0,
+    dilation: _IntOrPair = 1,
+    groups: int = 1,
+    *,
+    input_scale: Optional[Tensor] = None,
+    input_shift: Optional[Tensor] = None,
+    input_relu: bool = True,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    return_stats: bool = False,
+):
+    """A convolution with the BN before it applied on the fly and the BN after it prepared:
+
+        a   = relu?(input * input_scale[c] + input_shift[c])    (prologue, when input_scale)
+        out = relu?(conv2d(a, weight, bias) + residual)          (epilogue)
+
+    With return_stats=True returns (out, mean, var): the per-channel mean and biased variance
+    of out (float32, not differentiable), i.e. the batch statistics of the BN that follows.
+    On the `triton` backend this is one kernel (the prologue is applied while loading and a
+    is never written to memory; the backward recomputes it); the other backends compute the
+    same thing unfused with PyTorch ops.
+    """
+    stride, padding, dilation = _check_conv_args(input, weight, bias, residual, stride, padding,
+                                                 dilation, groups)
+    if (input_scale is None) != (input_shift is None):
+        raise ValueError("fusedres: input_scale and input_shift must be given together")
+    _check_channel_vector(input_scale, input, "input_scale")
+    _check_channel_vector(input_shift, input, "input_shift")
+    if residual is not None:
+        expected = reference.conv_output_shape(input, weight, stride, padding, dilation)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"fusedres: residual must have the convolution's output shape "
+                             f"{expected}, got {tuple(residual.shape)}")
+    if _backend.resolve(input.device) == "triton":
+        _triton_conv_dtype(input)
+        scale = input_scale.float() if input_scale is not None else None
+        shift = input_shift.float() if input_shift is not None else None
+        out, mean, var = torch.ops.fusedres_triton.conv2d(
+            input, weight, bias, residual, scale, shift, stride, padding, dilation, groups,
+            input_relu, relu, return_stats)
+    else:
+        out, mean, var = reference.fused_conv2d(
+            input, weight, bias, residual, input_scale, input_shift, input_relu, relu, stride,
+            padding, dilation, groups)
+    return (out, mean, var) if return_stats else out

@@ -59,3 +59,31 @@ def conv_bias_act(input, weight, bias, residual, stride, padding, dilation, grou
     if residual is not None:
         out = out + residual
     return torch.relu(out)
+
+
+def conv_output_shape(input, weight, stride, padding, dilation):
+    size = [input.shape[0], weight.shape[0]]
+    for d in range(2):
+        extent = dilation[d] * (weight.shape[d + 2] - 1) + 1
+        size.append((input.shape[d + 2] + 2 * padding[d] - extent) // stride[d] + 1)
+    return tuple(size)
+
+
+def fused_conv2d(input, weight, bias, residual, input_scale, input_shift, input_relu, relu,
+                 stride, padding, dilation, groups):
+    """Prologue (per-channel affine + ReLU) -> conv -> bias + residual -> ReLU, and the
+    output's per-channel mean and biased variance (float32)."""
+    a = input
+    if input_scale is not None:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        a = input.float() * input_scale.float().reshape(shape) + input_shift.float().reshape(shape)
+        a = (torch.relu(a) if input_relu else a).to(input.dtype)
+    out = F.conv2d(a, weight, bias.to(input.dtype) if bias is not None else None, stride,
+                   padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    if relu:
+        out = torch.relu(out)
+    with torch.no_grad():
+        var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), correction=0)
+    return out, mean, var

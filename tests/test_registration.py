@@ -9,6 +9,7 @@ import fusedres.functional as FF
 from conftest import TARGETS, assert_close, make, use
 
 CONV_OPS = {"conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}  # C++ namespace only
+TRITON_ONLY = {"conv2d"}  # the Triton convolution: float16 / bfloat16 / float32
 
 
 def namespace(backend):
@@ -27,7 +28,8 @@ def sample_calls(target, dtype=torch.float64, layout="nchw", requires_grad=True,
     ops = namespace(backend)
     return [(getattr(ops, name), args)
             for name, args in _sample_args(device, dtype, layout, requires_grad, shape)
-            if backend != "triton" or name not in CONV_OPS]
+            if (name not in CONV_OPS or backend != "triton")
+            and (name not in TRITON_ONLY or (backend == "triton" and dtype != torch.float64))]
 
 
 def _sample_args(device, dtype, layout, requires_grad, shape):
@@ -62,6 +64,11 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("conv_bias_add_relu", (x(), conv_w, None, make(strided_out, dtype, device, layout,
                                                         requires_grad=requires_grad),
                                   [2, 2], [1, 1], [1, 1], 1)),
+        ("conv2d", (x(), conv_w, per_channel(6, device, acc, requires_grad=requires_grad), None,
+                    vec(True), vec(), [1, 1], [1, 1], [1, 1], 1, True, True, True)),
+        ("conv2d", (x(), conv_w, None, make(strided_out, dtype, device, layout,
+                                            requires_grad=requires_grad),
+                    None, None, [2, 2], [1, 1], [1, 1], 1, False, True, False)),
         ("fold_conv_bn", (conv_w, None, per_channel(6, device, acc), per_channel(6, device, acc, True),
                             1e-5, per_channel(6, device, acc, True, requires_grad),
                             per_channel(6, device, acc, requires_grad=requires_grad))),
@@ -115,8 +122,7 @@ def test_compile_fullgraph(target, training):
                                    num_batches_tracked=nbt)
         y = FF.dual_batch_norm_add_relu(y, z, rm, rv, rm, rv, w, b, w, b, training)
         y = FF.add_relu(y, z)
-        if fusedres.get_backend() == "triton":  # no Triton convolution yet
-            return y
+        y = FF.fused_conv2d(y, conv_w, None, 1, 1, input_scale=w, input_shift=b, relu=True)
         return FF.conv_bias_relu(y, conv_w, b, 1, 1)
 
     def inputs():
