@@ -367,6 +367,10 @@ def _triton_conv_dtype(input):
     if input.dtype == torch.float64:
         raise TypeError("fusedres: the Triton convolution takes float16, bfloat16 or float32 "
                         "inputs, got torch.float64")
+    if input.dtype == torch.bfloat16 and input.device.type == "cpu":
+        # The interpreter's bfloat16 matrix product returns garbage: refuse rather than lie.
+        raise TypeError("fusedres: the Triton interpreter computes bfloat16 matrix products "
+                        "wrongly; run the bfloat16 Triton convolution on a GPU")
 
 
 def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups):

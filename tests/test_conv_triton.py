@@ -145,6 +145,16 @@ def test_fused_conv2d_matches_on_every_backend():
         assert_close(mean, ref.mean((0, 2, 3)), torch.float32, TOLERANCE)
 
 
+@pytest.mark.triton
+def test_interpreter_refuses_bfloat16_conv():
+    if HAS_CUDA:
+        pytest.skip("the interpreter runs only without a GPU here")
+    use(("triton", "cpu"))
+    x, w = make((2, 4, 5, 5), torch.bfloat16), make((8, 4, 3, 3), torch.bfloat16)
+    with pytest.raises(TypeError, match="interpreter computes bfloat16 matrix products wrongly"):
+        FF.conv_bias_relu(x, w)
+
+
 def test_fused_conv2d_bad_arguments():
     use(("cpp", "cpu"))
     x, w = make((2, 4, 5, 5)), make((8, 4, 3, 3))
