@@ -11,9 +11,19 @@ import triton.language as tl
 # The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Rows of the (rows, C) tiles each program walks; channels a program covers.
-BLOCK_ROWS = 32
-BLOCK_CHANNELS = 32
+# Tile (rows x channels) of the BN kernels: tuned on the GPU (kernels write only their
+# outputs, so re-running a config is harmless), one fixed tile in the interpreter.
+BLOCK_ROWS = 32  # rows a reduction program's share is rounded to
+TILE_CONFIGS = (
+    [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})]
+    if INTERPRETED
+    else [
+        triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+        for r, c, w in [(32, 64, 4), (64, 64, 4), (128, 32, 4), (16, 128, 4), (64, 128, 8),
+                        (256, 8, 4), (32, 32, 2)]
+    ]
+)
+TILE_KEY = ["C", "inner"]
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -58,14 +68,14 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def row_programs(rows: int, channel_blocks: int) -> int:
+def row_programs(rows: int, channels: int) -> int:
     """Programs along the rows of a reduction: enough to fill the GPU, each walking many
     tiles (few partials to merge); a handful under the interpreter."""
     if INTERPRETED or not torch.cuda.is_available():
         target = 4
     else:
         target = torch.cuda.get_device_properties().multi_processor_count * 4
-    return max(1, min(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(target, channel_blocks)))
+    return max(1, min(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(target, triton.cdiv(channels, 64))))
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 
 The residual term is absent, the residual itself, or (residual - residual_mean[c]) *
 residual_scale[c] + residual_shift[c] (the dual-BN form); see csrc/fusedres.cpp. Each program
-normalises one (BLOCK_ROWS, BLOCK_CHANNELS) tile, its channels' coefficients loaded once.
+normalises one (BLOCK_R, BLOCK_C) tile, its channels' coefficients loaded once (tile tuned
+on the GPU).
 Also the kernel of add_relu (no per-channel terms at all).
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, channel_view, dense, match_layout,
-                      tile_offsets, tl_acc)
+from ._common import (TILE_CONFIGS, TILE_KEY, channel_view, dense, match_layout, tile_offsets,
+                      tl_acc)
 
 
 @triton.jit
@@ -25,6 +26,7 @@ def _channel_values(ptr, cols, col_ok, PRESENT: tl.constexpr, NEUTRAL: tl.conste
     return tl.full(cols.shape, NEUTRAL, ACC)
 
 
+@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
 @triton.jit
 def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mean_ptr,
                       r_scale_ptr, r_shift_ptr, rows, C, inner,
@@ -66,15 +68,14 @@ def normalize_act(input, mean=None, scale=None, shift=None, residual=None, resid
     vectors = [t.contiguous() if t is not None else None
                for t in (mean, scale, shift, residual_mean, residual_scale, residual_shift)]
     dummy = x  # stands in for absent pointers; never read
-    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS))
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _normalize_kernel[grid](
         x, residual if residual is not None else dummy, out,
         *[v if v is not None else dummy for v in vectors], rows, C, inner,
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RESIDUAL=residual is not None, HAS_R_MEAN=residual_mean is not None,
         HAS_R_SCALE=residual_scale is not None, HAS_R_SHIFT=residual_shift is not None,
-        RELU=relu, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype),
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        RELU=relu, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     return out
 
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, acc_dtype, channel_view, dense, match_layout,
-                      row_programs, tile_offsets, tl_acc)
+from ._common import (BLOCK_ROWS, TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
+                      match_layout, row_programs, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED: tl.constexpr, ACC: tl.const
     return g
 
 
+@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
 @triton.jit
 def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, inner,
                            rows_per_program, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -66,6 +67,7 @@ def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, prog
     tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
 
 
+@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
 @triton.jit
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, k_ptr, mean_dy_ptr, proj_ptr,
                        rows, C, inner, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -101,18 +103,16 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
     sum_dy_xhat = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return sum_dy, sum_dy_xhat
-    channel_blocks = triton.cdiv(C, BLOCK_CHANNELS)
-    programs = row_programs(rows, channel_blocks)
+    programs = row_programs(rows, C)
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
     programs = triton.cdiv(rows, rows_per_program)
     partials = torch.empty(2, programs, C, dtype=acc, device=x.device)
-    _reduce_partial_kernel[(programs, channel_blocks)](
+    _reduce_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
         dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C, inner,
-        rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype),
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
-    _reduce_merge_kernel[(channel_blocks,)](
+        rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+    _reduce_merge_kernel[(triton.cdiv(C, 32),)](
         partials, invstd.contiguous(), sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype),
-        BLOCK_C=BLOCK_CHANNELS)
+        BLOCK_C=32)
     return sum_dy, sum_dy_xhat
 
 
@@ -131,9 +131,9 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
     k = invstd if weight is None else invstd * weight.to(invstd.dtype)
     mean_dy = sum_dy / count
     proj = sum_dy_xhat * invstd / count
-    grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(C, BLOCK_CHANNELS))
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _input_grad_kernel[grid](
         dy, y if y is not None else dy, x, grad_input, mean.contiguous(), k.contiguous(),
         mean_dy.contiguous(), proj.contiguous(), rows, C, inner, MASKED=y is not None,
-        CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
+        CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     return grad_input

@@ -1,6 +1,6 @@
 """Triton: per-channel mean and biased variance, fp32 (fp64 for fp64 inputs).
 
-Each program walks its share of the rows in (BLOCK_ROWS, BLOCK_CHANNELS) tiles, takes exact
+Each program walks its share of the rows in (BLOCK_R, BLOCK_C) tiles, takes exact
 two-pass moments of each tile in registers and merges them into running (count, mean, M2)
 with Chan's formula; a second kernel merges the programs' partials the same way. Never
 E[x^2] - E[x]^2.
@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_CHANNELS, BLOCK_ROWS, acc_dtype, channel_view, dense, row_programs,
-                      tile_offsets, tl_acc)
+from ._common import (BLOCK_ROWS, TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
+                      row_programs, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -24,6 +24,7 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
 
 
+@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
 @triton.jit
 def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
@@ -82,14 +83,13 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     var = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean, var
-    channel_blocks = triton.cdiv(C, BLOCK_CHANNELS)
-    programs = row_programs(rows, channel_blocks)
+    programs = row_programs(rows, C)
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
     programs = triton.cdiv(rows, rows_per_program)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
-    _stats_partial_kernel[(programs, channel_blocks)](
+    _stats_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
         x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
-        ACC=tl_acc(x.dtype), BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS)
-    _stats_merge_kernel[(channel_blocks,)](partials, mean, var, programs, C,
-                                           ACC=tl_acc(x.dtype), BLOCK_C=BLOCK_CHANNELS)
+        ACC=tl_acc(x.dtype))
+    _stats_merge_kernel[(triton.cdiv(C, 32),)](partials, mean, var, programs, C,
+                                               ACC=tl_acc(x.dtype), BLOCK_C=32)
     return mean, var
