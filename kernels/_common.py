@@ -8,6 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres._ops import accumulate_dtype as acc_dtype  # noqa: F401  (shared with the C++ side)
+from fusedres._ops import is_channels_last
+
 # The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -24,14 +27,6 @@ TILE_CONFIGS = (
     ]
 )
 TILE_KEY = ["C", "inner"]
-
-
-def is_channels_last(t: torch.Tensor) -> bool:
-    if t.dim() == 4:
-        return t.is_contiguous(memory_format=torch.channels_last)
-    if t.dim() == 5:
-        return t.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
@@ -60,22 +55,21 @@ def channel_view(t: torch.Tensor) -> tuple[int, int, int]:
     return n * spatial, c, 1
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def row_programs(rows: int, channels: int) -> int:
-    """Programs along the rows of a reduction: enough to fill the GPU, each walking many
-    tiles (few partials to merge); a handful under the interpreter."""
+def row_split(rows: int, channels: int) -> tuple[int, int]:
+    """(programs, rows_per_program) along the rows of a reduction: enough programs to fill
+    the GPU, each walking many tiles (few partials to merge); a handful in the interpreter."""
     if INTERPRETED or not torch.cuda.is_available():
         target = 4
     else:
         target = torch.cuda.get_device_properties().multi_processor_count * 4
-    return max(1, min(triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(target, triton.cdiv(channels, 64))))
+    programs = max(1, min(triton.cdiv(rows, BLOCK_ROWS),
+                          triton.cdiv(target, triton.cdiv(channels, 64))))
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
+    return triton.cdiv(rows, rows_per_program), rows_per_program
 
 
 @triton.jit

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_ROWS, TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
-                      match_layout, row_programs, tile_offsets, tl_acc)
+from ._common import (TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
+                      match_layout, row_split, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -103,9 +103,7 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
     sum_dy_xhat = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return sum_dy, sum_dy_xhat
-    programs = row_programs(rows, C)
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-    programs = triton.cdiv(rows, rows_per_program)
+    programs, rows_per_program = row_split(rows, C)
     partials = torch.empty(2, programs, C, dtype=acc, device=x.device)
     _reduce_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
         dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C, inner,

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BLOCK_ROWS, TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
-                      row_programs, tile_offsets, tl_acc)
+from ._common import (TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
+                      row_split, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -83,9 +83,7 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     var = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean, var
-    programs = row_programs(rows, C)
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-    programs = triton.cdiv(rows, rows_per_program)
+    programs, rows_per_program = row_split(rows, C)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
     _stats_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
         x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,

@@ -1,27 +1,9 @@
-// CPU: out = relu(input + residual), one pass (the shared epilogue of normalize_act.h).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+// CPU: out = relu(input + residual), one pass of the shared normalize kernel
+// (../normalize_act.h; the kernel lives in batch_norm_apply.cpp).
 #include <torch/library.h>
 
-#include "../common.h"
-#include "normalize_act.h"
-
-namespace fusedres::cpu {
-namespace {
-
-at::Tensor add_relu(const at::Tensor& input_, const at::Tensor& residual) {
-  check_input(input_, "input");
-  check_same(residual, input_, "residual");
-  const at::Tensor input = dense_for_kernels(input_);
-  at::Tensor out = at::empty_like(input);
-  normalize_act(input, {.residual = match_layout(residual, input), .relu = true}, out);
-  return out;
-}
-
-}  // namespace
+#include "../normalize_act.h"
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("add_relu", &add_relu);
+  m.impl("add_relu", &fusedres::add_relu_op<fusedres::cpu::normalize_act>);
 }
-
-}  // namespace fusedres::cpu

@@ -1,4 +1,4 @@
-// CPU: out = act((input - mean[c]) * scale[c] + shift[c] + residual term), see normalize_act.h.
+// CPU: the normalize pass (../normalize_act.h) and batch_norm_apply, its op.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -10,7 +10,7 @@
 
 #include "../common.h"
 #include "loops.h"
-#include "normalize_act.h"
+#include "../normalize_act.h"
 
 namespace fusedres::cpu {
 
@@ -95,29 +95,8 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   });
 }
 
-namespace {
-
-Tensor batch_norm_apply(const Tensor& input_, const Tensor& mean, const Tensor& scale,
-                        const std::optional<Tensor>& shift, const std::optional<Tensor>& residual,
-                        const std::optional<Tensor>& residual_mean,
-                        const std::optional<Tensor>& residual_scale,
-                        const std::optional<Tensor>& residual_shift, bool relu) {
-  check_apply_args(input_, mean, scale, shift, residual, residual_mean, residual_scale,
-                   residual_shift);
-  const Tensor input = dense_for_kernels(input_);
-  Tensor out = at::empty_like(input);
-  normalize_act(input,
-                {mean.contiguous(), scale.contiguous(), contiguous(shift),
-                 match_layout(residual, input), contiguous(residual_mean),
-                 contiguous(residual_scale), contiguous(residual_shift), relu},
-                out);
-  return out;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("batch_norm_apply", &batch_norm_apply);
+  m.impl("batch_norm_apply", &batch_norm_apply_op<normalize_act>);
 }
 
 }  // namespace fusedres::cpu

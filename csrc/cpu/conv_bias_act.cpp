@@ -1,12 +1,12 @@
 // CPU folded inference: the convolution with its bias (oneDNN adds it for free), then one
-// epilogue pass adding the residual and applying ReLU (normalize_act.h).
+// epilogue pass adding the residual and applying ReLU (../normalize_act.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../common.h"
-#include "normalize_act.h"
+#include "../normalize_act.h"
 
 namespace fusedres::cpu {
 namespace {

@@ -1,26 +1,9 @@
-// CUDA: out = relu(input + residual), one vectorised pass (the epilogue of normalize_act.cuh).
-#include <ATen/ops/empty_like.h>
+// CUDA: out = relu(input + residual), one pass of the shared normalize kernel
+// (../normalize_act.h; the kernel lives in batch_norm_apply.cu).
 #include <torch/library.h>
 
-#include "normalize_act.cuh"
-#include "utils.cuh"
-
-namespace fusedres::cuda {
-namespace {
-
-at::Tensor add_relu(const at::Tensor& input_, const at::Tensor& residual) {
-  check_input(input_, "input");
-  check_same(residual, input_, "residual");
-  const at::Tensor input = dense_for_kernels(input_);
-  at::Tensor out = at::empty_like(input);
-  normalize_act(input, {.residual = match_layout(residual, input), .relu = true}, out);
-  return out;
-}
-
-}  // namespace
+#include "../normalize_act.h"
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("add_relu", &add_relu);
+  m.impl("add_relu", &fusedres::add_relu_op<fusedres::cuda::normalize_act>);
 }
-
-}  // namespace fusedres::cuda

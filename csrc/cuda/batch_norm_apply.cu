@@ -1,5 +1,4 @@
-// CUDA: out = act((input - mean[c]) * scale[c] + shift[c] + residual term) in one pass, see
-// normalize_act.cuh.
+// CUDA: the normalize pass (../normalize_act.h) and batch_norm_apply, its op.
 // channels_last: each thread owns VEC channels (16-byte accesses) and walks rows, its
 // channels' parameters held in registers. Channels-first: a flat loop, VEC values of one
 // channel per access.
@@ -7,7 +6,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "normalize_act.cuh"
+#include "../normalize_act.h"
 #include "utils.cuh"
 
 namespace fusedres::cuda {
@@ -151,29 +150,8 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   });
 }
 
-namespace {
-
-Tensor batch_norm_apply(const Tensor& input_, const Tensor& mean, const Tensor& scale,
-                        const std::optional<Tensor>& shift, const std::optional<Tensor>& residual,
-                        const std::optional<Tensor>& residual_mean,
-                        const std::optional<Tensor>& residual_scale,
-                        const std::optional<Tensor>& residual_shift, bool relu) {
-  check_apply_args(input_, mean, scale, shift, residual, residual_mean, residual_scale,
-                   residual_shift);
-  const Tensor input = dense_for_kernels(input_);
-  Tensor out = at::empty_like(input);
-  normalize_act(input,
-                {mean.contiguous(), scale.contiguous(), contiguous(shift),
-                 match_layout(residual, input), contiguous(residual_mean),
-                 contiguous(residual_scale), contiguous(residual_shift), relu},
-                out);
-  return out;
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("batch_norm_apply", &batch_norm_apply);
+  m.impl("batch_norm_apply", &batch_norm_apply_op<normalize_act>);
 }
 
 }  // namespace fusedres::cuda

@@ -1,0 +1,65 @@
+// The one elementwise pass of each device, shared by batch_norm_apply, add_relu and the CPU
+// conv epilogue:
+//   out = act((input - mean[c]) * scale[c] + shift[c]
+//             + (residual - residual_mean[c]) * residual_scale[c] + residual_shift[c])
+// An absent mean / shift / residual_mean / residual_shift is 0, an absent scale /
+// residual_scale is 1, an absent residual means no residual term. Tensors are dense in input's
+// layout (the per-channel vectors contiguous, float / double); out must not alias an input.
+//
+// Also the host side of the two ops built on it, written once for both devices.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+
+#include <optional>
+
+#include "common.h"
+
+namespace fusedres {
+
+struct NormalizeArgs {
+  std::optional<at::Tensor> mean, scale, shift;
+  std::optional<at::Tensor> residual, residual_mean, residual_scale, residual_shift;
+  bool relu = false;
+};
+
+namespace cpu {
+void normalize_act(const at::Tensor& input, const NormalizeArgs& args, at::Tensor& out);
+}
+namespace cuda {
+void normalize_act(const at::Tensor& input, const NormalizeArgs& args, at::Tensor& out);
+}
+
+using NormalizeKernel = void (*)(const at::Tensor&, const NormalizeArgs&, at::Tensor&);
+
+template <NormalizeKernel kernel>
+at::Tensor batch_norm_apply_op(const at::Tensor& input_, const at::Tensor& mean,
+                               const at::Tensor& scale, const std::optional<at::Tensor>& shift,
+                               const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& residual_mean,
+                               const std::optional<at::Tensor>& residual_scale,
+                               const std::optional<at::Tensor>& residual_shift, bool relu) {
+  check_apply_args(input_, mean, scale, shift, residual, residual_mean, residual_scale,
+                   residual_shift);
+  const at::Tensor input = dense_for_kernels(input_);
+  at::Tensor out = at::empty_like(input);
+  kernel(input,
+         {mean.contiguous(), scale.contiguous(), contiguous(shift), match_layout(residual, input),
+          contiguous(residual_mean), contiguous(residual_scale), contiguous(residual_shift),
+          relu},
+         out);
+  return out;
+}
+
+template <NormalizeKernel kernel>
+at::Tensor add_relu_op(const at::Tensor& input_, const at::Tensor& residual) {
+  check_input(input_, "input");
+  check_same(residual, input_, "residual");
+  const at::Tensor input = dense_for_kernels(input_);
+  at::Tensor out = at::empty_like(input);
+  kernel(input, {.residual = match_layout(residual, input), .relu = true}, out);
+  return out;
+}
+
+}  // namespace fusedres
