@@ -1,0 +1,80 @@
+"""convert(): torchvision ResNets to fused ones in place of their blocks; fold_bn(): an
+inference model with every BatchNorm folded into the convolution before it."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from . import models
+from . import nn as fnn
+from .functional import fold_conv_bn
+
+__all__ = ["convert", "fold_bn"]
+
+# torchvision class -> fused class with the same submodules and attributes
+_FUSED = {
+    ("torchvision.models.resnet", "BasicBlock"): fnn.BasicBlock,
+    ("torchvision.models.resnet", "Bottleneck"): fnn.Bottleneck,
+    ("torchvision.models.resnet", "ResNet"): models.ResNet,
+}
+
+
+def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
+    """Returns `model` with its torchvision ResNet blocks (and the ResNet around them) running
+    the fused ops. The modules keep their parameters, buffers, state_dict keys and hooks: only
+    their forward changes. Modules it does not recognise are left as they are. With verbose,
+    prints what it converted."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    converted = []
+    for name, module in model.named_modules():
+        fused = _FUSED.get((type(module).__module__, type(module).__name__))
+        if fused is not None:
+            module.__class__ = fused  # same attributes: only forward changes
+            converted.append((name or "(model)", fused.__name__))
+    if verbose:
+        print(f"fusedres.convert: {len(converted)} module(s) converted")
+        for name, kind in converted:
+            print(f"  {name}: {kind}")
+    return model
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.Module) -> None:
+    weight, bias = fold_conv_bn(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
+                                bn.running_mean, bn.running_var, bn.eps,
+                                None if bn.weight is None else bn.weight.detach(),
+                                None if bn.bias is None else bn.bias.detach())
+    conv.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+
+
+def _is_bn(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or fnn._is_frozen(module)
+
+
+def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """An inference model with each BatchNorm (or FrozenBatchNorm2d) folded into the
+    convolution before it and replaced by nn.Identity: in fusedres blocks, converted
+    torchvision models and nn.Sequential(conv, bn, ...) runs. The model must be in eval mode."""
+    if model.training:
+        raise RuntimeError("fusedres.fold_bn: the model is in training mode, whose BatchNorm uses "
+                           "batch statistics and cannot be folded; call model.eval() first")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        pairs = []
+        if isinstance(module, (fnn.BasicBlock, fnn.Bottleneck, models.ResNet)):
+            pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"bn{i}")]
+        for conv_name, bn_name in pairs:
+            bn = getattr(module, bn_name)
+            if _is_bn(bn):
+                _fold_pair(getattr(module, conv_name), bn)
+                setattr(module, bn_name, nn.Identity())
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (_, first), (bn_name, second) in zip(children, children[1:]):
+                if isinstance(first, nn.Conv2d) and _is_bn(second):
+                    _fold_pair(first, second)
+                    setattr(module, bn_name, nn.Identity())
+    return model

@@ -1,0 +1,305 @@
+"""fusedres models and convert() / fold_bn() against torchvision's ResNets (the unfused
+reference): state_dict compatibility, outputs, gradients and running statistics in training
+and eval, cached folded weights, hooks. CPU, small inputs."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+torchvision = pytest.importorskip("torchvision")
+
+import fusedres  # noqa: E402
+from conftest import assert_close, rel_err, use  # noqa: E402
+
+ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+         "wide_resnet50_2"]
+# Rounding differences compound through the depth of a network (torchvision's own float32
+# result is about 3e-4 from float64 on ResNet-101 in training, 1.7e-3 on ResNet-152).
+DEEP = {torch.float32: 2e-4}
+
+
+def assert_as_accurate(out, ref32, ref64, factor=3, floor=1e-4):
+    """out (fusedres, float32) is as close to the float64 truth as torchvision's own float32
+    result: within `factor` times its error, and `floor` in any case. (A wrong formula is off
+    by far more: O(1).)"""
+    own = rel_err(ref32, ref64)
+    err = rel_err(out, ref64)
+    assert err <= max(floor, factor * own), \
+        f"relative error {err:.3g}; torchvision float32: {own:.3g}"
+
+
+def pair(arch, **kwargs):
+    """(torchvision model, fusedres model) with the same weights."""
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(**kwargs)
+    with torch.no_grad():  # non-trivial BN affine and statistics
+        for m in reference.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    fused = getattr(fusedres, arch)(**kwargs)
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    return reference, fused
+
+
+def assert_same_state(a, b, tolerance=DEEP):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        if sa[key].is_floating_point():
+            assert_close(sb[key], sa[key], torch.float32, tolerance)
+        else:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_state_dict_is_torchvision_both_ways(arch):
+    reference, fused = pair(arch)
+    assert [(k, v.shape) for k, v in reference.state_dict().items()] == \
+           [(k, v.shape) for k, v in fused.state_dict().items()]
+    reference.load_state_dict(fused.state_dict(), strict=True)
+    capitalised = {"resnext50_32x4d": "ResNeXt50_32x4d", "wide_resnet50_2": "WideResNet50_2"}
+    assert getattr(fusedres, capitalised.get(arch, arch.replace("resnet", "ResNet"))) is \
+        getattr(fusedres, arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_forward_matches_torchvision(arch, mode):
+    use(("cpp", "cpu"))
+    reference, fused = pair(arch, num_classes=10)
+    check_forward(reference, fused, torch.randn(2, 3, 64, 64), mode)
+
+
+def check_forward(reference, fused, x, mode):
+    """One forward in `mode`: output, running statistics and num_batches_tracked as accurate
+    as torchvision's float32."""
+    reference64 = copy.deepcopy(reference).double()
+    for model in (reference, fused, reference64):
+        getattr(model, mode)()
+    assert_as_accurate(fused(x), reference(x), reference64(x.double()))
+    state32, state64 = reference.state_dict(), reference64.state_dict()
+    for key, value in fused.state_dict().items():
+        if value.is_floating_point():
+            assert_as_accurate(value, state32[key], state64[key])
+        else:
+            assert torch.equal(value, state32[key]), key
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_steps_match_torchvision(arch, channels_last):
+    """Loss, gradients, parameters, running statistics and num_batches_tracked through three
+    SGD steps, as accurate (against float64) as torchvision's own float32 training. Training
+    amplifies rounding differences chaotically (BN over a few values per channel in layer4;
+    some BN-parameter gradients are off by 3% in torchvision's own float32), hence a looser
+    bound than for one forward: still far below the O(1) error of a wrong formula."""
+    use(("cpp", "cpu"))
+    reference, fused = pair(arch, num_classes=10)
+    reference64 = copy.deepcopy(reference).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = [m.to(memory_format=fmt) for m in (reference, fused, reference64)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
+
+    def flat(model, what):
+        if what == "grad":
+            return torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        return torch.cat([t.double().flatten() for t in model.state_dict().values()
+                          if t.is_floating_point()])
+
+    for step in range(3):
+        x = torch.randn(4, 3, 48, 48).to(memory_format=fmt)
+        target = torch.randint(0, 10, (4,))
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            inputs = x.double() if model is reference64 else x
+            model.loss = F.cross_entropy(model(inputs), target)
+            model.loss.backward()
+        assert_as_accurate(fused.loss, reference.loss, reference64.loss, 10, 1e-2)
+        assert_as_accurate(flat(fused, "grad"), flat(reference, "grad"), flat(reference64, "grad"),
+                           10, 1e-2)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert_as_accurate(flat(fused, "state"), flat(reference, "state"), flat(reference64, "state"),
+                       10, 1e-2)
+    assert fused.layer1[0].bn1.num_batches_tracked.item() == 3
+    assert torch.equal(fused.state_dict()["layer1.0.bn1.num_batches_tracked"],
+                       reference.state_dict()["layer1.0.bn1.num_batches_tracked"])
+
+
+def test_no_grad_in_train_mode_updates_running_stats():
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference(x)
+        fused(x)
+    with torch.inference_mode():
+        reference(x)
+        fused(x)
+    assert_same_state(reference, fused)
+    assert fused.bn1.num_batches_tracked.item() == 2
+
+
+def test_eval_refreshes_folded_weights():
+    """Folded weights are cached in eval under no_grad, and never stale: an optimizer step,
+    a running-stat change, load_state_dict and .to() all show in the next output."""
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet18", num_classes=10)
+    reference.eval()
+    fused.eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def check():
+        with torch.no_grad():
+            assert_close(fused(x), reference(x), torch.float32, DEEP)
+
+    check()
+    check()  # from the cache
+    for model in (reference, fused):  # an optimizer step on a conv and a BN
+        optimizer = torch.optim.SGD([model.layer1[0].conv1.weight, model.layer2[0].bn2.weight],
+                                    lr=0.5)
+        model.layer1[0].conv1.weight.grad = torch.ones_like(model.layer1[0].conv1.weight)
+        model.layer2[0].bn2.weight.grad = torch.ones_like(model.layer2[0].bn2.weight)
+        optimizer.step()
+    check()
+    with torch.no_grad():
+        for model in (reference, fused):
+            model.layer3[1].bn1.running_mean.add_(0.5)
+    check()
+    other, _ = pair("resnet18", num_classes=10)
+    other.layer4[0].downsample[1].running_var.mul_(3)
+    reference.load_state_dict(other.state_dict())
+    fused.load_state_dict(other.state_dict())
+    check()
+    reference.double()
+    fused.double()
+    x = x.double()
+    with torch.no_grad():
+        assert_close(fused(x), reference(x), torch.float64, {torch.float64: 1e-9})
+
+
+def test_eval_gradients_flow_through_folding():
+    """Fine-tuning with BN in eval mode: gradients reach conv and BN parameters."""
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet18", num_classes=10)
+    reference.eval()
+    fused.eval()
+    x = torch.randn(2, 3, 32, 32)
+    reference(x).sum().backward()
+    fused(x).sum().backward()
+    for p, q in zip(reference.parameters(), fused.parameters()):
+        assert_close(q.grad, p.grad, torch.float32, {torch.float32: 2e-3})
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_torchvision_model(mode, capsys):
+    use(("cpp", "cpu"))
+    reference, _ = pair("resnet50", num_classes=10)
+    calls = []
+    reference.fc.register_forward_hook(lambda *args: calls.append("fc"))
+    reference.layer2[1].register_forward_hook(lambda *args: calls.append("block"))
+    converted = fusedres.convert(reference, verbose=True)
+    assert "17 module(s) converted" in capsys.readouterr().out  # 16 blocks + the ResNet
+    assert type(reference).__module__.startswith("torchvision")  # inplace=False: untouched
+    assert isinstance(converted, fusedres.ResNet)
+    assert isinstance(converted.layer3[0], fusedres.nn.Bottleneck)
+    assert list(converted.state_dict()) == list(reference.state_dict())
+    getattr(reference, mode)()
+    getattr(converted, mode)()
+    x = torch.randn(2, 3, 48, 48)
+    assert_close(converted(x), reference(x), torch.float32, DEEP)
+    assert calls == ["block", "fc", "block", "fc"]  # hooks kept on the converted model
+    assert_same_state(reference, converted)
+
+
+def test_convert_leaves_unknown_modules_alone():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    converted = fusedres.convert(model)
+    assert [type(m) for m in converted] == [torch.nn.Conv2d, torch.nn.BatchNorm2d]
+
+
+@pytest.mark.parametrize("source", ["fusedres", "converted"])
+def test_fold_bn(source):
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet50", num_classes=10)
+    model = fused if source == "fusedres" else fusedres.convert(reference)
+    with pytest.raises(RuntimeError, match="training mode"):
+        fusedres.fold_bn(model)
+    reference.eval()
+    model.eval()
+    folded = fusedres.fold_bn(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert_close(folded(x), reference(x), torch.float32, DEEP)
+
+
+def test_frozen_batch_norm_in_training():
+    """torchvision.ops.FrozenBatchNorm2d (detectron2 style) is a fixed affine, also in
+    training, with its own eps."""
+    use(("cpp", "cpu"))
+    frozen = torchvision.ops.FrozenBatchNorm2d
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10, norm_layer=frozen)
+    for m in reference.modules():
+        if isinstance(m, frozen):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+    converted = fusedres.convert(reference)
+    reference.train()
+    converted.train()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out, ref = converted(x), reference(x)
+    assert_close(out, ref, torch.float32, DEEP)
+    g, ref_g = torch.autograd.grad(out.sum(), x), torch.autograd.grad(ref.sum(), x)
+    assert_close(g[0], ref_g[0], torch.float32, {torch.float32: 2e-3})
+    folded = fusedres.fold_bn(converted.eval())
+    with torch.no_grad():
+        assert_close(folded(x), reference.eval()(x), torch.float32, DEEP)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_stride_in_1x1(mode):
+    """ResNet v1 (paper / Keras): the stride in the first 1x1 of a downsampling block."""
+    use(("cpp", "cpu"))
+    reference, _ = pair("resnet50", num_classes=10)
+    fused = fusedres.ResNet50(num_classes=10, stride_in_1x1=True)
+    fused.load_state_dict(reference.state_dict())
+    for block in reference.modules():  # the same layout on the torchvision side, by hand
+        if isinstance(block, torchvision.models.resnet.Bottleneck) and block.stride != 1:
+            block.conv1.stride, block.conv2.stride = (block.stride,) * 2, (1, 1)
+    assert fused.layer2[0].conv1.stride == (2, 2) and fused.layer2[0].conv2.stride == (1, 1)
+    getattr(reference, mode)()
+    getattr(fused, mode)()
+    x = torch.randn(2, 3, 64, 64)
+    assert_close(fused(x), reference(x), torch.float32, DEEP)
+    with pytest.raises(ValueError, match="stride_in_1x1 applies to Bottleneck"):
+        fusedres.ResNet18(stride_in_1x1=True)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_triton_backend_resnet18(mode):
+    """The whole model on the Triton kernels (interpreter on the CPU: a small input)."""
+    use(("triton", "cpu") if not torch.cuda.is_available() else ("triton", "cuda"))
+    reference, fused = pair("resnet18", num_classes=10)
+    check_forward(reference, fused, torch.randn(2, 3, 32, 32), mode)
+
+
+def test_compile_fullgraph_train_and_eval():
+    use(("cpp", "cpu"))
+    torch._dynamo.reset()
+    reference, fused = pair("resnet18", num_classes=10)
+    compiled_model = copy.deepcopy(fused)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ["train", "eval"]:
+        getattr(fused, mode)()
+        getattr(compiled_model, mode)()
+        assert_close(compiled(x), fused(x), torch.float32, DEEP)
