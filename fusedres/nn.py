@@ -97,12 +97,22 @@ def folded(owner: nn.Module, name: str, conv: nn.Conv2d, bn: nn.Module):
 # ---- the fused conv + BN (+ residual) (+ ReLU) ---------------------------------------------------
 
 
+def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Under autocast, the folded convolution runs in the autocast dtype, as F.conv2d would
+    (the fused ops themselves are not autocast-aware)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), weight.to(dtype), bias
+
+
 def conv_bn_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
                 relu: bool = True) -> Tensor:
     """act(bn(conv(x))) with the fused ops."""
     if _bn_training(bn):
         return FF.batch_norm_relu(_conv(x, conv), **_bn_args(bn), relu=relu)
-    weight, bias = folded(owner, name, conv, bn)
+    x, weight, bias = _autocast(x, *folded(owner, name, conv, bn))
     if relu:
         return FF.conv_bias_relu(x, weight, bias, conv.stride, conv.padding, conv.dilation,
                                  conv.groups)
@@ -138,13 +148,14 @@ def conv_bn_add_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn:
         shortcut = downsample(identity) if downsample is not None else identity
         return FF.batch_norm_add_relu(y, shortcut, **_bn_args(bn))
     if pair is not None and not _bn_training(pair[1]):
-        ds_weight, ds_bias = folded(owner, name + ".downsample", *pair)
-        shortcut = _conv(identity, pair[0], ds_weight, ds_bias)
+        identity_, ds_weight, ds_bias = _autocast(identity, *folded(owner, name + ".downsample",
+                                                                    *pair))
+        shortcut = _conv(identity_, pair[0], ds_weight, ds_bias)
     else:
         shortcut = downsample(identity) if downsample is not None else identity
-    weight, bias = folded(owner, name, conv, bn)
-    return FF.conv_bias_add_relu(x, weight, bias, shortcut, conv.stride, conv.padding,
-                                 conv.dilation, conv.groups)
+    x, weight, bias = _autocast(x, *folded(owner, name, conv, bn))
+    return FF.conv_bias_add_relu(x, weight, bias, shortcut.to(x.dtype), conv.stride,
+                                 conv.padding, conv.dilation, conv.groups)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------

@@ -303,3 +303,31 @@ def test_compile_fullgraph_train_and_eval():
         getattr(fused, mode)()
         getattr(compiled_model, mode)()
         assert_close(compiled(x), fused(x), torch.float32, DEEP)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_autocast_bfloat16(mode):
+    """Under autocast the fused model computes in bfloat16 like torchvision does, and is as
+    accurate (against float64)."""
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet50", num_classes=10)
+    reference64 = copy.deepcopy(reference).double()
+    for model in (reference, fused, reference64):
+        getattr(model, mode)()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = fused(x), reference(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert_as_accurate(out, ref, reference64(x.double()))
+
+
+def test_export_eval_model():
+    use(("cpp", "cpu"))
+    reference, fused = pair("resnet18", num_classes=10)
+    fused.eval()
+    reference.eval()
+    x = torch.randn(2, 3, 32, 32)
+    exported = torch.export.export(fused, (x,))
+    assert any("fusedres" in str(node.target) for node in exported.graph.nodes)
+    with torch.no_grad():
+        assert_close(exported.module()(x), reference(x), torch.float32, DEEP)
