@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as FF
+from .sync_batchnorm import sync_batch_norm_act, uses_sync
 
 __all__ = ["BasicBlock", "Bottleneck", "conv3x3", "conv1x1", "conv_bn_act", "conv_bn_add_act"]
 
@@ -110,6 +111,8 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def conv_bn_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
                 relu: bool = True) -> Tensor:
     """act(bn(conv(x))) with the fused ops."""
+    if uses_sync(bn):
+        return sync_batch_norm_act(_conv(x, conv), bn, relu=relu)
     if _bn_training(bn):
         return FF.batch_norm_relu(_conv(x, conv), **_bn_args(bn), relu=relu)
     x, weight, bias = _autocast(x, *folded(owner, name, conv, bn))
@@ -132,9 +135,15 @@ def conv_bn_add_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn:
     """relu(bn(conv(x)) + shortcut(identity)): the end of a residual block, where the shortcut
     is the identity or `downsample` (a conv + BN pair, fused as well)."""
     pair = _conv_bn_pair(downsample)
+    if uses_sync(bn):
+        if pair is not None:
+            shortcut = conv_bn_act(owner, name + ".downsample", identity, *pair, relu=False)
+        else:
+            shortcut = downsample(identity) if downsample is not None else identity
+        return sync_batch_norm_act(_conv(x, conv), bn, shortcut)
     if _bn_training(bn):
         y = _conv(x, conv)
-        if pair is not None and _bn_training(pair[1]):
+        if pair is not None and _bn_training(pair[1]) and not uses_sync(pair[1]):
             z = _conv(identity, pair[0])
             args, residual_args = _bn_args(bn), _bn_args(pair[1])
             return FF.dual_batch_norm_add_relu(
@@ -145,7 +154,10 @@ def conv_bn_add_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn:
                 residual_eps=residual_args["eps"],
                 num_batches_tracked=args["num_batches_tracked"],
                 residual_num_batches_tracked=residual_args["num_batches_tracked"])
-        shortcut = downsample(identity) if downsample is not None else identity
+        if pair is not None:
+            shortcut = conv_bn_act(owner, name + ".downsample", identity, *pair, relu=False)
+        else:
+            shortcut = downsample(identity) if downsample is not None else identity
         return FF.batch_norm_add_relu(y, shortcut, **_bn_args(bn))
     if pair is not None and not _bn_training(pair[1]):
         identity_, ds_weight, ds_bias = _autocast(identity, *folded(owner, name + ".downsample",
