@@ -42,6 +42,13 @@ def _is_frozen(bn: nn.Module) -> bool:
     return not isinstance(bn, nn.modules.batchnorm._BatchNorm) and hasattr(bn, "running_var")
 
 
+def _foldable(norm: nn.Module) -> bool:
+    """A BN the fused ops handle (BatchNorm, frozen BN, or nn.Identity after fold_bn); any
+    other norm_layer (GroupNorm, say) runs as its own module."""
+    return (isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.Identity))
+            or _is_frozen(norm))
+
+
 def _bn_training(bn: nn.Module) -> bool:
     if _is_frozen(bn) or isinstance(bn, nn.Identity):  # nn.Identity: folded away by fold_bn
         return False
@@ -111,6 +118,9 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def conv_bn_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
                 relu: bool = True) -> Tensor:
     """act(bn(conv(x))) with the fused ops."""
+    if not _foldable(bn):
+        y = bn(_conv(x, conv))
+        return torch.relu(y) if relu else y
     if uses_sync(bn):
         return sync_batch_norm_act(_conv(x, conv), bn, relu=relu)
     if _bn_training(bn):
@@ -125,7 +135,7 @@ def conv_bn_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.
 def _conv_bn_pair(module: Optional[nn.Module]):
     """(conv, bn) of a torchvision-style downsample Sequential, else None."""
     if (isinstance(module, nn.Sequential) and len(module) == 2
-            and isinstance(module[0], nn.Conv2d)):
+            and isinstance(module[0], nn.Conv2d) and _foldable(module[1])):
         return module[0], module[1]
     return None
 
@@ -135,6 +145,9 @@ def conv_bn_add_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn:
     """relu(bn(conv(x)) + shortcut(identity)): the end of a residual block, where the shortcut
     is the identity or `downsample` (a conv + BN pair, fused as well)."""
     pair = _conv_bn_pair(downsample)
+    if not _foldable(bn):
+        shortcut = downsample(identity) if downsample is not None else identity
+        return FF.add_relu(bn(_conv(x, conv)), shortcut)
     if uses_sync(bn):
         if pair is not None:
             shortcut = conv_bn_act(owner, name + ".downsample", identity, *pair, relu=False)

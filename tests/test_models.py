@@ -331,3 +331,18 @@ def test_export_eval_model():
     assert any("fusedres" in str(node.target) for node in exported.graph.nodes)
     with torch.no_grad():
         assert_close(exported.module()(x), reference(x), torch.float32, DEEP)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_other_norm_layer_runs_unfused(mode):
+    """norm_layer=GroupNorm (torchvision allows any): those layers run as their own modules."""
+    use(("cpp", "cpu"))
+    norm = lambda c: torch.nn.GroupNorm(4, c)  # noqa: E731
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=10, norm_layer=norm)
+    fused = fusedres.ResNet18(num_classes=10, norm_layer=norm)
+    fused.load_state_dict(reference.state_dict())
+    getattr(reference, mode)()
+    getattr(fused, mode)()
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(fused(x), reference(x), torch.float32, DEEP)
