@@ -1,5 +1,5 @@
-"""convert(): torchvision ResNets to fused ones in place of their blocks; fold_bn(): an
-inference model with every BatchNorm folded into the convolution before it."""
+"""convert(): torchvision and timm ResNets to fused ones in place of their blocks; fold_bn():
+an inference model with every BatchNorm folded into the convolution before it."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +9,7 @@ from torch import nn
 from . import models
 from . import nn as fnn
 from .functional import fold_conv_bn
+from .sync_batchnorm import SyncBatchNorm2d
 
 __all__ = ["convert", "fold_bn"]
 
@@ -20,16 +21,64 @@ _FUSED = {
 }
 
 
+def _is_plain_bn(module: nn.Module) -> bool:
+    return type(module) in (nn.BatchNorm2d, SyncBatchNorm2d) or fnn._is_frozen(module)
+
+
+def _timm_block_is_plain(block: nn.Module) -> bool:
+    """A timm ResNet block without the extras the fused forward does not implement (SE,
+    anti-aliasing, DropBlock, DropPath, activations other than ReLU, BN with its own act)."""
+    acts = [getattr(block, name) for name in ("act1", "act2", "act3") if hasattr(block, name)]
+    bns = [getattr(block, name) for name in ("bn1", "bn2", "bn3") if hasattr(block, name)]
+    return (block.se is None and block.drop_path is None
+            and isinstance(block.drop_block, nn.Identity) and isinstance(block.aa, nn.Identity)
+            and all(type(a) is nn.ReLU for a in acts) and all(_is_plain_bn(b) for b in bns))
+
+
+def _timm_fused_forward(self, x):
+    if not _timm_block_is_plain(self):
+        return self._fusedres_original_forward(x)
+    if hasattr(self, "conv3"):  # Bottleneck
+        out = fnn.conv_bn_act(self, "1", x, self.conv1, self.bn1)
+        out = fnn.conv_bn_act(self, "2", out, self.conv2, self.bn2)
+        return fnn.conv_bn_add_act(self, "3", out, self.conv3, self.bn3, x, self.downsample)
+    out = fnn.conv_bn_act(self, "1", x, self.conv1, self.bn1)
+    return fnn.conv_bn_add_act(self, "2", out, self.conv2, self.bn2, x, self.downsample)
+
+
+_TIMM_FUSED: dict = {}
+
+
+def _timm_fused(cls):
+    """A subclass of a timm block class whose forward is fused when the block is plain, and
+    timm's own otherwise."""
+    if cls not in _TIMM_FUSED:
+        _TIMM_FUSED[cls] = type(f"Fused{cls.__name__}", (cls,), {
+            "forward": _timm_fused_forward, "_fusedres_original_forward": cls.forward,
+            "__module__": __name__})
+    return _TIMM_FUSED[cls]
+
+
+def _fused_class(module: nn.Module):
+    key = (type(module).__module__, type(module).__name__)
+    if key in _FUSED:
+        return _FUSED[key]
+    if key in (("timm.models.resnet", "BasicBlock"), ("timm.models.resnet", "Bottleneck")):
+        return _timm_fused(type(module))
+    return None
+
+
 def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> nn.Module:
-    """Returns `model` with its torchvision ResNet blocks (and the ResNet around them) running
-    the fused ops. The modules keep their parameters, buffers, state_dict keys and hooks: only
-    their forward changes. Modules it does not recognise are left as they are. With verbose,
-    prints what it converted."""
+    """Returns `model` with its torchvision ResNet blocks (and the ResNet around them) and
+    timm ResNet blocks running the fused ops. The modules keep their parameters, buffers,
+    state_dict keys and hooks: only their forward changes. Modules it does not recognise are
+    left as they are (timm blocks with SE, anti-aliasing, DropBlock / DropPath or other
+    activations keep timm's forward). With verbose, prints what it converted."""
     if not inplace:
         model = copy.deepcopy(model)
     converted = []
     for name, module in model.named_modules():
-        fused = _FUSED.get((type(module).__module__, type(module).__name__))
+        fused = _fused_class(module)
         if fused is not None:
             module.__class__ = fused  # same attributes: only forward changes
             converted.append((name or "(model)", fused.__name__))

@@ -346,3 +346,45 @@ def test_other_norm_layer_runs_unfused(mode):
     getattr(fused, mode)()
     x = torch.randn(2, 3, 32, 32)
     assert_close(fused(x), reference(x), torch.float32, DEEP)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnet50d"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_timm_resnet(arch, mode):
+    timm = pytest.importorskip("timm")
+    use(("cpp", "cpu"))
+    torch.manual_seed(0)
+    reference = timm.create_model(arch, pretrained=False, num_classes=10)
+    converted = fusedres.convert(reference)
+    assert type(converted.layer1[0]).__name__.startswith("Fused")
+    assert list(converted.state_dict()) == list(reference.state_dict())
+    check_forward(reference, converted, torch.randn(2, 3, 64, 64), mode)
+
+
+def test_convert_keeps_timm_forward_for_blocks_it_does_not_fuse():
+    timm = pytest.importorskip("timm")
+    use(("cpp", "cpu"))
+    torch.manual_seed(0)
+    reference = timm.create_model("seresnet50", pretrained=False, num_classes=10).eval()
+    converted = fusedres.convert(reference)
+    x = torch.randn(1, 3, 64, 64)
+    assert_close(converted(x), reference(x), torch.float32, DEEP)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_resnet50_on_the_gpu_at_224(backend, dtype, mode):
+    """ResNet-50 at full resolution, channels_last, under autocast, on the GPU backends."""
+    use((backend, "cuda"))
+    reference, fused = pair("resnet50")
+    reference64 = copy.deepcopy(reference).double().cuda()
+    reference, fused = [m.cuda().to(memory_format=torch.channels_last) for m in (reference, fused)]
+    for model in (reference, fused, reference64):
+        getattr(model, mode)()
+    x = torch.randn(8, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=dtype):
+        out, ref = fused(x), reference(x)
+    assert out.dtype == dtype
+    assert_as_accurate(out, ref, reference64(x.double()))
