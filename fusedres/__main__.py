@@ -1,8 +1,13 @@
-"""python -m fusedres: checks this installation end to end.
+"""python -m fusedres: checks this installation end to end, then benchmarks it.
 
-Prints what was built and loaded, then runs every fused op on each compiled backend (cpp,
-cuda, triton) available for each device against the unfused PyTorch computation in float64,
-and exits non-zero if any result is off. (Later: the ResNet-50 check and benchmark.)
+1. Prints what was built and loaded, and runs every fused op on each compiled backend (cpp,
+   cuda, triton) available for each device against the unfused computation in float64.
+2. Checks fusedres ResNet-50 against torchvision: eval output, and output, parameters and
+   running statistics after one training step.
+3. Benchmarks ResNet-50 inference and training steps against torchvision eager and
+   torch.compile, and prints the table: on a GPU at full size (bf16, channels_last, N=256,
+   224x224), on a CPU at a small default.
+Exits non-zero if any check is off.
 """
 from __future__ import annotations
 
@@ -62,6 +67,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default=None,
                         help="check only this backend (default: every available compiled one)")
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--arch", default="resnet50", help="model to check and benchmark")
+    parser.add_argument("--batch", type=int, default=256 if gpu else 4)
+    parser.add_argument("--size", type=int, default=224 if gpu else 96, help="image size")
+    parser.add_argument("--iters", type=int, default=20 if gpu else 5, help="timed steps")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset of eager,compile,fusedres,fusedres-triton")
+    parser.add_argument("--ops-only", action="store_true", help="stop after the op checks")
     args = parser.parse_args(argv)
 
     info = fusedres.info()
@@ -96,8 +109,43 @@ def main(argv=None) -> int:
     if checked == 0:
         print(f"\nnothing checked: backend {args.backend!r} cannot run on this machine")
         return 1
-    print(f"\n{'all checks passed' if failures == 0 else f'{failures} check(s) FAILED'}")
-    return 1 if failures else 0
+    print(f"\n{'all op checks passed' if failures == 0 else f'{failures} op check(s) FAILED'}")
+    if args.ops_only or failures:
+        return 1 if failures else 0
+    return models(args)
+
+
+def models(args) -> int:
+    from . import benchmark
+
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        print("\nmodel check and benchmark skipped: torchvision is not installed "
+              "(pip install torchvision)")
+        return 0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"\n{args.arch}: fusedres and torchvision ({device}, {str(dtype)[6:]}, batch "
+          f"{min(args.batch, 8)}), each against torchvision in float64:")
+    errors = benchmark.check_model(args.arch, device, dtype, batch=min(args.batch, 8),
+                                   size=args.size)
+    failed = 0
+    print(f"  {'':26} {'fusedres':>10} {'torchvision':>12}")
+    for name, (err, own) in errors.items():
+        ok = err <= max(1e-4, 3 * own)  # as accurate as torchvision's own rounding
+        failed += not ok
+        print(f"  {name:26} {err:10.2e} {own:12.2e}{'' if ok else '  FAILED'}")
+    if failed:
+        print(f"{failed} model check(s) FAILED")
+        return 1
+    names = args.providers.split(",") if args.providers else None
+    print(f"\nbenchmark: {args.arch}, batch {args.batch}, {args.size}x{args.size}, "
+          f"{str(dtype)[6:]}, channels_last, {device} (median of {args.iters} steps)")
+    results = benchmark.run([args.arch], names=names, batch=args.batch, size=args.size,
+                            device=device, dtype=dtype, iters=args.iters)
+    print(benchmark.markdown_table(results))
+    return 0
 
 
 if __name__ == "__main__":

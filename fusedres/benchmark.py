@@ -1,0 +1,204 @@
+"""Whole-model speed: torchvision eager, torch.compile and fusedres side by side on the same
+inputs, after checking that they agree. Used by `python -m fusedres` and bench/.
+
+Timing: warm-up, then the median of timed iterations (CUDA events on a GPU), with inputs
+rotated through a small pool so no run reuses the previous one's cache.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import fusedres
+
+MODES = ("inference", "train")
+
+
+@dataclass
+class Result:
+    arch: str
+    mode: str
+    provider: str
+    batch: int
+    seconds: float  # median per iteration
+    max_error: float  # relative error of the output against eager
+    memory_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.seconds
+
+
+def providers(device: str) -> list[str]:
+    names = ["eager", "compile", "fusedres"]
+    if device == "cuda" and fusedres.info()["available"]["triton"]:
+        names.append("fusedres-triton")
+    return names
+
+
+def _torchvision(arch: str, device, dtype, channels_last, num_classes):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    model = model.to(device=device, dtype=dtype)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def build(provider: str, reference: torch.nn.Module, mode: str):
+    """(model, step) for one provider: step(x, target) runs one inference or training step and
+    returns the output."""
+    model = copy.deepcopy(reference)
+    backend = "auto"
+    if provider.startswith("fusedres"):
+        model = fusedres.convert(model)
+        backend = "triton" if provider == "fusedres-triton" else "auto"
+    model.train(mode == "train")
+    if mode == "inference":
+        if provider == "fusedres":
+            model = fusedres.fold_bn(model)
+        forward = model
+        if provider == "compile":
+            forward = torch.compile(model, options={"freezing": True})
+
+        def step(x, target):
+            with torch.no_grad(), fusedres.backend(backend):
+                return forward(x)
+
+        return model, step
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    forward = torch.compile(model) if provider == "compile" else model
+
+    def step(x, target):
+        with fusedres.backend(backend):
+            optimizer.zero_grad(set_to_none=True)
+            out = forward(x)
+            F.cross_entropy(out.float(), target).backward()
+            optimizer.step()
+        return out.detach()
+
+    return model, step
+
+
+def _synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, inputs, device, warmup: int, iters: int) -> float:
+    """Median seconds per step over `iters` timed steps, inputs rotated."""
+    for i in range(warmup):
+        step(*inputs[i % len(inputs)])
+    _synchronize(device)
+    times = []
+    for i in range(iters):
+        x, target = inputs[i % len(inputs)]
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(x, target)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step(x, target)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def relative_error(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run(archs, modes=MODES, names=None, batch=4, size=96, device="cpu", dtype=torch.float32,
+        channels_last=True, warmup=3, iters=10, num_classes=1000, progress=True):
+    """Benchmarks every (arch, mode, provider); returns a list of Result."""
+    names = names or providers(device)
+    jobs = [(a, m, p) for a in archs for m in modes for p in names]
+    results = []
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    pool = [(torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(memory_format=fmt),
+             torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
+    for n, (arch, mode, provider) in enumerate(jobs, 1):
+        if progress:
+            print(f"\r[{n}/{len(jobs)}] {arch} {mode} {provider:18}", end="", file=sys.stderr,
+                  flush=True)
+        reference = _torchvision(arch, device, dtype, channels_last, num_classes)
+        _, ref_step = build("eager", reference, mode)
+        _, step = build(provider, reference, mode)
+        expected = ref_step(*pool[0])
+        got = step(*pool[0])  # same weights, same first batch: the outputs must agree
+        error = relative_error(got, expected)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = time_step(step, pool, device, warmup, iters)
+        memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+        results.append(Result(arch, mode, provider, batch, seconds, error, memory))
+    if progress:
+        print(file=sys.stderr)
+    return results
+
+
+def markdown_table(results) -> str:
+    """img/s per provider, with speed-ups over eager and over torch.compile."""
+    by_key = {(r.arch, r.mode, r.provider): r for r in results}
+    lines = ["| model | mode | provider | img/s | vs eager | vs compile | ms / step | "
+             "rel. error | peak MiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        eager = by_key.get((r.arch, r.mode, "eager"))
+        compiled = by_key.get((r.arch, r.mode, "compile"))
+        speedup = lambda base: f"{base.seconds / r.seconds:.2f}x" if base else "-"  # noqa: E731
+        memory = f"{r.memory_mb:.0f}" if r.memory_mb is not None else "-"
+        lines.append(f"| {r.arch} | {r.mode} | {r.provider} | {r.images_per_second:,.1f} | "
+                     f"{speedup(eager)} | {speedup(compiled)} | {r.seconds * 1e3:.2f} | "
+                     f"{r.max_error:.1e} | {memory} |")
+    return "\n".join(lines)
+
+
+def check_model(arch="resnet50", device="cpu", dtype=torch.float32, batch=4, size=96,
+                num_classes=1000):
+    """fusedres (a converted torchvision model) and torchvision itself, both against
+    torchvision in float64: eval output, and output, parameters and running statistics after
+    one SGD step. Returns {check: (fusedres error, torchvision error)}, relative errors."""
+    reference = _torchvision(arch, device, dtype, True, num_classes)
+    fused = fusedres.convert(reference)
+    reference64 = copy.deepcopy(reference).double()
+    models = (fused, reference, reference64)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(
+        memory_format=torch.channels_last)
+    target = torch.randint(0, num_classes, (batch,), device=device)
+
+    def inputs(model):
+        return x.double() if model is reference64 else x
+
+    def compare(values):
+        return (relative_error(values[0], values[2]), relative_error(values[1], values[2]))
+
+    errors = {}
+    with torch.no_grad():
+        errors["eval output"] = compare([m.eval()(inputs(m)) for m in models])
+    outs = []
+    for model in models:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        out = model(inputs(model))
+        F.cross_entropy(out.float() if model is not reference64 else out, target).backward()
+        optimizer.step()
+        outs.append(out.detach())
+    errors["train output"] = compare(outs)
+    errors["parameters after a step"] = compare(
+        [torch.cat([p.detach().double().flatten() for p in m.parameters()]) for m in models])
+    errors["running statistics"] = compare(
+        [torch.cat([b.double().flatten() for n, b in m.named_buffers() if "running" in n])
+         for m in models])
+    return errors
