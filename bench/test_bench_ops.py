@@ -8,7 +8,8 @@ import fusedres
 import fusedres.functional as FF
 from conftest import BATCH, DEVICE, DTYPE, GPU, channels_last
 
-PROVIDERS = ["eager", "fusedres"] + (["triton"] if GPU and fusedres.info()["available"]["triton"] else [])
+PROVIDERS = ["eager", "compile", "fusedres"] + (
+    ["triton"] if GPU and fusedres.info()["available"]["triton"] else [])
 
 # ResNet-50 BN inputs (C, H) and convolutions (C_in, C_out, kernel, stride, H_in).
 BN_SHAPES = [(256, 56), (512, 28), (1024, 14), (2048, 7)] if GPU else [(64, 28)]
@@ -24,38 +25,54 @@ def bn_state(C):
             torch.randn(C, device=DEVICE, requires_grad=True))
 
 
-def bn_relu(provider, x, state):
+def _eager_bn_act(x, residual, rm, rv, w, b):
+    y = F.batch_norm(x, rm, rv, w, b, True)
+    return torch.relu(y if residual is None else y + residual)
+
+
+_compiled_bn_act = torch.compile(_eager_bn_act)
+
+
+def bn_act(provider, x, state, residual=None):
+    """relu(bn(x) (+ residual)) in training mode, by provider."""
     rm, rv, w, b = state
-    if provider == "eager":
-        return torch.relu(F.batch_norm(x, rm, rv, w, b, True))
+    if provider in ("eager", "compile"):
+        fn = _eager_bn_act if provider == "eager" else _compiled_bn_act
+        return fn(x, residual, rm, rv, w, b)
     with fusedres.backend("triton" if provider == "triton" else "auto"):
-        return FF.batch_norm_relu(x, rm, rv, w, b, True)
+        if residual is None:
+            return FF.batch_norm_relu(x, rm, rv, w, b, True)
+        return FF.batch_norm_add_relu(x, residual, rm, rv, w, b, True)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: f"C{s[0]}xH{s[1]}")
-def test_bn_relu_train_forward(timed, provider, shape):
+def test_bn_act_train_forward(timed, provider, residual, shape):
     C, H = shape
     x = channels_last((BATCH, C, H, H))
+    z = channels_last((BATCH, C, H, H)) if residual else None
     state = bn_state(C)
     with torch.no_grad():
         fresh = lambda: (state[0].clone(), state[1].clone(), state[2], state[3])  # noqa: E731
-        torch.testing.assert_close(bn_relu(provider, x, fresh()).float(),
-                                   bn_relu("eager", x, fresh()).float(), atol=5e-2, rtol=5e-2)
-        timed(lambda: bn_relu(provider, x, state))
+        torch.testing.assert_close(bn_act(provider, x, fresh(), z).float(),
+                                   bn_act("eager", x, fresh(), z).float(), atol=5e-2, rtol=5e-2)
+        timed(lambda: bn_act(provider, x, state, z))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("residual", [False, True], ids=["bn_relu", "bn_add_relu"])
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: f"C{s[0]}xH{s[1]}")
-def test_bn_relu_train_forward_backward(timed, provider, shape):
+def test_bn_act_train_forward_backward(timed, provider, residual, shape):
     C, H = shape
     x = channels_last((BATCH, C, H, H), requires_grad=True)
+    z = channels_last((BATCH, C, H, H), requires_grad=True) if residual else None
     grad = channels_last((BATCH, C, H, H))
     state = bn_state(C)
+    leaves = (x, state[2], state[3]) + ((z,) if residual else ())
 
     def step():
-        out = bn_relu(provider, x, state)
-        return torch.autograd.grad(out, (x, state[2], state[3]), grad)
+        return torch.autograd.grad(bn_act(provider, x, state, z), leaves, grad)
 
     timed(step)
 
