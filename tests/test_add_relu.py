@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import fusedres
 import fusedres.functional as FF
 from conftest import TARGETS, DTYPES, LAYOUTS, assert_close, make, has_layout, use
 

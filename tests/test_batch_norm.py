@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedres
 import fusedres.functional as FF
 from conftest import (TARGETS, DTYPES, LAYOUTS, TOLERANCE, assert_close, make,
                       has_layout, use)
@@ -99,7 +98,6 @@ def test_backward_matches_reference(target, layout, dtype, kind, relu, training)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref_x, ref_w, ref_b = ref_leaves[:3]
     ref_res = ref_leaves[3] if residual is not None else None
-    ref_params = (params[0], params[1], ref_w, ref_b)
     ref_res_params = None
     if residual_params is not None:
         ref_res_params = (residual_params[0], residual_params[1], ref_leaves[4], ref_leaves[5])

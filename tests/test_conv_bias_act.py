@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fusedres
 import fusedres.functional as FF
 from conftest import (NATIVE_TARGETS, CONV_TOLERANCE, DTYPES, LAYOUTS, assert_close, make,
                       has_layout, use)
