@@ -20,7 +20,7 @@ TOLERANCE = 5e-2 if DTYPE == torch.bfloat16 else 1e-3
 @pytest.mark.parametrize("mode", B.MODES)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_model(benchmark, arch, mode, provider):
-    reference = B._torchvision(arch, DEVICE, DTYPE, True, 1000)
+    reference = B.torchvision_model(arch, DEVICE, DTYPE, True, 1000)
     pool = [(torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last), torch.randint(0, 1000, (BATCH,), device=DEVICE))
         for _ in range(3)]

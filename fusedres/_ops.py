@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import conv_output_shape
+
 _threshold_backward = torch.ops.aten.threshold_backward.default
 
 
@@ -74,10 +76,7 @@ def _fake_add_relu(input, residual):
 
 
 def _conv_output(input, weight, stride, padding, dilation):
-    size = [input.shape[0], weight.shape[0]]
-    for d in range(2):
-        extent = dilation[d] * (weight.shape[d + 2] - 1) + 1
-        size.append((input.shape[d + 2] + 2 * padding[d] - extent) // stride[d] + 1)
+    size = conv_output_shape(input, weight, stride, padding, dilation)
     fmt = torch.channels_last if is_channels_last(input) else torch.contiguous_format
     return torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
 

@@ -43,7 +43,8 @@ def providers(device: str) -> list[str]:
     return names
 
 
-def _torchvision(arch: str, device, dtype, channels_last, num_classes):
+def torchvision_model(arch: str, device, dtype, channels_last, num_classes):
+    """torchvision's `arch` with seeded weights, on device / dtype / layout."""
     import torchvision
 
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def run(archs, modes=MODES, names=None, batch=4, size=96, device="cpu", dtype=to
         if progress:
             print(f"\r[{n}/{len(jobs)}] {arch} {mode} {provider:18}", end="", file=sys.stderr,
                   flush=True)
-        reference = _torchvision(arch, device, dtype, channels_last, num_classes)
+        reference = torchvision_model(arch, device, dtype, channels_last, num_classes)
         _, ref_step = build("eager", reference, mode)
         _, step = build(provider, reference, mode)
         expected = ref_step(*pool[0])
@@ -170,7 +171,7 @@ def check_model(arch="resnet50", device="cpu", dtype=torch.float32, batch=4, siz
     """fusedres (a converted torchvision model) and torchvision itself, both against
     torchvision in float64: eval output, and output, parameters and running statistics after
     one SGD step. Returns {check: (fusedres error, torchvision error)}, relative errors."""
-    reference = _torchvision(arch, device, dtype, True, num_classes)
+    reference = torchvision_model(arch, device, dtype, True, num_classes)
     fused = fusedres.convert(reference)
     reference64 = copy.deepcopy(reference).double()
     models = (fused, reference, reference64)

@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, acc_dtype, is_channels_last, match_layout, tl_acc
+from fusedres.reference import conv_output_shape
+
+from ._common import INTERPRETED, is_channels_last, match_layout, tl_acc
 from .batch_norm_stats import _stats_merge_kernel
 
 
@@ -119,10 +121,6 @@ def _conv2d_kernel(
         tl.store(part + 2 * part_rows * C_out, tl.sum(d * d, axis=0), mask=n_ok)
 
 
-def _output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 @torch.library.custom_op("fusedres_triton::conv2d", mutates_args=())
 def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            residual: Optional[torch.Tensor], input_scale: Optional[torch.Tensor],
@@ -133,14 +131,12 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     biased variance of out (float32; empty tensors without emit_stats)."""
     N, C_in, H, W = input.shape
     C_out, C_in_g, KH, KW = weight.shape
-    P = _output_size(H, KH, stride[0], padding[0], dilation[0])
-    Q = _output_size(W, KW, stride[1], padding[1], dilation[1])
+    P, Q = conv_output_shape(input, weight, stride, padding, dilation)[2:]
     fmt = torch.channels_last if is_channels_last(input) else torch.contiguous_format
     x = input.contiguous(memory_format=fmt)
     w = weight.contiguous(memory_format=fmt)
     out = torch.empty((N, C_out, P, Q), dtype=input.dtype, device=input.device, memory_format=fmt)
-    stats_dtype = acc_dtype(torch.float32)
-    mean = torch.zeros(C_out if emit_stats else 0, dtype=stats_dtype, device=input.device)
+    mean = torch.zeros(C_out if emit_stats else 0, dtype=torch.float32, device=input.device)
     var = torch.zeros_like(mean)
     M = N * P * Q
     if M == 0:
@@ -150,7 +146,7 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     dummy = out  # stands in for absent pointers; never read
     # One partial row per M tile: sized for the smallest tile height any config uses.
     part_rows = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in _conv2d_kernel.configs))
-    partials = (torch.empty(3, part_rows, C_out, dtype=stats_dtype, device=input.device)
+    partials = (torch.empty(3, part_rows, C_out, dtype=torch.float32, device=input.device)
                 if emit_stats else dummy)
 
     def grid(meta):
