@@ -1,8 +1,9 @@
-"""Turns pytest-benchmark JSON from bench/test_bench_models.py into a Markdown table (img/s,
-speed-up over eager and over torch.compile, peak memory) and a PNG bar chart.
+"""Turns pytest-benchmark JSON from bench/ into Markdown tables and a PNG bar chart.
 
     python bench/report.py bench/results/RUN.json [--out bench/results/RUN]
-writes RUN.md and RUN.png (the chart needs matplotlib: pip install -e ".[bench]").
+writes RUN.md (whole models: img/s, speed-up over eager and over torch.compile, peak memory;
+per op: time, speed-ups, achieved bandwidth against the measured copy bandwidth) and RUN.png
+(the models chart; needs matplotlib: pip install -e ".[bench]").
 """
 import argparse
 import json
@@ -11,28 +12,61 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fusedres.benchmark import Result, markdown_table  # noqa: E402
+from fusedres.benchmark import Result, markdown_table
+
+
+def seconds(bench):
+    """Median seconds per call: the CUDA-event median when recorded, else pytest-benchmark's
+    wall-clock median of a round divided by the calls in it."""
+    info = bench.get("extra_info", {})
+    if "median_s" in info:
+        return info["median_s"]
+    return bench["stats"]["median"] / info.get("calls_per_round", 1)
 
 
 def load(path):
     with open(path) as f:
         data = json.load(f)
-    results = []
+    models, ops = [], []
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "arch" not in info:
-            continue  # a per-op benchmark
-        results.append(Result(info["arch"], info["mode"], info["provider"], info["batch"],
-                              bench["stats"]["median"], info["rel_error"],
-                              info.get("peak_memory_mib")))
-    return data.get("machine_info", {}), data.get("datetime"), results
+        if "arch" in info:
+            models.append(Result(info["arch"], info["mode"], info["provider"], info["batch"],
+                                 seconds(bench), info["rel_error"],
+                                 info.get("peak_memory_mib")))
+        else:
+            ops.append(bench)
+    return data.get("machine_info", {}), data.get("datetime"), models, ops
 
 
 def header(machine, when):
     gpu = machine.get("gpu") or machine.get("cpu", {}).get("brand_raw", "CPU")
     versions = ", ".join(f"{k} {machine[k]}" for k in ("torch", "triton", "cudnn", "driver")
                          if machine.get(k))
-    return f"{gpu}; {versions}; {when}"
+    bandwidth = machine.get("copy_bandwidth_gbs")
+    copy = f"; copy bandwidth {bandwidth:.0f} GB/s" if bandwidth else ""
+    return f"{gpu}; {versions}{copy}; {when}"
+
+
+def op_table(ops, copy_gbs):
+    """One row per (op, case, provider): median time, speed-ups, achieved bandwidth."""
+    rows = []
+    for bench in ops:
+        provider = bench["params"]["provider"]
+        case = bench["param"].replace(f"-{provider}", "").replace(provider, "") or "-"
+        op = bench["name"].split("[")[0].removeprefix("test_")
+        rows.append((op, case, provider, seconds(bench), bench.get("extra_info", {})))
+    base = {(op, case, p): s for op, case, p, s, _ in rows}
+    lines = ["| op | case | provider | median us | vs eager | vs compile | GB/s | % of copy |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for op, case, provider, s, info in rows:
+        speedup = {name: f"{base[op, case, name] / s:.2f}x" if (op, case, name) in base else "-"
+                   for name in ("eager", "compile")}
+        gbs = info["bytes"] / s / 1e9 if "bytes" in info else None
+        lines.append(f"| {op} | {case} | {provider} | {s * 1e6:,.1f} | {speedup['eager']} | "
+                     f"{speedup['compile']} | {f'{gbs:,.1f}' if gbs else '-'} | "
+                     f"{f'{100 * gbs / copy_gbs:.0f}%' if gbs and copy_gbs else '-'} |")
+    return "\n".join(lines)
 
 
 def chart(results, path):
@@ -62,20 +96,26 @@ def main(argv=None):
     parser.add_argument("json")
     parser.add_argument("--out", default=None, help="output path without extension")
     args = parser.parse_args(argv)
-    machine, when, results = load(args.json)
-    if not results:
-        print("no model benchmarks in", args.json)
+    machine, when, models, ops = load(args.json)
+    if not models and not ops:
+        print("no benchmarks in", args.json)
         return 1
     out = args.out or os.path.splitext(args.json)[0]
-    table = f"{header(machine, when)}\n\n{markdown_table(results)}\n"
+    parts = [header(machine, when)]
+    if models:
+        parts.append("### Whole models\n\n" + markdown_table(models))
+    if ops:
+        parts.append("### Per op\n\n" + op_table(ops, machine.get("copy_bandwidth_gbs")))
+    text = "\n\n".join(parts) + "\n"
     with open(out + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    try:
-        chart(results, out + ".png")
-        print("chart:", out + ".png")
-    except ImportError:
-        print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+        f.write(text)
+    print(text)
+    if models:
+        try:
+            chart(models, out + ".png")
+            print("chart:", out + ".png")
+        except ImportError:
+            print("no chart: matplotlib is not installed (pip install -e '.[bench]')")
     return 0
 
 

@@ -1,13 +1,14 @@
 """Whole-model speed: ResNet-18/50/101 inference (eval; fusedres with BN folded, torch.compile
 with freezing) and training steps (forward, backward, SGD), torchvision eager vs
-torch.compile vs fusedres, after checking each provider's output against eager on the same
-weights and inputs. GPU: N=256, 224x224, bf16; CPU: a small default (ResNet-18/50)."""
+torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and fusedres-triton on a GPU),
+after checking each provider's output against eager on the same weights and inputs.
+GPU: N=256, 224x224, bf16; CPU: a small default (ResNet-18/50). Timing as in conftest.py; on a
+GPU the CUDA-event median (fusedres.benchmark.time_step) is extra_info["median_s"]."""
 import pytest
 import torch
+from conftest import BATCH, DEVICE, DTYPE, GPU, POOL
 
-import fusedres
 from fusedres import benchmark as B
-from conftest import BATCH, DEVICE, DTYPE, GPU
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -23,11 +24,15 @@ def test_model(benchmark, arch, mode, provider):
     reference = B.torchvision_model(arch, DEVICE, DTYPE, True, 1000)
     pool = [(torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last), torch.randint(0, 1000, (BATCH,), device=DEVICE))
-        for _ in range(3)]
+        for _ in range(POOL)]
     _, ref_step = B.build("eager", reference, mode)
     _, step = B.build(provider, reference, mode)
     error = B.relative_error(step(*pool[0]), ref_step(*pool[0]))
     assert error <= TOLERANCE, f"{provider} differs from eager: {error:.2e}"
+    del reference, ref_step  # peak memory counts only the benchmarked model
+    if GPU:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     for i in range(3):  # warm-up (compiles)
         step(*pool[i])
     index = iter(range(10**9))
@@ -39,8 +44,9 @@ def test_model(benchmark, arch, mode, provider):
         return out
 
     benchmark.extra_info.update(batch=BATCH, size=SIZE, dtype=str(DTYPE), device=DEVICE,
-                                rel_error=error, arch=arch, mode=mode, provider=provider)
+                                rel_error=error, arch=arch, mode=mode, provider=provider,
+                                calls_per_round=1)
     benchmark.pedantic(timed, rounds=10 if GPU else 3, iterations=1)
     if GPU:
         benchmark.extra_info["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    fusedres.set_backend("auto")
+        benchmark.extra_info["median_s"] = B.time_step(step, pool, DEVICE, warmup=2, iters=20)

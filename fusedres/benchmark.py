@@ -36,10 +36,23 @@ class Result:
         return self.batch / self.seconds
 
 
+# fusedres providers and the backend each runs on ("fusedres": the automatic choice).
+FUSED_BACKENDS = {"fusedres": "auto", "fusedres-cpp": "cpp", "fusedres-cuda": "cuda",
+                  "fusedres-triton": "triton"}
+PROVIDERS = ("eager", "compile", *FUSED_BACKENDS)
+
+
 def providers(device: str) -> list[str]:
-    names = ["eager", "compile", "fusedres"]
-    if device == "cuda" and fusedres.info()["available"]["triton"]:
-        names.append("fusedres-triton")
+    """The default side-by-side set on `device`: eager, torch.compile, and each compiled
+    fusedres backend that can run there."""
+    from ._backend import unavailable_reason
+
+    native = "cuda" if device == "cuda" else "cpp"
+    names = ["eager", "compile"]
+    names += [f"fusedres-{b}" for b in (native, "triton")
+              if unavailable_reason(b, device) is None and (b != "triton" or device == "cuda")]
+    if len(names) == 2:
+        names.append("fusedres")  # no compiled backend: the reference composition
     return names
 
 
@@ -56,14 +69,17 @@ def torchvision_model(arch: str, device, dtype, channels_last, num_classes):
 def build(provider: str, reference: torch.nn.Module, mode: str):
     """(model, step) for one provider: step(x, target) runs one inference or training step and
     returns the output."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     model = copy.deepcopy(reference)
-    backend = "auto"
-    if provider.startswith("fusedres"):
+    backend = FUSED_BACKENDS.get(provider, "auto")
+    if provider in FUSED_BACKENDS:
         model = fusedres.convert(model)
-        backend = "triton" if provider == "fusedres-triton" else "auto"
     model.train(mode == "train")
     if mode == "inference":
-        if provider == "fusedres":
+        if provider in FUSED_BACKENDS:
             model = fusedres.fold_bn(model)
         forward = model
         if provider == "compile":
@@ -132,36 +148,46 @@ def run(archs, modes=MODES, names=None, batch=4, size=96, device="cpu", dtype=to
              torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
     for n, (arch, mode, provider) in enumerate(jobs, 1):
         if progress:
-            print(f"\r[{n}/{len(jobs)}] {arch} {mode} {provider:18}", end="", file=sys.stderr,
-                  flush=True)
+            _progress(n - 1, len(jobs), f"{arch} {mode} {provider}")
         reference = torchvision_model(arch, device, dtype, channels_last, num_classes)
         _, ref_step = build("eager", reference, mode)
         _, step = build(provider, reference, mode)
         expected = ref_step(*pool[0])
         got = step(*pool[0])  # same weights, same first batch: the outputs must agree
         error = relative_error(got, expected)
+        del reference, ref_step, expected, got  # peak memory counts only the timed model
         if device == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         seconds = time_step(step, pool, device, warmup, iters)
         memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
         results.append(Result(arch, mode, provider, batch, seconds, error, memory))
     if progress:
+        _progress(len(jobs), len(jobs), "done")
         print(file=sys.stderr)
     return results
+
+
+def _progress(done: int, total: int, what: str, width: int = 24) -> None:
+    """One self-overwriting line on stderr: [#####-------] 3/12 resnet50 train compile."""
+    filled = width * done // max(total, 1)
+    print(f"\r[{'#' * filled}{'-' * (width - filled)}] {done}/{total} {what:32}", end="",
+          file=sys.stderr, flush=True)
 
 
 def markdown_table(results) -> str:
     """img/s per provider, with speed-ups over eager and over torch.compile."""
     by_key = {(r.arch, r.mode, r.provider): r for r in results}
     lines = ["| model | mode | provider | img/s | vs eager | vs compile | ms / step | "
-             "rel. error | peak MiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             + "rel. error | peak MiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        eager = by_key.get((r.arch, r.mode, "eager"))
-        compiled = by_key.get((r.arch, r.mode, "compile"))
-        speedup = lambda base: f"{base.seconds / r.seconds:.2f}x" if base else "-"  # noqa: E731
+        speedup = {}
+        for name in ("eager", "compile"):
+            base = by_key.get((r.arch, r.mode, name))
+            speedup[name] = f"{base.seconds / r.seconds:.2f}x" if base else "-"
         memory = f"{r.memory_mb:.0f}" if r.memory_mb is not None else "-"
         lines.append(f"| {r.arch} | {r.mode} | {r.provider} | {r.images_per_second:,.1f} | "
-                     f"{speedup(eager)} | {speedup(compiled)} | {r.seconds * 1e3:.2f} | "
+                     f"{speedup['eager']} | {speedup['compile']} | {r.seconds * 1e3:.2f} | "
                      f"{r.max_error:.1e} | {memory} |")
     return "\n".join(lines)
 
