@@ -150,9 +150,19 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
               " (weight.size(1) * groups)");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "fusedres: stride, padding and dilation must have 2 values each");
+  // Checked before the output size below divides by the stride.
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] > 0, "fusedres: stride must be positive, got ", stride);
+    TORCH_CHECK(dilation[d] > 0, "fusedres: dilation must be positive, got ", dilation);
+    TORCH_CHECK(padding[d] >= 0, "fusedres: padding must be non-negative, got ", padding);
+    TORCH_CHECK(weight.size(d + 2) > 0, "fusedres: weight must have a kernel of at least 1x1, "
+                "got ", weight.sizes());
+  }
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fusedres: bias must have "
                 "shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "fusedres: bias must be a floating "
+                "point tensor, got ", bias->scalar_type());
     TORCH_CHECK(bias->device() == input.device(), "fusedres: bias is on ", bias->device(),
                 " but input is on ", input.device());
   }

@@ -120,3 +120,29 @@ def test_cpp_ops_check_their_arguments_too():
         ops.batch_norm_stats(torch.ones(2, C, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
         ops.batch_norm_act_train(make((1, C)), None, None, None, 1e-5, True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda ops, x, w, z: ops.conv_bias_add_relu(x, w, None, z, [0, 1], [1, 1], [1, 1], 1),
+     "stride must be positive"),  # divided by when sizing the residual: once a crash
+    (lambda ops, x, w, z: ops.conv_bias_relu(x, w, None, [1, 1], [1, 1], [0, 1], 1),
+     "dilation must be positive"),
+    (lambda ops, x, w, z: ops.conv_bias_relu(x, w, None, [1, 1], [-1, 1], [1, 1], 1),
+     "padding must be non-negative"),
+    (lambda ops, x, w, z: ops.conv_bias_relu(x, w[..., :0, :0], None, [1, 1], [1, 1], [1, 1], 1),
+     "kernel of at least 1x1"),
+    (lambda ops, x, w, z: ops.conv_bias_relu(x, w, torch.zeros(8, dtype=torch.int64), [1, 1],
+                                             [1, 1], [1, 1], 1), "bias must be a floating"),
+    (lambda ops, x, w, z: ops.batch_norm_act_train(x, torch.ones(C, dtype=torch.int64), None,
+                                                   None, 1e-5, True), "weight must be a floating"),
+    (lambda ops, x, w, z: ops.fold_conv_bn(w, None, torch.zeros(8, dtype=torch.int64),
+                                           torch.ones(8), 1e-5, None, None),
+     "bn_running_mean must be a floating"),
+    (lambda ops, x, w, z: ops.fold_conv_bn(w, None, torch.zeros(8), torch.ones(8), -1.0, None,
+                                           None), "bn_eps must be non-negative"),
+])
+def test_cpp_conv_and_fold_ops_check_their_arguments(call, message):
+    """Direct torch.ops.fusedres calls (no Python checks in front) refuse bad arguments."""
+    x, w, z = make((2, C, 5, 5)), make((8, C, 3, 3)), make((2, 8, 5, 5))
+    with pytest.raises(RuntimeError, match=message):
+        call(torch.ops.fusedres, x, w, z)

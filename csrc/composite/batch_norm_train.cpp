@@ -47,6 +47,8 @@ void check_affine(const std::optional<Tensor>& t, const Tensor& input, const cha
   if (!t.has_value()) return;
   TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "fusedres: ", name,
               " must have shape (", input.size(1), ",), got ", t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fusedres: ", name,
+              " must be a floating point tensor, got ", t->scalar_type());
   TORCH_CHECK(t->device() == input.device(), "fusedres: ", name, " is on ", t->device(),
               " but input is on ", input.device());
 }

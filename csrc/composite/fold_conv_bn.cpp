@@ -23,10 +23,13 @@ std::tuple<Tensor, Tensor> fold_conv_bn(const Tensor& conv_weight,
   TORCH_CHECK(at::isFloatingType(conv_weight.scalar_type()),
               "fusedres: conv_weight must be a floating point tensor, got ",
               conv_weight.scalar_type());
+  TORCH_CHECK(bn_eps >= 0, "fusedres: bn_eps must be non-negative, got ", bn_eps);
   const int64_t c_out = conv_weight.size(0);
   auto check_vector = [&](const Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == c_out, "fusedres: ", name, " must have shape (",
                 c_out, ",) to match conv_weight's output channels, got ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fusedres: ", name,
+                " must be a floating point tensor, got ", t.scalar_type());
     TORCH_CHECK(t.device() == conv_weight.device(), "fusedres: ", name, " is on ", t.device(),
                 " but conv_weight is on ", conv_weight.device());
   };
