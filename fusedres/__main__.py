@@ -63,19 +63,73 @@ def checks(device, dtype, shape):
            torch.relu(ref_conv + zd))
 
 
+# torchvision's ResNets, which fusedres.convert() fuses (any other model would check nothing).
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+CHECK_BACKENDS = ("cpp", "cuda", "triton", "reference")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def provider_list(text: str) -> list:
+    from .benchmark import PROVIDERS
+
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
+        if name not in PROVIDERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    return names
+
+
+def check_args(parser, args) -> None:
+    """Argument combinations argparse cannot check alone; exits (status 2) on a bad one."""
+    # A ResNet's last stage is ceil(size / 32) pixels wide, and the training step's batch
+    # norm needs more than one value per channel there.
+    last = -(-args.size // 32)
+    if not args.ops_only and min(args.batch, 8) * last * last < 2:
+        parser.error(f"--batch {args.batch} with --size {args.size} leaves one value per channel "
+                     f"in the last stage ({last}x{last} pixels), too few for training batch norm: "
+                     f"use --batch 2 or more, or --size 33 or more")
+    if args.providers:
+        from .benchmark import FUSED_BACKENDS
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name in args.providers:
+            backend = FUSED_BACKENDS.get(name, "auto")
+            why = None if backend == "auto" else fusedres._backend.unavailable_reason(backend,
+                                                                                      device)
+            if why is not None:
+                why = fusedres.info()["unavailable_reasons"].get(backend) or why
+                parser.error(f"argument --providers: {name} cannot run on this machine: {why}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__.split("\n")[0])
-    parser.add_argument("--backend", default=None,
+    parser.add_argument("--backend", default=None, choices=CHECK_BACKENDS,
                         help="check only this backend (default: every available compiled one)")
     gpu = torch.cuda.is_available()
-    parser.add_argument("--arch", default="resnet50", help="model to check and benchmark")
-    parser.add_argument("--batch", type=int, default=256 if gpu else 4)
-    parser.add_argument("--size", type=int, default=224 if gpu else 96, help="image size")
-    parser.add_argument("--iters", type=int, default=20 if gpu else 5, help="timed steps")
-    parser.add_argument("--providers", default=None,
-                        help="comma-separated subset of eager,compile,fusedres,fusedres-triton")
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS,
+                        help="model to check and benchmark (a torchvision ResNet)")
+    parser.add_argument("--batch", type=positive_int, default=256 if gpu else 4)
+    parser.add_argument("--size", type=positive_int, default=224 if gpu else 96,
+                        help="image size")
+    parser.add_argument("--iters", type=positive_int, default=20 if gpu else 5,
+                        help="timed steps")
+    parser.add_argument("--providers", type=provider_list, default=None,
+                        help="comma-separated subset of eager,compile,fusedres,fusedres-cpp,"
+                             "fusedres-cuda,fusedres-triton")
     parser.add_argument("--ops-only", action="store_true", help="stop after the op checks")
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     info = fusedres.info()
     print(f"fusedres {fusedres.__version__}  torch {info['torch']}")
@@ -107,7 +161,8 @@ def main(argv=None) -> int:
                         print(f"{name:28} {device:6} {str(dtype)[6:]:9} {backend:9} {err:10.2e}"
                               f"{'' if ok else '  FAILED'}")
     if checked == 0:
-        print(f"\nnothing checked: backend {args.backend!r} cannot run on this machine")
+        why = info["unavailable_reasons"].get(args.backend, "")
+        print(f"\nnothing checked: backend {args.backend!r} cannot run on this machine: {why}")
         return 1
     print(f"\n{'all op checks passed' if failures == 0 else f'{failures} op check(s) FAILED'}")
     if args.ops_only or failures:
@@ -139,7 +194,7 @@ def models(args) -> int:
     if failed:
         print(f"{failed} model check(s) FAILED")
         return 1
-    names = args.providers.split(",") if args.providers else None
+    names = args.providers
     print(f"\nbenchmark: {args.arch}, batch {args.batch}, {args.size}x{args.size}, "
           f"{str(dtype)[6:]}, channels_last, {device} (median of {args.iters} steps)")
     results = benchmark.run([args.arch], names=names, batch=args.batch, size=args.size,

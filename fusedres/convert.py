@@ -38,6 +38,7 @@ def _timm_block_is_plain(block: nn.Module) -> bool:
 def _timm_fused_forward(self, x):
     if not _timm_block_is_plain(self):
         return self._fusedres_original_forward(x)
+    fnn.check_input(self, x, self.conv1)
     if hasattr(self, "conv3"):  # Bottleneck
         out = fnn.conv_bn_act(self, "1", x, self.conv1, self.bn1)
         out = fnn.conv_bn_act(self, "2", out, self.conv2, self.bn2)
@@ -74,6 +75,7 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
     state_dict keys and hooks: only their forward changes. Modules it does not recognise are
     left as they are (timm blocks with SE, anti-aliasing, DropBlock / DropPath or other
     activations keep timm's forward). With verbose, prints what it converted."""
+    _check_module(model, "convert")
     if not inplace:
         model = copy.deepcopy(model)
     converted = []
@@ -87,6 +89,12 @@ def convert(model: nn.Module, inplace: bool = False, verbose: bool = False) -> n
         for name, kind in converted:
             print(f"  {name}: {kind}")
     return model
+
+
+def _check_module(model, function: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedres.{function}: model must be an nn.Module, got "
+                        f"{type(model).__name__}")
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.Module) -> None:
@@ -106,24 +114,32 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     """An inference model with each BatchNorm (or FrozenBatchNorm2d) folded into the
     convolution before it and replaced by nn.Identity: in fusedres blocks, converted
     torchvision models and nn.Sequential(conv, bn, ...) runs. The model must be in eval mode."""
+    _check_module(model, "fold_bn")
     if model.training:
         raise RuntimeError("fusedres.fold_bn: the model is in training mode, whose BatchNorm uses "
                            "batch statistics and cannot be folded; call model.eval() first")
     if not inplace:
         model = copy.deepcopy(model)
-    for module in model.modules():
-        pairs = []
+    pairs = []  # (parent module, conv, name of the BN in parent, its full name)
+    for prefix, module in model.named_modules():
+        prefix = prefix + "." if prefix else ""
         if isinstance(module, (fnn.BasicBlock, fnn.Bottleneck, models.ResNet)):
-            pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3) if hasattr(module, f"bn{i}")]
-        for conv_name, bn_name in pairs:
-            bn = getattr(module, bn_name)
-            if _is_bn(bn):
-                _fold_pair(getattr(module, conv_name), bn)
-                setattr(module, bn_name, nn.Identity())
+            for i in (1, 2, 3):
+                if hasattr(module, f"bn{i}") and _is_bn(getattr(module, f"bn{i}")):
+                    pairs.append((module, getattr(module, f"conv{i}"), f"bn{i}",
+                                  f"{prefix}bn{i}"))
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (_, first), (bn_name, second) in zip(children, children[1:]):
                 if isinstance(first, nn.Conv2d) and _is_bn(second):
-                    _fold_pair(first, second)
-                    setattr(module, bn_name, nn.Identity())
+                    pairs.append((module, first, bn_name, prefix + bn_name))
+    for module, _, bn_name, name in pairs:  # check all before changing any
+        bn = getattr(module, bn_name)
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError(f"fusedres.fold_bn: {name} has no running statistics "
+                             "(track_running_stats=False: it normalises with the batch's "
+                             "statistics in eval mode too) and cannot be folded")
+    for module, conv, bn_name, _ in pairs:
+        _fold_pair(conv, getattr(module, bn_name))
+        setattr(module, bn_name, nn.Identity())
     return model

@@ -35,6 +35,7 @@ def _fused_ops(backend: str):
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 _IntOrPair = Union[int, Sequence[int]]
 
 
@@ -55,21 +56,20 @@ def _check_input(input, name="input", min_dim=2):
         )
 
 
-def _check_like(t, input, name):
+def _check_like(t, input, name, shape=None, what="the shape of input"):
+    """t must be a Tensor of input's dtype and device, and of `shape` (default: input's)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"fusedres: {name} must be a Tensor, got {type(t).__name__}")
-    if t.shape != input.shape:
-        raise ValueError(
-            f"fusedres: {name} must have the shape of input {tuple(input.shape)}, "
-            f"got {tuple(t.shape)}"
-        )
+    shape = tuple(input.shape) if shape is None else tuple(shape)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"fusedres: {name} must have {what} {shape}, got {tuple(t.shape)}")
     if t.dtype != input.dtype:
         raise TypeError(f"fusedres: {name} must have the dtype of input ({input.dtype}), got {t.dtype}")
     if t.device != input.device:
         raise RuntimeError(f"fusedres: {name} is on {t.device} but input is on {input.device}")
 
 
-def _check_channel_vector(t, input, name, channels=None):
+def _check_channel_vector(t, input, name, channels=None, input_name="input"):
     if t is None:
         return
     channels = input.shape[1] if channels is None else channels
@@ -83,7 +83,29 @@ def _check_channel_vector(t, input, name, channels=None):
             f"got shape {tuple(t.shape)}"
         )
     if t.device != input.device:
-        raise RuntimeError(f"fusedres: {name} is on {t.device} but input is on {input.device}")
+        raise RuntimeError(
+            f"fusedres: {name} is on {t.device} but {input_name} is on {input.device}")
+
+
+def _check_parameter_dtypes(input, named, prefix=""):
+    """As torch.nn.functional.batch_norm: the per-channel tensors given share one dtype, the
+    input's or, for a float16 / bfloat16 input, float32."""
+    given = [(prefix + name, t) for name, t in named if t is not None]
+    if not given:
+        return
+    allowed = [input.dtype] + ([torch.float32] if input.dtype in _HALF_DTYPES else [])
+    first_name, first = given[0]
+    if first.dtype not in allowed:
+        raise TypeError(
+            f"fusedres: {first_name} must be {' or '.join(map(str, allowed))} for a "
+            f"{input.dtype} input (as in torch.nn.functional.batch_norm), got {first.dtype}"
+        )
+    for name, t in given[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"fusedres: {name} must have the dtype of {first_name} ({first.dtype}), "
+                f"got {t.dtype}"
+            )
 
 
 def _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
@@ -92,6 +114,8 @@ def _check_bn_args(input, running_mean, running_var, weight, bias, training, mom
     _check_channel_vector(running_var, input, prefix + "running_var")
     _check_channel_vector(weight, input, prefix + "weight")
     _check_channel_vector(bias, input, prefix + "bias")
+    _check_parameter_dtypes(input, [("running_mean", running_mean), ("running_var", running_var),
+                                    ("weight", weight), ("bias", bias)], prefix)
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             f"fusedres: {prefix}running_mean and {prefix}running_var must both be given or both be None"
@@ -108,12 +132,23 @@ def _check_bn_args(input, running_mean, running_var, weight, bias, training, mom
             )
     elif not isinstance(momentum, (int, float)):
         raise TypeError(f"fusedres: {prefix}momentum must be a float or None, got {momentum!r}")
-    if num_batches_tracked is not None and not isinstance(num_batches_tracked, Tensor):
-        raise TypeError(f"fusedres: {prefix}num_batches_tracked must be a Tensor or None")
+    if num_batches_tracked is not None:
+        _check_counter(num_batches_tracked, input, prefix + "num_batches_tracked")
     if training and input.numel() > 0 and input.numel() // input.shape[1] <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.shape}"
         )
+
+
+def _check_counter(t, input, name):
+    """nn.BatchNorm2d's num_batches_tracked: one element, on input's device (or a CPU scalar)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fusedres: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(
+            f"fusedres: {name} must have one element (a counter), got shape {tuple(t.shape)}")
+    if t.device != input.device and not (t.dim() == 0 and t.device.type == "cpu"):
+        raise RuntimeError(f"fusedres: {name} is on {t.device} but input is on {input.device}")
 
 
 # ---- batch norm -----------------------------------------------------------------------------
@@ -147,7 +182,9 @@ def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):
     if weight is not None:
         scale = scale * weight.to(acc)
     shift = bias.to(acc) if bias is not None else None
-    return running_mean.to(acc), scale, shift
+    # A copy when autograd may save it: a later training step updates running_mean in place,
+    # which must not invalidate this graph (F.batch_norm's eval backward survives that too).
+    return running_mean.to(acc, copy=torch.is_grad_enabled()), scale, shift
 
 
 def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
@@ -315,9 +352,12 @@ def fold_conv_bn(
     for t, name in ((conv_bias, "conv_bias"), (bn_running_mean, "bn_running_mean"),
                     (bn_running_var, "bn_running_var"), (bn_weight, "bn_weight"),
                     (bn_bias, "bn_bias")):
-        _check_channel_vector(t, conv_weight, name, channels=out_channels)
+        _check_channel_vector(t, conv_weight, name, channels=out_channels,
+                              input_name="conv_weight")
     if bn_running_mean is None or bn_running_var is None:
         raise ValueError("fusedres: bn_running_mean and bn_running_var are required to fold a BN")
+    if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or bn_eps < 0:
+        raise ValueError(f"fusedres: bn_eps must be a non-negative number, got {bn_eps!r}")
     # Plain per-channel math: the Triton backend uses the reference formula.
     if _backend.resolve(conv_weight.device) in ("reference", "triton"):
         return reference.fold_conv_bn(conv_weight, conv_bias, bn_running_mean, bn_running_var,
@@ -336,7 +376,8 @@ def _pair(v, name):
 
 
 def _check_conv_args(input, weight, bias, residual, stride, padding, dilation, groups):
-    """Checks the convolution's arguments; returns stride, padding, dilation as pairs."""
+    """Checks the convolution's arguments (as F.conv2d would, but before any kernel runs);
+    returns stride, padding, dilation as pairs."""
     _check_input(input)
     if input.dim() != 4:
         raise ValueError(f"fusedres: input must have shape (N, C, H, W), got {tuple(input.shape)}")
@@ -349,17 +390,40 @@ def _check_conv_args(input, weight, bias, residual, stride, padding, dilation, g
         raise TypeError(f"fusedres: weight must have the dtype of input ({input.dtype}), got {weight.dtype}")
     if weight.device != input.device:
         raise RuntimeError(f"fusedres: weight is on {weight.device} but input is on {input.device}")
-    if not isinstance(groups, int) or groups < 1 or input.shape[1] != weight.shape[1] * groups:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fusedres: groups must be a positive int, got {groups!r}")
+    if input.shape[1] != weight.shape[1] * groups:
         raise ValueError(
             f"fusedres: input has {input.shape[1]} channels but weight expects "
             f"{weight.shape[1]} x groups={groups}"
         )
+    if weight.shape[0] % groups:
+        raise ValueError(f"fusedres: weight must have a multiple of groups={groups} output "
+                         f"channels, got shape {tuple(weight.shape)}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"fusedres: weight must have a kernel of at least 1x1, got shape "
+                         f"{tuple(weight.shape)}")
     _check_channel_vector(bias, input, "bias", channels=weight.shape[0])
     stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
                                  _pair(dilation, "dilation"))
-    if residual is not None and (not isinstance(residual, Tensor) or residual.dtype != input.dtype
-                                 or residual.device != input.device):
-        raise TypeError("fusedres: residual must be a Tensor of input's dtype and device")
+    if min(stride) < 1:
+        raise ValueError(f"fusedres: stride must be positive, got {stride}")
+    if min(padding) < 0:
+        raise ValueError(f"fusedres: padding must be non-negative, got {padding}")
+    if min(dilation) < 1:
+        raise ValueError(f"fusedres: dilation must be positive, got {dilation}")
+    out_shape = reference.conv_output_shape(input, weight, stride, padding, dilation)
+    if min(out_shape[2:]) < 1:
+        padded = [input.shape[d + 2] + 2 * padding[d] for d in range(2)]
+        kernel = [dilation[d] * (weight.shape[d + 2] - 1) + 1 for d in range(2)]
+        raise ValueError(
+            f"fusedres: input's padded size must be at least the (dilated) kernel size "
+            f"{kernel[0]}x{kernel[1]}, got {padded[0]}x{padded[1]} (input "
+            f"{input.shape[2]}x{input.shape[3]}, padding {padding})"
+        )
+    if residual is not None:
+        _check_like(residual, input, "residual", shape=out_shape,
+                    what="the convolution's output shape")
     return stride, padding, dilation
 
 
@@ -441,11 +505,6 @@ def fused_conv2d(
         raise ValueError("fusedres: input_scale and input_shift must be given together")
     _check_channel_vector(input_scale, input, "input_scale")
     _check_channel_vector(input_shift, input, "input_shift")
-    if residual is not None:
-        expected = reference.conv_output_shape(input, weight, stride, padding, dilation)
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"fusedres: residual must have the convolution's output shape "
-                             f"{expected}, got {tuple(residual.shape)}")
     if _backend.resolve(input.device) == "triton":
         _triton_conv_dtype(input)
         scale = input_scale.float() if input_scale is not None else None

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .nn import BasicBlock, Bottleneck, conv1x1, conv_bn_act
+from .nn import BasicBlock, Bottleneck, check_input, conv1x1, conv_bn_act
 
 __all__ = ["ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152",
            "ResNeXt50_32x4d", "WideResNet50_2", "resnet18", "resnet34", "resnet50", "resnet101",
@@ -97,6 +97,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.conv1)
         x = conv_bn_act(self, "stem", x, self.conv1, self.bn1)
         x = self.maxpool(x)
         x = self.layer1(x)

@@ -34,6 +34,41 @@ def conv1x1(in_planes, out_planes, stride=1):
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+# ---- the block's input ---------------------------------------------------------------------------
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled, False on devices without autocast (meta) instead of raising."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def check_input(module: nn.Module, x, conv: nn.Conv2d) -> None:
+    """Checks the input of a fused block or model against its first convolution `conv`, so
+    that a bad input fails here with one clear message (shape checks only: no sync)."""
+    name = type(module).__name__
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fusedres: {name} input must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fusedres: {name} input must have shape (N, C, H, W) (4-D), got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in FF._FLOAT_DTYPES:
+        raise TypeError(f"fusedres: {name} input must be float16, bfloat16, float32 or float64, "
+                        f"got {x.dtype}")
+    in_channels, weight = getattr(conv, "in_channels", None), getattr(conv, "weight", None)
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(f"fusedres: {name} input must have {in_channels} channels "
+                         f"(conv1.in_channels), got shape {tuple(x.shape)}")
+    if not isinstance(weight, Tensor):
+        return
+    if x.device != weight.device:
+        raise RuntimeError(f"fusedres: {name} input is on {x.device} but its parameters are on "
+                           f"{weight.device}")
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
+        raise TypeError(f"fusedres: {name} input must have the dtype of its parameters "
+                        f"({weight.dtype}), got {x.dtype}; convert one of them (model.to(dtype)) "
+                        f"or run under torch.autocast")
+
+
 # ---- BN state as nn.BatchNorm2d.forward sees it ----------------------------------------------
 
 
@@ -109,7 +144,7 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     """Under autocast, the folded convolution runs in the autocast dtype, as F.conv2d would
     (the fused ops themselves are not autocast-aware)."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not _autocast_enabled(device):
         return x, weight, bias
     dtype = torch.get_autocast_dtype(device)
     return x.to(dtype), weight.to(dtype), bias
@@ -209,6 +244,7 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.conv1)
         out = conv_bn_act(self, "1", x, self.conv1, self.bn1)
         return conv_bn_add_act(self, "2", out, self.conv2, self.bn2, x, self.downsample)
 
@@ -237,6 +273,7 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self.conv1)
         out = conv_bn_act(self, "1", x, self.conv1, self.bn1)
         out = conv_bn_act(self, "2", out, self.conv2, self.bn2)
         return conv_bn_add_act(self, "3", out, self.conv3, self.bn3, x, self.downsample)

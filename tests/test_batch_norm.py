@@ -256,3 +256,20 @@ def test_nan_propagates(target):
     ref = torch.relu(F.batch_norm(x, *params, training=False))
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     assert torch.isnan(out[0, 1, 2, 2])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_eval_graph_survives_a_later_running_stats_update(target):
+    """Eval forward, then a training step updating the same running statistics in place, then
+    the eval backward: works as with F.batch_norm (the eval op must not save the buffer)."""
+    device = use(target)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    x = make((4, 3, 5, 5), device=device, requires_grad=True)
+    out = FF.batch_norm_relu(x, rm, rv, training=False)
+    FF.batch_norm_relu(make((4, 3, 5, 5), device=device), rm, rv, training=True)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().double().requires_grad_()
+    ref = torch.relu(F.batch_norm(x_ref, torch.zeros(3).double().to(device),
+                                  torch.ones(3).double().to(device)))
+    (grad_ref,) = torch.autograd.grad(ref.sum(), x_ref)
+    assert_close(grad, grad_ref, torch.float32)
