@@ -74,7 +74,9 @@ def row_split(rows: int, channels: int) -> tuple[int, int]:
 
 @triton.jit
 def tile_offsets(rows, cols, C, inner, CHANNELS_LAST: tl.constexpr):
-    """Memory offsets of a (rows, cols) tile; rows and cols are int64 vectors."""
+    """Memory offsets of a (rows, cols) tile; rows and cols are int64 vectors. C and inner
+    may be int32 scalars: every product has an int64 factor first (C * inner alone wraps
+    once a sample holds 2**31 values)."""
     if CHANNELS_LAST:
         return rows[:, None] * C + cols[None, :]
-    return (rows // inner)[:, None] * (C * inner) + (rows % inner)[:, None] + cols[None, :] * inner
+    return (rows // inner)[:, None] * C * inner + (rows % inner)[:, None] + cols[None, :] * inner

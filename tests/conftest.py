@@ -6,6 +6,11 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+# The float32 tolerances below are for float32 arithmetic: PyTorch's default TF32 cuDNN
+# convolutions (10-bit mantissa) would miss them on Ampere and later, for fusedres and
+# torchvision alike. TF32 stays the user's choice outside the tests.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 if not HAS_CUDA:
     # The Triton kernels run on CPU tensors in the interpreter; it must be on before they load.
     os.environ.setdefault("TRITON_INTERPRET", "1")
