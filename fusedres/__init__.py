@@ -17,6 +17,7 @@ from .models import (ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152,
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "BACKENDS", "backend", "get_backend", "info", "set_backend",
-           "convert", "fold_bn", "convert_sync_batchnorm", "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101",
+           "convert", "fold_bn", "convert_sync_batchnorm", "ResNet", "ResNet18", "ResNet34",
+           "ResNet50", "ResNet101",
            "ResNet152", "ResNeXt50_32x4d", "WideResNet50_2", "resnet18", "resnet34", "resnet50",
            "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]

@@ -51,7 +51,8 @@ def _fake_batch_norm_stats(input):
     return channel_vector(input), channel_vector(input)
 
 
-def _fake_batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift, relu):
+def _fake_batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                           residual_shift, relu):
     return empty_like_kernel_output(input)
 
 
@@ -59,7 +60,8 @@ def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
     return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
 
 
-def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu):
+def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
+                                    residual_bias, eps, residual_eps, relu):
     return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
 
 
@@ -67,7 +69,8 @@ def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
     return torch.empty_like(mean), torch.empty_like(mean)
 
 
-def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy, sum_dy_xhat):
+def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
+                                    sum_dy_xhat):
     return empty_like_kernel_output(input)
 
 
