@@ -3,7 +3,9 @@
 Each program walks its share of the rows in (BLOCK_R, BLOCK_C) tiles, takes exact
 two-pass moments of each tile in registers and merges them into running (count, mean, M2)
 with Chan's formula; a second kernel merges the programs' partials the same way. Never
-E[x^2] - E[x]^2.
+E[x^2] - E[x]^2. Every value is first shifted by its channel's first value, so the partial
+means are small offsets kept to full precision (a mean of 3e4 has a float ulp of 0.002,
+which merged partial means would carry into the variance); the shift is added back last.
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
+    shift = tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
+                    other=0.0).to(ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -43,6 +47,7 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + tile_offsets(r, cols, C, inner, CHANNELS_LAST), mask=ok,
                     other=0.0).to(ACC)
+        x = tl.where(ok, x - shift[None, :], 0.0)
         count = tl.sum(row_ok.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / count
         d = tl.where(ok, x - tile_mean[None, :], 0.0)
@@ -55,8 +60,18 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
 
 
 @triton.jit
-def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, ACC: tl.constexpr,
+def first_value_offsets(cols, inner, CHANNELS_LAST: tl.constexpr):
+    """Offsets of each channel's first value (sample 0, position 0): its shift."""
+    if CHANNELS_LAST:
+        return cols
+    return cols * inner
+
+
+@triton.jit
+def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, x_ptr, inner,
+                        SHIFTED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_C: tl.constexpr):
+    """Merges the partials; SHIFTED: their means are offsets from x's first values."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -70,6 +85,9 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, ACC: tl.conste
             tl.load(part + programs * C, mask=col_ok, other=0.0),
             tl.load(part + 2 * programs * C, mask=col_ok, other=0.0),
         )
+    if SHIFTED:
+        mean += tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
+                        other=0.0).to(ACC)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0), mask=col_ok)
 
@@ -88,6 +106,7 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _stats_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
         x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
         ACC=tl_acc(x.dtype))
-    _stats_merge_kernel[(triton.cdiv(C, 32),)](partials, mean, var, programs, C,
-                                               ACC=tl_acc(x.dtype), BLOCK_C=32)
+    _stats_merge_kernel[(triton.cdiv(C, 32),)](
+        partials, mean, var, programs, C, x, inner, SHIFTED=True, CHANNELS_LAST=inner == 1,
+        ACC=tl_acc(x.dtype), BLOCK_C=32)
     return mean, var

@@ -170,5 +170,6 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         tiles = triton.cdiv(M, config.kwargs["BLOCK_M"])
         used = partials[:, :tiles].contiguous()
         _stats_merge_kernel[(triton.cdiv(C_out, 32),)](
-            used, mean, var, tiles, C_out, ACC=tl_acc(torch.float32), BLOCK_C=32)
+            used, mean, var, tiles, C_out, used, 1, SHIFTED=False, CHANNELS_LAST=True,
+            ACC=tl_acc(torch.float32), BLOCK_C=32)
     return out, mean, var

@@ -41,6 +41,8 @@ def jobs():
         for cl in [True, False]:
             yield (batch_norm_stats._stats_partial_kernel, dtype,
                    dict(CHANNELS_LAST=cl, ACC=acc, **tile), [90])
+            yield (batch_norm_stats._stats_merge_kernel, dtype,
+                   dict(SHIFTED=True, CHANNELS_LAST=cl, ACC=acc, BLOCK_C=32), [90])
             for masked in [True, False]:
                 yield (batch_norm_backward._reduce_partial_kernel, dtype,
                        dict(MASKED=masked, CHANNELS_LAST=cl, ACC=acc, **tile), [90])
@@ -52,7 +54,8 @@ def jobs():
                        dict(HAS_MEAN=True, HAS_SCALE=True, HAS_SHIFT=not dual,
                             HAS_RESIDUAL=residual, HAS_R_MEAN=dual, HAS_R_SCALE=dual,
                             HAS_R_SHIFT=dual, RELU=relu, CHANNELS_LAST=cl, ACC=acc, **tile), [90])
-        yield batch_norm_stats._stats_merge_kernel, dtype, dict(ACC=acc, BLOCK_C=32), [90]
+        yield (batch_norm_stats._stats_merge_kernel, dtype,  # the convolution's statistics
+               dict(SHIFTED=False, CHANNELS_LAST=True, ACC=acc, BLOCK_C=32), [90])
         yield batch_norm_backward._reduce_merge_kernel, dtype, dict(ACC=acc, BLOCK_C=32), [90]
     config = conv2d._conv2d_kernel.configs[0].kwargs
     for dtype in ["bf16", "fp32"]:

@@ -31,6 +31,11 @@ import fusedres.functional as FF
 # Gradients of low-precision tensors are rounded once more than the output (test_batch_norm).
 GRAD_TOLERANCE = {**TOLERANCE, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 KINDS = ["none", "add", "dual"]
+# Batch statistics in float32 against float64 (running statistics here): cpp and triton merge
+# their partial moments around one shift per channel, which keeps 1e-5 even at a mean of 3e4
+# with a spread of 1; the CUDA kernels shift per thread and merge float means (about 2.5e-5
+# there, in a simulation of their arithmetic: not yet run on a GPU).
+STATS_TOLERANCE = {"cpp": 1e-5, "triton": 1e-5, "cuda": 1e-4}
 GPU_TARGETS = [t for t in TARGETS if t.id in ("cuda", "triton-cuda")]
 
 
@@ -137,7 +142,8 @@ def assert_three_ways(results, dtype, training):
         assert_as_accurate(g, g32, g64, g.dtype, GRAD_TOLERANCE)
     if training:
         for s, s64, s32 in zip(stats, stats64, stats32):
-            assert_as_accurate(s, s32, s64, torch.float32, {torch.float32: 1e-4})
+            assert_as_accurate(s, s32, s64, torch.float32,
+                               {torch.float32: STATS_TOLERANCE[fusedres.get_backend()]})
 
 
 # ---- large mean, small variance --------------------------------------------------------------

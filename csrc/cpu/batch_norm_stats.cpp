@@ -1,7 +1,8 @@
 // CPU: per-channel mean and biased variance. Each run of values (a channel's H*W plane, or a
 // block of channels_last rows) gets two-pass moments while it sits in cache, taken relative to
 // the run's first value so a large mean does not swamp the sums; the runs are then combined
-// with Chan's parallel formula.
+// with Chan's parallel formula, in double: a run's mean rounded to float would lose the digits
+// of the variance that the shifted sums kept (a mean of 3e4 has a float ulp of 0.002).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -20,14 +21,13 @@ namespace {
 
 using at::Tensor;
 
-template <typename acc_t>
 struct Moments {
-  acc_t count = 0, mean = 0, m2 = 0;  // m2: sum of squared deviations from mean
+  double count = 0, mean = 0, m2 = 0;  // m2: sum of squared deviations from mean
 
   void merge(const Moments& other) {
     if (other.count == 0) return;
-    const acc_t total = count + other.count;
-    const acc_t delta = other.mean - mean;
+    const double total = count + other.count;
+    const double delta = other.mean - mean;
     mean += delta * (other.count / total);
     m2 += other.m2 + delta * delta * (count * other.count / total);
     count = total;
@@ -38,7 +38,7 @@ template <typename scalar_t, typename acc_t>
 void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
   at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Moments<acc_t> total;
+      Moments total;
       for (int64_t o = 0; o < v.outer; ++o) {
         const scalar_t* run = x + (o * v.channels + c) * v.inner;
         const acc_t shift = static_cast<acc_t>(run[0]);
@@ -46,19 +46,19 @@ void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, 
         lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
           t[0] = static_cast<acc_t>(run[i]) - shift;
         }, sum);
-        Moments<acc_t> part;
-        part.count = static_cast<acc_t>(v.inner);
-        const acc_t offset = sum[0] / part.count;  // mean - shift
+        Moments part;
+        part.count = static_cast<double>(v.inner);
+        const acc_t offset = sum[0] / static_cast<acc_t>(v.inner);  // mean - shift
         lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
           const acc_t d = static_cast<acc_t>(run[i]) - shift - offset;
           t[0] = d * d;
         }, m2);
         part.m2 = m2[0];
-        part.mean = shift + offset;
+        part.mean = static_cast<double>(shift) + static_cast<double>(offset);
         total.merge(part);
       }
-      mean[c] = total.mean;
-      var[c] = total.m2 / total.count;
+      mean[c] = static_cast<acc_t>(total.mean);
+      var[c] = static_cast<acc_t>(total.m2 / total.count);
     }
   });
 }
@@ -68,10 +68,10 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
   constexpr int64_t kRowsPerBlock = 128;
   const int64_t C = v.channels;
   const int64_t blocks = (v.outer + kRowsPerBlock - 1) / kRowsPerBlock;
-  std::vector<Moments<acc_t>> partial(blocks * C);
+  std::vector<Moments> partial(blocks * C);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      Moments<acc_t>* part = partial.data() + b * C;
+      Moments* part = partial.data() + b * C;
       const int64_t row_begin = b * kRowsPerBlock;
       const int64_t row_end = std::min(v.outer, row_begin + kRowsPerBlock);
       const acc_t count = static_cast<acc_t>(row_end - row_begin);
@@ -81,24 +81,26 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
         for (int64_t c = 0; c < C; ++c)
           offset[c] += static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]);
       for (int64_t c = 0; c < C; ++c) offset[c] /= count;
+      std::vector<acc_t> m2(C, acc_t(0));
       for (int64_t row = row_begin; row < row_end; ++row) {
         for (int64_t c = 0; c < C; ++c) {
           const acc_t d = static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]) - offset[c];
-          part[c].m2 += d * d;
+          m2[c] += d * d;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        part[c].count = count;
-        part[c].mean = static_cast<acc_t>(first[c]) + offset[c];
+        part[c].count = static_cast<double>(count);
+        part[c].mean = static_cast<double>(first[c]) + static_cast<double>(offset[c]);
+        part[c].m2 = static_cast<double>(m2[c]);
       }
     }
   });
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      Moments<acc_t> total;
+      Moments total;
       for (int64_t b = 0; b < blocks; ++b) total.merge(partial[b * C + c]);
-      mean[c] = total.mean;
-      var[c] = total.m2 / total.count;
+      mean[c] = static_cast<acc_t>(total.mean);
+      var[c] = static_cast<acc_t>(total.m2 / total.count);
     }
   });
 }
