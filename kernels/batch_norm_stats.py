@@ -19,11 +19,16 @@ from ._common import (TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
 
 @triton.jit
 def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Moments of the union of two sets, from each set's (count, mean, M2)."""
+    """Moments of the union of two sets, from each set's (count, mean, M2). With an Inf or
+    NaN among the values the mean is what a sum would give (Inf + x = Inf, Inf - Inf = NaN)
+    and M2 NaN, as PyTorch's batch norm."""
     n = n_a + n_b
     w_b = tl.where(n > 0, n_b / tl.where(n > 0, n, 1.0), 0.0)
     delta = mean_b - mean_a
-    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+    finite = (tl.abs(mean_a) < float("inf")) & (tl.abs(mean_b) < float("inf"))
+    mean = tl.where(finite, mean_a + delta * w_b, mean_a + mean_b)
+    m2 = tl.where(finite, m2_a + m2_b + delta * delta * n_a * w_b, float("nan"))
+    return n, mean, m2
 
 
 @triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
@@ -39,6 +44,7 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
     m2 = tl.zeros([BLOCK_C], ACC)
     shift = tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
                     other=0.0).to(ACC)
+    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # x - Inf would make Inf NaN
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -86,8 +92,9 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, x_ptr, inner,
             tl.load(part + 2 * programs * C, mask=col_ok, other=0.0),
         )
     if SHIFTED:
-        mean += tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
+        shift = tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
                         other=0.0).to(ACC)
+        mean += tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0), mask=col_ok)
 

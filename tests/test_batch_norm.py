@@ -273,3 +273,29 @@ def test_eval_graph_survives_a_later_running_stats_update(target):
                                   torch.ones(3).double().to(device)))
     (grad_ref,) = torch.autograd.grad(ref.sum(), x_ref)
     assert_close(grad, grad_ref, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("values", [["inf"], ["-inf"], ["nan"], ["inf", "-inf"]],
+                         ids=lambda v: "_".join(v))
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_training_inf_nan_propagate_as_pytorch(target, layout, values, where):
+    """An Inf / NaN in a training batch, also as a channel's very first value (the statistics'
+    shift): the channel's output, running_mean (+-Inf or NaN) and running_var (NaN) as
+    F.batch_norm; the other channels are untouched."""
+    device = use(target)
+    x = make((3, 4, 5, 6), device=device, layout=layout)
+    c = 2
+    spots = {"first": [(0, c, 0, 0), (0, c, 0, 1)], "middle": [(1, c, 2, 3), (1, c, 4, 1)],
+             "last": [(2, c, 4, 5), (2, c, 4, 4)]}[where]
+    for value, spot in zip(values, spots):
+        x[spot] = float(value)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    rm_ref, rv_ref = rm.double(), rv.double()
+    out = FF.batch_norm_relu(x, rm, rv, training=True)
+    ref = torch.relu(F.batch_norm(x.double(), rm_ref, rv_ref, training=True))
+    for got, expected in ((out, ref), (rm, rm_ref), (rv, rv_ref)):
+        torch.testing.assert_close(got.double(), expected, equal_nan=True, rtol=1e-4, atol=1e-5)
+    assert not rm[c].isfinite() and rv[c].isnan()

@@ -10,6 +10,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -26,6 +28,18 @@ struct Moments {
 
   void merge(const Moments& other) {
     if (other.count == 0) return;
+    if (count == 0) {
+      *this = other;
+      return;
+    }
+    if (!std::isfinite(mean) || !std::isfinite(other.mean)) {
+      // An Inf or NaN among the values: the mean as a sum would have it (Inf + x = Inf,
+      // Inf - Inf = NaN) and the variance NaN, as PyTorch's batch norm gives.
+      mean += other.mean;
+      m2 = std::numeric_limits<double>::quiet_NaN();
+      count += other.count;
+      return;
+    }
     const double total = count + other.count;
     const double delta = other.mean - mean;
     mean += delta * (other.count / total);
@@ -34,6 +48,12 @@ struct Moments {
   }
 };
 
+// The shift: a value near the mean, but never Inf / NaN (x - Inf would turn an Inf into NaN).
+template <typename acc_t>
+acc_t finite_or_zero(acc_t v) {
+  return std::isfinite(v) ? v : acc_t(0);
+}
+
 template <typename scalar_t, typename acc_t>
 void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
   at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
@@ -41,7 +61,7 @@ void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, 
       Moments total;
       for (int64_t o = 0; o < v.outer; ++o) {
         const scalar_t* run = x + (o * v.channels + c) * v.inner;
-        const acc_t shift = static_cast<acc_t>(run[0]);
+        const acc_t shift = finite_or_zero(static_cast<acc_t>(run[0]));
         acc_t sum[1], m2[1];
         lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
           t[0] = static_cast<acc_t>(run[i]) - shift;
@@ -75,22 +95,24 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
       const int64_t row_begin = b * kRowsPerBlock;
       const int64_t row_end = std::min(v.outer, row_begin + kRowsPerBlock);
       const acc_t count = static_cast<acc_t>(row_end - row_begin);
-      const scalar_t* first = x + row_begin * C;  // the shift of each channel: its first value
-      std::vector<acc_t> offset(C, acc_t(0));      // mean - shift
+      std::vector<acc_t> shift(C);              // each channel's first value in the block
+      std::vector<acc_t> offset(C, acc_t(0));   // mean - shift
+      for (int64_t c = 0; c < C; ++c)
+        shift[c] = finite_or_zero(static_cast<acc_t>(x[row_begin * C + c]));
       for (int64_t row = row_begin; row < row_end; ++row)
         for (int64_t c = 0; c < C; ++c)
-          offset[c] += static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]);
+          offset[c] += static_cast<acc_t>(x[row * C + c]) - shift[c];
       for (int64_t c = 0; c < C; ++c) offset[c] /= count;
       std::vector<acc_t> m2(C, acc_t(0));
       for (int64_t row = row_begin; row < row_end; ++row) {
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(x[row * C + c]) - static_cast<acc_t>(first[c]) - offset[c];
+          const acc_t d = static_cast<acc_t>(x[row * C + c]) - shift[c] - offset[c];
           m2[c] += d * d;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
         part[c].count = static_cast<double>(count);
-        part[c].mean = static_cast<double>(first[c]) + static_cast<double>(offset[c]);
+        part[c].mean = static_cast<double>(shift[c]) + static_cast<double>(offset[c]);
         part[c].m2 = static_cast<double>(m2[c]);
       }
     }

@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "utils.cuh"
@@ -22,6 +23,18 @@ struct MomentsOp {
   static __device__ void merge(acc_t* a, const acc_t* b) {
     const acc_t nb = b[0];
     if (nb == acc_t(0)) return;
+    if (a[0] == acc_t(0)) {
+      a[0] = b[0], a[1] = b[1], a[2] = b[2];
+      return;
+    }
+    if (!isfinite(a[1]) || !isfinite(b[1])) {
+      // An Inf or NaN among the values: the mean as a sum would have it (Inf + x = Inf,
+      // Inf - Inf = NaN) and the variance NaN, as PyTorch's batch norm gives.
+      a[0] += nb;
+      a[1] += b[1];
+      a[2] = acc_t(NAN);
+      return;
+    }
     const acc_t n = a[0] + nb;
     const acc_t delta = b[1] - a[1];
     const acc_t wb = nb / n;
@@ -40,7 +53,7 @@ template <typename acc_t>
 struct ShiftedSums {
   acc_t shift = 0, sum = 0, sumsq = 0;
   __device__ void add(acc_t x, bool first) {
-    if (first) shift = x;
+    if (first) shift = isfinite(x) ? x : acc_t(0);  // x - Inf would turn an Inf into NaN
     const acc_t d = x - shift;
     sum += d;
     sumsq += d * d;
@@ -53,7 +66,8 @@ struct ShiftedSums {
     }
     const acc_t offset = sum / count;
     s[1] = shift + offset;
-    s[2] = max(sumsq - sum * offset, acc_t(0));
+    // (max() would turn the NaN of an Inf / NaN value into 0.)
+    s[2] = isfinite(s[1]) ? max(sumsq - sum * offset, acc_t(0)) : acc_t(NAN);
   }
 };
 
