@@ -11,7 +11,6 @@ median of CUDA-event timings (triton.testing.do_bench, which also flushes the L2
 each call) is recorded as extra_info["median_s"]; bench/report.py prefers that figure.
 """
 import functools
-import time
 
 import pytest
 import torch
@@ -31,23 +30,13 @@ def pytest_configure(config):
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write): the practical
     bandwidth floor the memory-bound ops are measured against."""
+    from fusedres.benchmark import time_step
+
     numel = (1 << 28) if GPU else (1 << 24)  # 512 MiB / 32 MiB of bf16 / fp32 (> any cache)
     src = torch.empty(numel, device=DEVICE, dtype=DTYPE).uniform_()
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        if GPU:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2]
+    seconds = time_step(lambda *_: dst.copy_(src), [(None, None)], DEVICE, warmup=2, iters=10)
+    return 2 * src.numel() * src.element_size() / seconds
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -47,10 +47,12 @@ def providers(device: str) -> list[str]:
     fusedres backend that can run there."""
     from ._backend import unavailable_reason
 
-    native = "cuda" if device == "cuda" else "cpp"
     names = ["eager", "compile"]
-    names += [f"fusedres-{b}" for b in (native, "triton")
-              if unavailable_reason(b, device) is None and (b != "triton" or device == "cuda")]
+    native = "cuda" if device == "cuda" else "cpp"
+    if unavailable_reason(native, device) is None:
+        names.append(f"fusedres-{native}")
+    if device == "cuda" and unavailable_reason("triton", device) is None:
+        names.append("fusedres-triton")  # (on the CPU only the slow interpreter could run it)
     if len(names) == 2:
         names.append("fusedres")  # no compiled backend: the reference composition
     return names

@@ -42,9 +42,7 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    shift = tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
-                    other=0.0).to(ACC)
-    shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)  # x - Inf would make Inf NaN
+    shift = channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -66,11 +64,12 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
 
 
 @triton.jit
-def first_value_offsets(cols, inner, CHANNELS_LAST: tl.constexpr):
-    """Offsets of each channel's first value (sample 0, position 0): its shift."""
-    if CHANNELS_LAST:
-        return cols
-    return cols * inner
+def channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """Each channel's first value (sample 0, position 0), or 0 where that is Inf / NaN
+    (x - Inf would turn an Inf into NaN): the shift of its statistics."""
+    offsets = cols if CHANNELS_LAST else cols * inner
+    shift = tl.load(x_ptr + offsets, mask=col_ok, other=0.0).to(ACC)
+    return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
 
 
 @triton.jit
@@ -92,9 +91,7 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, x_ptr, inner,
             tl.load(part + 2 * programs * C, mask=col_ok, other=0.0),
         )
     if SHIFTED:
-        shift = tl.load(x_ptr + first_value_offsets(cols, inner, CHANNELS_LAST), mask=col_ok,
-                        other=0.0).to(ACC)
-        mean += tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+        mean += channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0), mask=col_ok)
 

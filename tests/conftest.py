@@ -92,6 +92,27 @@ def rel_err(out, ref):
     return ((out - ref).norm() / denom).item()
 
 
+def assert_as_accurate(out, ref32, ref64, floor=1e-4, factor=3):
+    """out is as close to the float64 truth ref64 as PyTorch's own float32 result ref32:
+    within `factor` times its error, and `floor` in any case (a wrong formula is off by far
+    more). Where ref32 itself overflows, `floor` alone."""
+    own = rel_err(ref32, ref64) if torch.isfinite(ref32).all() else 0.0
+    err = rel_err(out, ref64)
+    bound = max(floor, factor * own)
+    assert err <= bound, f"relative error {err:.3g} > {bound:.3g} (PyTorch float32: {own:.3g})"
+
+
+def assert_state_as_accurate(model, reference, reference64, floor=1e-4):
+    """Every floating-point entry of model's state_dict as accurate as reference's (float32)
+    against reference64's; the others (num_batches_tracked) equal."""
+    state, state32, state64 = (m.state_dict() for m in (model, reference, reference64))
+    for key, value in state.items():
+        if value.is_floating_point():
+            assert_as_accurate(value, state32[key], state64[key], floor)
+        else:
+            assert torch.equal(value.cpu(), state32[key].cpu()), key
+
+
 def assert_close(out, ref, dtype, tolerance=TOLERANCE):
     assert out.shape == ref.shape, (out.shape, ref.shape)
     err = rel_err(out, ref)

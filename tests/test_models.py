@@ -10,23 +10,14 @@ import torch.nn.functional as F
 torchvision = pytest.importorskip("torchvision")
 
 import fusedres  # noqa: E402
-from conftest import assert_close, rel_err, use  # noqa: E402
+from conftest import (assert_as_accurate, assert_close, assert_state_as_accurate,  # noqa: E402
+                      use)
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "wide_resnet50_2"]
 # Rounding differences compound through the depth of a network (torchvision's own float32
 # result is about 3e-4 from float64 on ResNet-101 in training, 1.7e-3 on ResNet-152).
 DEEP = {torch.float32: 2e-4}
-
-
-def assert_as_accurate(out, ref32, ref64, factor=3, floor=1e-4):
-    """out (fusedres, float32) is as close to the float64 truth as torchvision's own float32
-    result: within `factor` times its error, and `floor` in any case. (A wrong formula is off
-    by far more: O(1).)"""
-    own = rel_err(ref32, ref64)
-    err = rel_err(out, ref64)
-    assert err <= max(floor, factor * own), \
-        f"relative error {err:.3g}; torchvision float32: {own:.3g}"
 
 
 def pair(arch, **kwargs):
@@ -81,12 +72,7 @@ def check_forward(reference, fused, x, mode):
     for model in (reference, fused, reference64):
         getattr(model, mode)()
     assert_as_accurate(fused(x), reference(x), reference64(x.double()))
-    state32, state64 = reference.state_dict(), reference64.state_dict()
-    for key, value in fused.state_dict().items():
-        if value.is_floating_point():
-            assert_as_accurate(value, state32[key], state64[key])
-        else:
-            assert torch.equal(value, state32[key]), key
+    assert_state_as_accurate(fused, reference, reference64)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
@@ -118,13 +104,13 @@ def test_training_steps_match_torchvision(arch, channels_last):
             inputs = x.double() if model is reference64 else x
             model.loss = F.cross_entropy(model(inputs), target)
             model.loss.backward()
-        assert_as_accurate(fused.loss, reference.loss, reference64.loss, 10, 1e-2)
+        assert_as_accurate(fused.loss, reference.loss, reference64.loss, floor=1e-2, factor=10)
         assert_as_accurate(flat(fused, "grad"), flat(reference, "grad"), flat(reference64, "grad"),
-                           10, 1e-2)
+                           floor=1e-2, factor=10)
         for optimizer in optimizers:
             optimizer.step()
     assert_as_accurate(flat(fused, "state"), flat(reference, "state"), flat(reference64, "state"),
-                       10, 1e-2)
+                       floor=1e-2, factor=10)
     assert fused.layer1[0].bn1.num_batches_tracked.item() == 3
     assert torch.equal(fused.state_dict()["layer1.0.bn1.num_batches_tracked"],
                        reference.state_dict()["layer1.0.bn1.num_batches_tracked"])
@@ -145,12 +131,7 @@ def test_no_grad_in_train_mode_updates_running_stats():
     with torch.inference_mode():
         for model in (reference, fused, reference64):
             model(x.to(next(model.parameters()).dtype))
-    states = [m.state_dict() for m in (fused, reference, reference64)]
-    for key, value in states[0].items():
-        if value.is_floating_point():
-            assert_as_accurate(value, states[1][key], states[2][key])
-        else:
-            assert torch.equal(value, states[1][key]), key
+    assert_state_as_accurate(fused, reference, reference64)
     assert fused.bn1.num_batches_tracked.item() == 2
 
 

@@ -20,7 +20,9 @@ from conftest import (
     NATIVE_TARGETS,
     TARGETS,
     TOLERANCE,
+    assert_as_accurate,
     assert_close,
+    assert_state_as_accurate,
     rel_err,
     use,
 )
@@ -122,28 +124,17 @@ def run_three_ways(kind, x, z, p, q, training, grad_out=None, **kw):
     return results
 
 
-def assert_as_accurate(out, ref32, ref64, dtype, tolerance=TOLERANCE, factor=3):
-    """Within DESIGN.md's tolerance of the float64 truth, or `factor` times PyTorch's own
-    float32 error where the case itself is ill-conditioned (a mean far above the spread)."""
-    # (PyTorch's float32 may itself overflow on huge values: then DESIGN.md's bound alone.)
-    own = rel_err(ref32, ref64) if torch.isfinite(ref32).all() else 0.0
-    err = rel_err(out, ref64)
-    bound = max(tolerance[dtype], factor * own)
-    assert err <= bound, f"relative error {err:.3g} > {bound:.3g} (PyTorch float32: {own:.3g})"
-
-
 def assert_three_ways(results, dtype, training):
     out, grads, stats = results["fused"]
     out64, grads64, stats64 = results["float64"]
     out32, grads32, stats32 = results["float32"]
     assert out.dtype == dtype
-    assert_as_accurate(out, out32, out64, dtype)
+    assert_as_accurate(out, out32, out64, TOLERANCE[dtype])
     for g, g64, g32 in zip(grads, grads64, grads32):
-        assert_as_accurate(g, g32, g64, g.dtype, GRAD_TOLERANCE)
+        assert_as_accurate(g, g32, g64, GRAD_TOLERANCE[g.dtype])
     if training:
         for s, s64, s32 in zip(stats, stats64, stats32):
-            assert_as_accurate(s, s32, s64, torch.float32,
-                               {torch.float32: STATS_TOLERANCE[fusedres.get_backend()]})
+            assert_as_accurate(s, s32, s64, STATS_TOLERANCE[fusedres.get_backend()])
 
 
 # ---- large mean, small variance --------------------------------------------------------------
@@ -394,16 +385,6 @@ def test_fold_tiny_running_var(target, dtype, eps, conv_bias):
     assert max(per_channel_errors(out, ref, 1)) <= CONV_TOLERANCE[dtype]
 
 
-def _as_accurate_state(fused_model, reference, reference64, floor=1e-4):
-    state, state32, state64 = (m.state_dict() for m in (fused_model, reference, reference64))
-    for key, value in state.items():
-        if value.is_floating_point():
-            own, err = rel_err(state32[key], state64[key]), rel_err(value, state64[key])
-            assert err <= max(floor, 3 * own), f"{key}: {err:.3g} (torchvision float32 {own:.3g})"
-        else:
-            assert torch.equal(value.cpu(), state32[key].cpu()), key
-
-
 def small_resnet(torchvision, **kwargs):
     """A four-block torchvision ResNet (a projection shortcut in three of them)."""
     torch.manual_seed(0)
@@ -437,7 +418,7 @@ def test_fold_bn_model_with_zero_running_var(target):
     outs.append(converted(x).detach())  # autograd on: folded through ATen
     for out in outs:
         assert torch.isfinite(out).all()
-        assert_as_accurate(out, ref, ref64, torch.float32, {torch.float32: 1e-4})
+        assert_as_accurate(out, ref, ref64, 1e-4)
 
 
 # ---- long runs: running statistics under drift -----------------------------------------------
@@ -497,7 +478,7 @@ def test_running_stats_long_run(target, kind, momentum):
             for i in range(2 if kind == "dual" else 1):
                 ref64, ref32 = (modules[dtype][i].state_dict() for dtype in modules)
                 for key in ("running_mean", "running_var"):
-                    assert_as_accurate(mine[i][key], ref32[key], ref64[key], torch.float32)
+                    assert_as_accurate(mine[i][key], ref32[key], ref64[key], TOLERANCE[torch.float32])
                 assert mine[i]["num_batches_tracked"].item() == step + 1
                 assert ref32["num_batches_tracked"].item() == step + 1
 
@@ -526,5 +507,5 @@ def test_converted_model_running_stats_long_run(target, momentum):
             reference64(x.double())
         converted(x)  # autograd on: the training path
         if step % 50 == 49:
-            _as_accurate_state(converted, reference, reference64)
+            assert_state_as_accurate(converted, reference, reference64)
     assert converted.layer4[0].downsample[1].num_batches_tracked.item() == steps
