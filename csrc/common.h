@@ -23,6 +23,9 @@ struct ChannelView {
   int64_t per_channel() const { return outer * inner; }
 };
 
+// Dense in channels_last order. Also true for some NCHW-contiguous tensors (H = W = 1, or
+// C = 1), whose memory is then identical in both orders: a density test, not a layout choice
+// (conv_output_format makes that).
 inline bool is_channels_last(const at::Tensor& t) {
   if (t.dim() == 4) return t.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (t.dim() == 5) return t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
@@ -166,9 +169,11 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
     TORCH_CHECK(bias->device() == input.device(), "fusedres: bias is on ", bias->device(),
                 " but input is on ", input.device());
   }
-  const at::MemoryFormat format =
-      is_channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  ConvOperands c{input.contiguous(format), weight.contiguous(format), bias, std::nullopt, format};
+  // The output keeps the input's memory format, decided from its strides as PyTorch does
+  // (an N x C x 1 x 1 tensor is NCHW). The weight is passed as it is: ATen picks the conv's
+  // layout, and a copy of the (large) weight per call would cost more than the output fix-up.
+  const at::MemoryFormat format = input.suggest_memory_format();
+  ConvOperands c{input.contiguous(format), weight, bias, std::nullopt, format};
   if (residual) {
     std::vector<int64_t> out_size{input.size(0), weight.size(0)};
     for (int d = 0; d < 2; ++d) {

@@ -8,16 +8,20 @@
 from . import _extension  # noqa: F401  (loads the compiled ops; warns if it cannot)
 from . import functional, nn
 from ._backend import BACKENDS, backend, get_backend, info, set_backend
-from .convert import convert, fold_bn
+from .convert import convert, fold_bn, unconvert
 from .sync_batchnorm import convert_sync_batchnorm
 from .models import (ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152, ResNeXt50_32x4d,
-                     WideResNet50_2, resnet18, resnet34, resnet50, resnet101, resnet152,
-                     resnext50_32x4d, wide_resnet50_2)
+                     ResNeXt101_32x8d, ResNeXt101_64x4d, WideResNet50_2, WideResNet101_2,
+                     get_model, list_models, resnet18, resnet34, resnet50, resnet101, resnet152,
+                     resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
+                     wide_resnet101_2)
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "BACKENDS", "backend", "get_backend", "info", "set_backend",
-           "convert", "fold_bn", "convert_sync_batchnorm", "ResNet", "ResNet18", "ResNet34",
-           "ResNet50", "ResNet101",
-           "ResNet152", "ResNeXt50_32x4d", "WideResNet50_2", "resnet18", "resnet34", "resnet50",
-           "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2"]
+           "convert", "unconvert", "fold_bn", "convert_sync_batchnorm", "get_model", "list_models",
+           "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152",
+           "ResNeXt50_32x4d", "ResNeXt101_32x8d", "ResNeXt101_64x4d", "WideResNet50_2",
+           "WideResNet101_2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2",
+           "wide_resnet101_2"]

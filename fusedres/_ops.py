@@ -10,6 +10,7 @@ backward kernels of the same namespace.
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from .reference import conv_output_shape
 
@@ -27,6 +28,12 @@ def is_channels_last(t: torch.Tensor) -> bool:
     if t.dim() == 5:
         return t.is_contiguous(memory_format=torch.channels_last_3d)
     return False
+
+
+def conv_output_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format of a fused conv's output: the input's, decided from its strides as
+    PyTorch's suggest_memory_format (common.h: prepare_conv), so N x C x 1 x 1 is NCHW."""
+    return suggest_memory_format(input)
 
 
 def empty_like_kernel_output(x: torch.Tensor) -> torch.Tensor:
@@ -80,8 +87,8 @@ def _fake_add_relu(input, residual):
 
 def _conv_output(input, weight, stride, padding, dilation):
     size = conv_output_shape(input, weight, stride, padding, dilation)
-    fmt = torch.channels_last if is_channels_last(input) else torch.contiguous_format
-    return torch.empty(size, dtype=input.dtype, device=input.device, memory_format=fmt)
+    return torch.empty(size, dtype=input.dtype, device=input.device,
+                       memory_format=conv_output_format(input))
 
 
 def _fake_conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):

@@ -200,7 +200,7 @@ def check_model(arch="resnet50", device="cpu", dtype=torch.float32, batch=4, siz
     torchvision in float64: eval output, and output, parameters and running statistics after
     one SGD step. Returns {check: (fusedres error, torchvision error)}, relative errors."""
     reference = torchvision_model(arch, device, dtype, True, num_classes)
-    fused = fusedres.convert(reference)
+    fused = fusedres.convert(copy.deepcopy(reference))
     reference64 = copy.deepcopy(reference).double()
     models = (fused, reference, reference64)
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(

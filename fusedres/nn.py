@@ -1,37 +1,43 @@
 """ResNet building blocks whose forward runs the fused ops of the active backend.
 
-The blocks have exactly torchvision's submodules (conv1, bn1, ..., downsample), so their
-state_dict keys and shapes are torchvision's. What changes is the forward:
+The blocks are torchvision's own classes (fusedres.nn.BasicBlock subclasses
+torchvision.models.resnet.BasicBlock, ...): same submodules, arguments and state_dict, and
+`isinstance(block, torchvision.models.resnet.BasicBlock)` holds. Only the forward changes:
 
-- training BN: the convolution, then one fused BN (+ residual) (+ ReLU) op; a projection
-  shortcut uses the dual form relu(bn3(conv3(x)) + bn_ds(conv_ds(identity)));
-- eval / frozen BN: the BN folded into the convolution, which then runs with its fused
-  bias (+ residual) + ReLU epilogue. Folded weights are cached only when no autograd graph is
-  needed, keyed by the identity and version counter of every tensor they come from, so an
-  optimizer step, load_state_dict or .to() refreshes them;
-- a BN replaced by nn.Identity (fusedres.fold_bn): the convolution's own bias.
+- training BN: the convolution (called as a module), then one fused BN (+ residual) (+ ReLU)
+  op; a projection shortcut uses the dual form relu(bn3(conv3(x)) + bn_ds(conv_ds(identity)));
+- eval / frozen BN: the convolution (called as a module), then one fused pass applying the BN
+  as a per-channel affine (+ residual, + the shortcut's BN) (+ ReLU). Nothing is cached: the
+  BN's tensors are read at every call, so writes through `.data`, load_state_dict, EMA updates
+  or BN recalibration always show in the next output;
+- a BN replaced by nn.Identity (fusedres.fold_bn): the convolution with its own bias and the
+  fused bias (+ residual) + ReLU epilogue.
+
+A block runs torchvision's own (unfused) forward instead whenever the fused one would hide
+something a user or a tool expects to see (`runs_plain`): a hook on one of its BN / ReLU /
+downsample modules (or a global module hook), a norm layer or activation the fused ops do not
+implement, FX symbolic tracing, TorchScript tracing and ONNX export (which need the ordinary
+graph of ordinary modules). torch.jit.script compiles the unfused torchvision classes
+(`__prepare_scriptable__`).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torchvision.models.resnet as tv
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from . import functional as FF
-from .sync_batchnorm import sync_batch_norm_act, uses_sync
+from .sync_batchnorm import SyncBatchNorm2d, sync_batch_norm_act, uses_sync
 
-__all__ = ["BasicBlock", "Bottleneck", "conv3x3", "conv1x1", "conv_bn_act", "conv_bn_add_act"]
+__all__ = ["BasicBlock", "Bottleneck", "conv3x3", "conv1x1", "conv_bn_act", "conv_bn_add_act",
+           "runs_plain"]
 
-
-def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
-                     groups=groups, bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes, out_planes, stride=1):
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+conv3x3, conv1x1 = tv.conv3x3, tv.conv1x1
 
 
 # ---- the block's input ---------------------------------------------------------------------------
@@ -69,29 +75,108 @@ def check_input(module: nn.Module, x, conv: nn.Conv2d) -> None:
                         f"or run under torch.autocast")
 
 
+# ---- when the fused forward may run ------------------------------------------------------------
+
+
+def _hooked(module: Optional[nn.Module]) -> bool:
+    """True if calling `module` would run a hook of its own (forward, pre-forward, backward)."""
+    return module is not None and bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (register_module_forward_hook, ...)."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def _tracing_for_a_graph() -> bool:
+    """FX symbolic tracing, TorchScript tracing, ONNX export: tools that record the ordinary
+    module graph (torch.compile / torch.export trace the fused ops themselves)."""
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+            or (torch.fx._symbolic_trace._get_is_fx_tracing()
+                and not torch.compiler.is_compiling()))
+
+
+def is_batch_norm(norm: nn.Module) -> bool:
+    """A norm layer the fused ops implement exactly: nn.BatchNorm2d (not a subclass with its
+    own forward, such as nn.SyncBatchNorm or timm's BatchNormAct2d), fusedres's
+    SyncBatchNorm2d, or a FrozenBatchNorm2d (torchvision, timm, detectron2: a fixed affine)."""
+    if isinstance(norm, SyncBatchNorm2d):
+        return True
+    if isinstance(norm, nn.BatchNorm2d):
+        return type(norm).forward is nn.BatchNorm2d.forward
+    return _is_frozen(norm)
+
+
+def _is_frozen(norm: nn.Module) -> bool:
+    return type(norm).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(norm, name) for name in ("weight", "bias", "running_mean", "running_var"))
+
+
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A BN the fused ops run, or nn.Identity (folded away by fold_bn)."""
+    return isinstance(norm, nn.Identity) or is_batch_norm(norm)
+
+
+def plain_reason(norms, acts, others=()) -> Optional[str]:
+    """Why a block with these BN-like `norms`, activations `acts` and other modules whose
+    hooks must fire (`others`: downsample, ...) cannot run fused right now; None if it can."""
+    if _tracing_for_a_graph():
+        return "tracing for a graph (FX, TorchScript or ONNX export)"
+    for name, act in acts:
+        if type(act) is not nn.ReLU:
+            return f"{name} is {type(act).__name__}, not nn.ReLU"
+    for name, norm in norms:
+        if not _fusable_norm(norm):
+            return f"{name} is {type(norm).__name__}, not a BatchNorm2d the fused ops implement"
+    for name, m in list(norms) + list(acts) + list(others):
+        if _hooked(m):
+            return f"{name} has a hook"
+    if _global_hooks():
+        return "a global module hook is registered"
+    return None
+
+
+def runs_plain(block: nn.Module) -> bool:
+    """True if a fused torchvision block / ResNet must run torchvision's own forward now."""
+    return _block_plain_reason(block) is not None
+
+
+def _block_plain_reason(block: nn.Module) -> Optional[str]:
+    norms = [(f"bn{i}", getattr(block, f"bn{i}")) for i in (1, 2, 3) if hasattr(block, f"bn{i}")]
+    downsample = getattr(block, "downsample", None)
+    return plain_reason(norms + downsample_norms(downsample), [("relu", block.relu)],
+                        [("downsample", downsample)])
+
+
+def downsample_norms(downsample: Optional[nn.Module]) -> list:
+    """[("downsample.N", bn)] for the BN of a downsample Sequential(..., conv, norm) that the
+    fused forward runs itself (other shortcuts are called as modules)."""
+    if (isinstance(downsample, nn.Sequential) and len(downsample) >= 2
+            and isinstance(downsample[-2], nn.Conv2d)):
+        return [(f"downsample.{len(downsample) - 1}", downsample[-1])]
+    return []
+
+
 # ---- BN state as nn.BatchNorm2d.forward sees it ----------------------------------------------
 
 
-def _is_frozen(bn: nn.Module) -> bool:
-    """torchvision.ops.FrozenBatchNorm2d and look-alikes: a fixed affine, no training mode."""
-    return not isinstance(bn, nn.modules.batchnorm._BatchNorm) and hasattr(bn, "running_var")
-
-
-def _foldable(norm: nn.Module) -> bool:
-    """A BN the fused ops handle (BatchNorm, frozen BN, or nn.Identity after fold_bn); any
-    other norm_layer (GroupNorm, say) runs as its own module."""
-    return (isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.Identity))
-            or _is_frozen(norm))
-
-
 def _bn_training(bn: nn.Module) -> bool:
-    if _is_frozen(bn) or isinstance(bn, nn.Identity):  # nn.Identity: folded away by fold_bn
+    """True if bn normalises with batch statistics (training, or no running statistics)."""
+    if isinstance(bn, nn.Identity) or _is_frozen(bn):
         return False
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def _bn_args(bn: nn.Module) -> dict:
-    """Keyword arguments of the fused functions for a training-mode BN, as nn.BatchNorm2d."""
+def _bn_kwargs(bn: nn.Module) -> dict:
+    """Keyword arguments of the fused functions for bn, exactly as nn.BatchNorm2d.forward
+    would normalise and update its buffers."""
+    if not _bn_training(bn):
+        return dict(running_mean=bn.running_mean, running_var=bn.running_var, weight=bn.weight,
+                    bias=bn.bias, training=False, momentum=0.0, eps=bn.eps,
+                    num_batches_tracked=None)
     track = bn.training and bn.track_running_stats
     use_running = not bn.training or bn.track_running_stats
     return dict(
@@ -103,41 +188,14 @@ def _bn_args(bn: nn.Module) -> dict:
     )
 
 
-def _conv(x: Tensor, conv: nn.Conv2d, weight=None, bias=None) -> Tensor:
-    weight = conv.weight if weight is None else weight
-    if bias is not None:
-        bias = bias.to(x.dtype)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-# ---- eval: BN folded into the convolution -------------------------------------------------------
-
-
-def _fold_key(conv, bn):
-    tensors = [conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias]
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None
-                 for t in tensors)
-
-
-def folded(owner: nn.Module, name: str, conv: nn.Conv2d, bn: nn.Module):
-    """(weight, bias) of conv with the eval BN bn folded in; cached on owner under name when
-    no autograd graph is wanted (refreshed whenever a source tensor changes)."""
-    if isinstance(bn, nn.Identity):
-        return conv.weight, conv.bias
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return FF.fold_conv_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                               bn.weight, bn.bias)
-    cache = owner.__dict__.setdefault("_fusedres_folded", {})
-    key = _fold_key(conv, bn)
-    hit = cache.get(name)
-    if hit is None or hit[0] != key:
-        weight, bias = FF.fold_conv_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var,
-                                       bn.eps, bn.weight, bn.bias)
-        hit = cache[name] = (key, weight, bias)
-    return hit[1], hit[2]
-
-
 # ---- the fused conv + BN (+ residual) (+ ReLU) ---------------------------------------------------
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A convolution the fused conv ops may run in place of conv(x): an nn.Conv2d with zero
+    padding and no hook (pruning and weight_norm work through hooks; parametrizations through
+    conv.weight, which the fused ops read)."""
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not _hooked(conv)
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -150,130 +208,162 @@ def _autocast(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
     return x.to(dtype), weight.to(dtype), bias
 
 
-def conv_bn_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
-                relu: bool = True) -> Tensor:
-    """act(bn(conv(x))) with the fused ops."""
-    if not _foldable(bn):
-        y = bn(_conv(x, conv))
-        return torch.relu(y) if relu else y
+def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True) -> Tensor:
+    """act(bn(conv(x))) with the fused ops; bn is one that _fusable_norm accepts."""
+    if isinstance(bn, nn.Identity):  # folded by fold_bn: the conv's own bias
+        if not _plain_conv(conv):
+            y = conv(x)
+            return torch.relu(y) if relu else y
+        x, weight, bias = _autocast(x, conv.weight, conv.bias)
+        if relu:
+            return FF.conv_bias_relu(x, weight, bias, conv.stride, conv.padding, conv.dilation,
+                                     conv.groups)
+        return F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), conv.stride,
+                        conv.padding, conv.dilation, conv.groups)
+    y = conv(x)
     if uses_sync(bn):
-        return sync_batch_norm_act(_conv(x, conv), bn, relu=relu)
-    if _bn_training(bn):
-        return FF.batch_norm_relu(_conv(x, conv), **_bn_args(bn), relu=relu)
-    x, weight, bias = _autocast(x, *folded(owner, name, conv, bn))
-    if relu:
-        return FF.conv_bias_relu(x, weight, bias, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups)
-    return _conv(x, conv, weight, bias)
+        return sync_batch_norm_act(y, bn, relu=relu)
+    return FF.batch_norm_relu(y, **_bn_kwargs(bn), relu=relu)
 
 
-def _conv_bn_pair(module: Optional[nn.Module]):
-    """(conv, bn) of a torchvision-style downsample Sequential, else None."""
-    if (isinstance(module, nn.Sequential) and len(module) == 2
-            and isinstance(module[0], nn.Conv2d) and _foldable(module[1])):
-        return module[0], module[1]
+def _conv_bn_pair(downsample: Optional[nn.Module]):
+    """(modules before the conv, conv, bn) of a downsample Sequential(..., conv, BN) whose BN
+    the fused ops run (torchvision's, and timm's avg-pool shortcut), else None."""
+    if (isinstance(downsample, nn.Sequential) and len(downsample) >= 2
+            and isinstance(downsample[-2], nn.Conv2d) and _fusable_norm(downsample[-1])):
+        return list(downsample)[:-2], downsample[-2], downsample[-1]
     return None
 
 
-def conv_bn_add_act(owner: nn.Module, name: str, x: Tensor, conv: nn.Conv2d, bn: nn.Module,
-                    identity: Tensor, downsample: Optional[nn.Module]) -> Tensor:
-    """relu(bn(conv(x)) + shortcut(identity)): the end of a residual block, where the shortcut
-    is the identity or `downsample` (a conv + BN pair, fused as well)."""
+def _shortcut(identity: Tensor, downsample: Optional[nn.Module]) -> Tensor:
     pair = _conv_bn_pair(downsample)
-    if not _foldable(bn):
-        shortcut = downsample(identity) if downsample is not None else identity
-        return FF.add_relu(bn(_conv(x, conv)), shortcut)
+    if pair is None:
+        return downsample(identity) if downsample is not None else identity
+    before, conv, bn = pair
+    for m in before:
+        identity = m(identity)
+    return conv_bn_act(identity, conv, bn, relu=False)
+
+
+def is_identity(module: Optional[nn.Module]) -> bool:
+    """None, nn.Identity, or a timm DropPath / DropBlock2d that is the identity now (eval, or
+    a drop probability of 0)."""
+    if module is None or isinstance(module, nn.Identity):
+        return True
+    if type(module).__name__ in ("DropPath", "DropBlock2d") and hasattr(module, "drop_prob"):
+        return not module.training or not module.drop_prob
+    return False
+
+
+def conv_bn_add_act(x: Tensor, conv: nn.Module, bn: nn.Module, identity: Tensor,
+                    downsample: Optional[nn.Module], tail=()) -> Tensor:
+    """relu(tail(bn(conv(x))) + shortcut(identity)): the end of a residual block, where the
+    shortcut is the identity or `downsample` (a conv + BN pair is fused as well) and `tail`
+    the modules between the BN and the add (timm's SE and DropPath; none in torchvision)."""
+    tail = [m for m in tail if not is_identity(m)]
+    if tail:  # the BN output is needed on its own: BN, tail, then the add + ReLU
+        y = conv_bn_act(x, conv, bn, relu=False)
+        for m in tail:
+            y = m(y)
+        return FF.add_relu(y, _shortcut(identity, downsample).to(y.dtype))
+    if isinstance(bn, nn.Identity):  # folded by fold_bn
+        shortcut = _shortcut(identity, downsample)
+        if not _plain_conv(conv):
+            y = conv(x)
+            return FF.add_relu(y, shortcut.to(y.dtype))
+        x, weight, bias = _autocast(x, conv.weight, conv.bias)
+        return FF.conv_bias_add_relu(x, weight, bias, shortcut.to(x.dtype), conv.stride,
+                                     conv.padding, conv.dilation, conv.groups)
+    y = conv(x)
     if uses_sync(bn):
-        if pair is not None:
-            shortcut = conv_bn_act(owner, name + ".downsample", identity, *pair, relu=False)
-        else:
-            shortcut = downsample(identity) if downsample is not None else identity
-        return sync_batch_norm_act(_conv(x, conv), bn, shortcut)
-    if _bn_training(bn):
-        y = _conv(x, conv)
-        if pair is not None and _bn_training(pair[1]) and not uses_sync(pair[1]):
-            z = _conv(identity, pair[0])
-            args, residual_args = _bn_args(bn), _bn_args(pair[1])
-            return FF.dual_batch_norm_add_relu(
-                y, z, args["running_mean"], args["running_var"], residual_args["running_mean"],
-                residual_args["running_var"], args["weight"], args["bias"],
-                residual_args["weight"], residual_args["bias"], True, args["momentum"],
-                args["eps"], residual_momentum=residual_args["momentum"],
-                residual_eps=residual_args["eps"],
-                num_batches_tracked=args["num_batches_tracked"],
-                residual_num_batches_tracked=residual_args["num_batches_tracked"])
-        if pair is not None:
-            shortcut = conv_bn_act(owner, name + ".downsample", identity, *pair, relu=False)
-        else:
-            shortcut = downsample(identity) if downsample is not None else identity
-        return FF.batch_norm_add_relu(y, shortcut, **_bn_args(bn))
-    if pair is not None and not _bn_training(pair[1]):
-        identity_, ds_weight, ds_bias = _autocast(identity, *folded(owner, name + ".downsample",
-                                                                    *pair))
-        shortcut = _conv(identity_, pair[0], ds_weight, ds_bias)
-    else:
-        shortcut = downsample(identity) if downsample is not None else identity
-    x, weight, bias = _autocast(x, *folded(owner, name, conv, bn))
-    return FF.conv_bias_add_relu(x, weight, bias, shortcut.to(x.dtype), conv.stride,
-                                 conv.padding, conv.dilation, conv.groups)
+        return sync_batch_norm_act(y, bn, _shortcut(identity, downsample).to(y.dtype))
+    pair = _conv_bn_pair(downsample)
+    if pair is not None and _dual_fusable(bn, pair[2]):
+        before, ds_conv, ds_bn = pair
+        for m in before:
+            identity = m(identity)
+        z = ds_conv(identity)
+        a, b = _bn_kwargs(bn), _bn_kwargs(ds_bn)
+        return FF.dual_batch_norm_add_relu(
+            y, z.to(y.dtype), a["running_mean"], a["running_var"], b["running_mean"],
+            b["running_var"], a["weight"], a["bias"], b["weight"], b["bias"], a["training"],
+            a["momentum"], a["eps"], residual_momentum=b["momentum"], residual_eps=b["eps"],
+            num_batches_tracked=a["num_batches_tracked"],
+            residual_num_batches_tracked=b["num_batches_tracked"])
+    return FF.batch_norm_add_relu(y, _shortcut(identity, downsample).to(y.dtype),
+                                  **_bn_kwargs(bn))
+
+
+def _dual_fusable(bn: nn.Module, ds_bn: nn.Module) -> bool:
+    """Both BNs in one dual op: both batch statistics or both running statistics, no
+    synchronisation, and a shortcut momentum the dual op can express (its
+    residual_momentum=None means "as momentum", not a cumulative average)."""
+    if isinstance(ds_bn, nn.Identity) or uses_sync(ds_bn):
+        return False
+    training = _bn_training(bn)
+    if training != _bn_training(ds_bn):
+        return False
+    return not training or ds_bn.momentum is not None or bn.momentum is None
 
 
 # ---- blocks ---------------------------------------------------------------------------------------
 
 
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock (same submodules and arguments), fused."""
+def shared_copy(module: nn.Module) -> nn.Module:
+    """A new module tree with the same classes, parameters and buffers (shared, not copied)."""
+    new = copy.copy(module)
+    new.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    for name, child in module._modules.items():
+        if child is not None:
+            new._modules[name] = shared_copy(child)
+    return new
 
-    expansion: int = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
-                 dilation: int = 1, norm_layer=None, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        norm_layer = norm_layer or nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
+class _Fused:
+    """What the fused torchvision classes share: TorchScript gets the unfused classes."""
+
+    def __prepare_scriptable__(self):
+        # TorchScript cannot compile the fused forward (Python ops and checks): script an
+        # unfused copy that shares this module's parameters and buffers.
+        from .convert import unconvert
+
+        return unconvert(shared_copy(self))
+
+
+class BasicBlock(_Fused, tv.BasicBlock):
+    """torchvision's BasicBlock (same class, submodules and arguments), fused."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if runs_plain(self):
+            return super().forward(x)
         check_input(self, x, self.conv1)
-        out = conv_bn_act(self, "1", x, self.conv1, self.bn1)
-        return conv_bn_add_act(self, "2", out, self.conv2, self.bn2, x, self.downsample)
+        out = conv_bn_act(x, self.conv1, self.bn1)
+        return conv_bn_add_act(out, self.conv2, self.bn2, x, self.downsample)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Fused, tv.Bottleneck):
     """torchvision's Bottleneck (ResNet v1.5: stride in the 3x3), fused. With
     stride_in_1x1=True the stride sits in the first 1x1 instead (the original ResNet v1 of the
     paper and of Keras)."""
 
-    expansion: int = 4
-
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
                  dilation: int = 1, norm_layer=None, stride_in_1x1: bool = False) -> None:
-        super().__init__()
-        norm_layer = norm_layer or nn.BatchNorm2d
-        width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width, stride if stride_in_1x1 else 1)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, 1 if stride_in_1x1 else stride, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation,
+                         norm_layer)
+        if stride_in_1x1:
+            move_stride_to_1x1(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if runs_plain(self):
+            return super().forward(x)
         check_input(self, x, self.conv1)
-        out = conv_bn_act(self, "1", x, self.conv1, self.bn1)
-        out = conv_bn_act(self, "2", out, self.conv2, self.bn2)
-        return conv_bn_add_act(self, "3", out, self.conv3, self.bn3, x, self.downsample)
+        out = conv_bn_act(x, self.conv1, self.bn1)
+        out = conv_bn_act(out, self.conv2, self.bn2)
+        return conv_bn_add_act(out, self.conv3, self.bn3, x, self.downsample)
+
+
+def move_stride_to_1x1(block: tv.Bottleneck) -> None:
+    """The original ResNet v1 bottleneck: the block's stride in conv1 (1x1), not conv2 (3x3)."""
+    stride = block.conv2.stride
+    block.conv1.stride, block.conv2.stride = stride, (1, 1)

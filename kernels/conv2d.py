@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres._ops import conv_output_format
 from fusedres.reference import conv_output_shape
 
-from ._common import INTERPRETED, is_channels_last, match_layout, tl_acc
+from ._common import INTERPRETED, match_layout, tl_acc
 from .batch_norm_stats import _stats_merge_kernel
 
 
@@ -132,9 +133,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     N, C_in, H, W = input.shape
     C_out, C_in_g, KH, KW = weight.shape
     P, Q = conv_output_shape(input, weight, stride, padding, dilation)[2:]
-    fmt = torch.channels_last if is_channels_last(input) else torch.contiguous_format
+    fmt = conv_output_format(input)
     x = input.contiguous(memory_format=fmt)
-    w = weight.contiguous(memory_format=fmt)
+    w = weight  # read through its strides, in any layout: no copy per call
     out = torch.empty((N, C_out, P, Q), dtype=input.dtype, device=input.device, memory_format=fmt)
     mean = torch.zeros(C_out if emit_stats else 0, dtype=torch.float32, device=input.device)
     var = torch.zeros_like(mean)

@@ -395,7 +395,7 @@ def small_resnet(torchvision, **kwargs):
 @pytest.mark.parametrize("target", NATIVE_TARGETS)
 def test_fold_bn_model_with_zero_running_var(target):
     """A converted model whose BNs have channels of running_var 0 / 1e-12 (dead channels of a
-    trained network): fold_bn, the cached folding of the eval model and the folding with
+    trained network): fold_bn, the eval model under no_grad and with
     autograd on all agree with torchvision's eval as closely as torchvision's own float32."""
     torchvision = pytest.importorskip("torchvision")
     device = use(target)
@@ -409,7 +409,7 @@ def test_fold_bn_model_with_zero_running_var(target):
                 m.running_var[1::4] = 1e-12
     reference = reference.eval().to(device)
     reference64 = copy.deepcopy(reference).double()
-    converted = fusedres.convert(reference).eval()
+    converted = fusedres.convert(copy.deepcopy(reference)).eval()
     folded = fusedres.fold_bn(converted)
     x = torch.randn(2, 3, 32, 32, device=device)
     with torch.no_grad():
@@ -498,7 +498,7 @@ def test_converted_model_running_stats_long_run(target, momentum):
             m.momentum = momentum
     reference = reference.to(device).train()
     reference64 = copy.deepcopy(reference).double()
-    converted = fusedres.convert(reference)
+    converted = fusedres.convert(copy.deepcopy(reference))
     steps = 200
     for step in range(steps):
         x = drifting_batch(step, (4, 3, 16, 16), device)
