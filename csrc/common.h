@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
+#include <c10/util/strides.h>
 
 #include <optional>
 
@@ -190,6 +191,19 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
     c.residual = residual->contiguous(format);
   }
   return c;
+}
+
+// `t` in `format` with exactly the strides a new tensor of that format has. A tensor with
+// size-1 dimensions can be dense in both formats with other strides (ATen's convolution may
+// return an N x C x 1 x 1 output with channels_last strides for an NCHW input when the weight
+// is channels_last); the fake kernels, and torch.compile with them, must see the real strides.
+inline at::Tensor with_format_strides(const at::Tensor& t, at::MemoryFormat format) {
+  at::Tensor dense = t.contiguous(format);
+  const c10::DimVector strides = format == at::MemoryFormat::ChannelsLast
+                                     ? c10::DimVector(c10::get_channels_last_strides_2d(dense.sizes()))
+                                     : c10::contiguous_strides(dense.sizes());
+  if (dense.strides() == at::IntArrayRef(strides)) return dense;
+  return dense.as_strided(dense.sizes(), strides);  // same memory: only size-1 strides differ
 }
 
 inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {

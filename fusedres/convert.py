@@ -231,7 +231,11 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise RuntimeError("fusedres.fold_bn: the model is in training mode, whose BatchNorm uses "
                            "batch statistics and cannot be folded; call model.eval() first")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as e:  # e.g. a pruned convolution's computed (non-leaf) weight
+            raise RuntimeError(f"fusedres.fold_bn: the model cannot be deep-copied ({e}); fold "
+                               f"it in place with fold_bn(model, inplace=True)") from e
     pairs = []
     for module, conv, bn_name, name in _pairs(model):
         bn = getattr(module, bn_name)

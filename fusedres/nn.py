@@ -60,7 +60,9 @@ def check_input(module: nn.Module, x, conv: nn.Conv2d) -> None:
     if x.dtype not in FF._FLOAT_DTYPES:
         raise TypeError(f"fusedres: {name} input must be float16, bfloat16, float32 or float64, "
                         f"got {x.dtype}")
-    in_channels, weight = getattr(conv, "in_channels", None), getattr(conv, "weight", None)
+    # A parameter, not conv.weight: a parametrization would compute the weight (spectral_norm
+    # would even run an extra power iteration in training).
+    in_channels, weight = getattr(conv, "in_channels", None), next(conv.parameters(), None)
     if in_channels is not None and x.shape[1] != in_channels:
         raise ValueError(f"fusedres: {name} input must have {in_channels} channels "
                          f"(conv1.in_channels), got shape {tuple(x.shape)}")

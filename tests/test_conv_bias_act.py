@@ -117,3 +117,35 @@ def test_conv_bias_act_empty_batch_and_no_bias(target):
     out = FF.conv_bias_relu(x, weight, None, 1, 1)
     assert_close(out, torch.relu(F.conv2d(x.double(), weight.double(), None, 1, 1)), torch.float32,
                  CONV_TOLERANCE)
+
+
+@pytest.mark.parametrize("target", NATIVE_TARGETS)
+@pytest.mark.parametrize("weight_layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_follows_the_input_strides_without_copying_the_weight(target, layout,
+                                                                     weight_layout):
+    """The last stage of a ResNet at 32x32 is N x C x 1 x 1, which is dense in both layouts:
+    the output format comes from the input's actual strides as PyTorch's suggest_memory_format
+    decides it, its strides are exactly the fake kernel's, and a weight in the input's layout
+    is never copied per call (a mixed pair is copied as F.conv2d copies it)."""
+    device = use(target)
+    x = make((4, 64, 1, 1), layout=layout, device=device)
+    weight = make((64, 64, 3, 3), layout=weight_layout, device=device)
+    bias, residual = make((64,), device=device), make((4, 64, 1, 1), device=device)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = FF.conv_bias_add_relu(x, weight, bias, residual, 1, 1)
+        plain = FF.conv_bias_relu(x, weight, bias, 1, 1)
+    copies = [e for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone") and [64, 64, 3, 3] in e.input_shapes]
+    if layout == weight_layout:
+        assert not copies, [e.name for e in copies]
+    ref = F.conv2d(x.double(), weight.double(), bias.double(), 1, 1)
+    assert_close(out, torch.relu(ref + residual.double()), torch.float32, CONV_TOLERANCE)
+    assert_close(plain, torch.relu(ref), torch.float32, CONV_TOLERANCE)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.fusedres.conv_bias_relu(mode.from_tensor(x), mode.from_tensor(weight),
+                                                 mode.from_tensor(bias), [1, 1], [1, 1],
+                                                 [1, 1], 1)
+    expected = (64, 1, 64, 64) if layout == "channels_last" else (64, 1, 1, 1)
+    for t in (out, plain):
+        assert t.stride() == fake.stride() == expected, (t.stride(), fake.stride())

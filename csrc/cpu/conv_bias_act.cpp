@@ -20,9 +20,10 @@ Tensor conv_bias_act(const Tensor& input, const Tensor& weight, const std::optio
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
   std::optional<Tensor> bias_;
   if (c.bias) bias_ = c.bias->to(c.input.scalar_type());
-  const Tensor conv = at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
-                                     /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
-                         .contiguous(c.format);
+  const Tensor conv = with_format_strides(
+      at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
+                      /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+      c.format);
   Tensor out = at::empty_like(conv);
   normalize_act(conv, {.residual = c.residual, .relu = true}, out);
   return out;

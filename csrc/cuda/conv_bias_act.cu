@@ -24,9 +24,9 @@ Tensor conv_bias_relu(const Tensor& input, const Tensor& weight, const std::opti
                       int64_t groups) {
   const ConvOperands c =
       prepare_conv(input, weight, bias, std::nullopt, stride, padding, dilation, groups);
-  return at::cudnn_convolution_relu(c.input, c.weight, bias_of_input_dtype(c), stride, padding,
-                                    dilation, groups)
-      .contiguous(c.format);
+  return with_format_strides(at::cudnn_convolution_relu(c.input, c.weight, bias_of_input_dtype(c),
+                                                        stride, padding, dilation, groups),
+                             c.format);
 }
 
 Tensor conv_bias_add_relu(const Tensor& input, const Tensor& weight,
@@ -35,9 +35,10 @@ Tensor conv_bias_add_relu(const Tensor& input, const Tensor& weight,
                           at::IntArrayRef dilation, int64_t groups) {
   const ConvOperands c =
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
-  return at::cudnn_convolution_add_relu(c.input, c.weight, *c.residual, /*alpha=*/1.0,
-                                        bias_of_input_dtype(c), stride, padding, dilation, groups)
-      .contiguous(c.format);
+  return with_format_strides(
+      at::cudnn_convolution_add_relu(c.input, c.weight, *c.residual, /*alpha=*/1.0,
+                                     bias_of_input_dtype(c), stride, padding, dilation, groups),
+      c.format);
 }
 
 }  // namespace
