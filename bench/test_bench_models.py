@@ -10,8 +10,6 @@ from conftest import BATCH, DEVICE, DTYPE, GPU, POOL
 
 from fusedres import benchmark as B
 
-torchvision = pytest.importorskip("torchvision")
-
 ARCHS = ["resnet18", "resnet50", "resnet101"] if GPU else ["resnet18", "resnet50"]
 SIZE = 224 if GPU else 64
 TOLERANCE = 5e-2 if DTYPE == torch.bfloat16 else 1e-3

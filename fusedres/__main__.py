@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fusedres
 import fusedres.functional as FF
 
-# Relative norm error against float64 (DESIGN.md); float32 through a convolution: 1e-4.
+# Relative norm error against float64 (ARCHITECTURE.md); float32 through a convolution: 1e-4.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CONV_TOLERANCE = {**TOLERANCE, torch.float32: 1e-4}
 
@@ -173,12 +173,6 @@ def main(argv=None) -> int:
 def models(args) -> int:
     from . import benchmark
 
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        print("\nmodel check and benchmark skipped: torchvision is not installed "
-              "(pip install torchvision)")
-        return 0
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"\n{args.arch}: fusedres and torchvision ({device}, {str(dtype)[6:]}, batch "

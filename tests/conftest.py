@@ -19,7 +19,7 @@ import fusedres  # noqa: E402
 
 HAS_TRITON = fusedres.info()["available"]["triton"]
 
-# Relative norm error allowed against the fp64 reference (DESIGN.md, "Numerics for tests").
+# Relative norm error allowed against the fp64 reference (ARCHITECTURE.md, "Numerics for tests").
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,

@@ -201,7 +201,7 @@ def huge_conv():
 
 @functools.cache
 def _torchvision_resnet18():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     with torch.no_grad():  # non-trivial BN affine and statistics
@@ -282,7 +282,7 @@ def all_nan(out, ref):
 def block_pair(kind, train):
     """(torchvision block, fusedres.nn block) with the same weights: BasicBlock(4, 4) or
     Bottleneck(16, 4)."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     torch.manual_seed(0)
     args = (C, C) if kind == "BasicBlock" else (4 * C, C)
     reference = getattr(torchvision.models.resnet, kind)(*args)
@@ -327,7 +327,7 @@ def untracked_block():
 
 
 def untracked_block_vs_torchvision():
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     torch.manual_seed(0)
     norm = functools.partial(nn.BatchNorm2d, track_running_stats=False)
     reference = torchvision.models.resnet.BasicBlock(C, C, norm_layer=norm).eval()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision  # a dependency of fusedres
 
 import fusedres  # noqa: E402
 from conftest import assert_as_accurate, assert_close, use  # noqa: E402

@@ -334,7 +334,7 @@ def training_step_peak(model, x, labels):
 def test_resnet50_training_peak_memory_at_most_torchvision(backend, cuda_memory):
     """fusedres ResNet-50 (N=64, 224x224, channels_last, bf16 autocast) needs no more memory
     for a training step than torchvision eager: one model on the GPU at a time."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     use((backend, "cuda"))
     x = torch.randn(64, 3, 224, 224, device="cuda").to(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (64,), device="cuda")

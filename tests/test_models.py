@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-torchvision = pytest.importorskip("torchvision")
+import torchvision  # a dependency of fusedres
 
 import fusedres  # noqa: E402
 from conftest import (assert_as_accurate, assert_close, assert_state_as_accurate,  # noqa: E402

@@ -87,7 +87,7 @@ def test_batch_norm_ops(case):
     if case["relu"]:
         ref, torch32 = torch.relu(ref), torch.relu(torch32)
     assert out.dtype == case["dtype"] and out.shape == x.shape
-    # DESIGN.md's tolerance, or 3x PyTorch's own float32 error where the case is
+    # ARCHITECTURE.md's tolerance, or 3x PyTorch's own float32 error where the case is
     # ill-conditioned (a mean far larger than the spread, a tiny eps on a tiny variance).
     tolerance = max(TOLERANCE[case["dtype"]], 3 * rel_err(torch32, ref))
     assert_close(out, ref, case["dtype"], {case["dtype"]: tolerance})

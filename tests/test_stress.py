@@ -349,7 +349,7 @@ def test_fold_tiny_running_var(target, dtype, eps, conv_bias):
     """running_var of 1e-12, 0 and 1e-30: eps alone keeps 1 / sqrt(v + eps) finite (up to
     316x). Each folded weight and bias channel, and the folded conv + bias + ReLU, against the
     unfolded conv + eval BN in float64: no inf / NaN, per-channel relative error within
-    DESIGN.md's tolerances."""
+    ARCHITECTURE.md's tolerances."""
     device = use(target)
     C = len(TINY_VARIANCES)
     g = torch.Generator().manual_seed(0)
@@ -397,7 +397,7 @@ def test_fold_bn_model_with_zero_running_var(target):
     """A converted model whose BNs have channels of running_var 0 / 1e-12 (dead channels of a
     trained network): fold_bn, the eval model under no_grad and with
     autograd on all agree with torchvision's eval as closely as torchvision's own float32."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     device = use(target)
     reference = small_resnet(torchvision)
     with torch.no_grad():
@@ -490,7 +490,7 @@ def test_converted_model_running_stats_long_run(target, momentum):
     """200 training-mode forwards of drifting data through a converted four-block ResNet
     (plain and projection shortcuts) and through torchvision: every running statistic and
     num_batches_tracked as accurate (against float64) as torchvision's float32, every 50."""
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision  # a dependency of fusedres
     device = use(target)
     reference = small_resnet(torchvision)
     for m in reference.modules():

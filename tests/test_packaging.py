@@ -1,0 +1,59 @@
+"""What a fresh checkout needs to run the README's commands: the dependencies the main job
+uses, documentation that stays inside the repository, and a build that a second
+`pip install -e .` reuses."""
+import importlib.util
+import shutil
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_main_job_has_its_dependencies():
+    """`pip install -e . && python -m fusedres` checks and benchmarks torchvision's models:
+    torchvision is a dependency (a range, as torch), not an extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
+    assert {"torch", "torchvision", "numpy"} <= names
+
+
+@pytest.mark.parametrize("doc", ["README.md", "ARCHITECTURE.md"])
+def test_docs_stay_in_the_repository(doc):
+    text = (ROOT / doc).read_text()
+    assert "../shared" not in text and "DESIGN.md" not in text
+
+
+@pytest.fixture
+def setup_module(tmp_path, monkeypatch):
+    """setup.py loaded as a module (main() does not run), building from a copy of csrc/."""
+    spec = importlib.util.spec_from_file_location("fusedres_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    monkeypatch.setattr(module, "HERE", str(tmp_path))
+    return module
+
+
+def test_build_key_follows_every_input(setup_module, tmp_path):
+    """The reuse of a cached build is keyed on every source and header: the same inputs give
+    the same key (a second install reuses the build), any edit a new one."""
+    from torch.utils.cpp_extension import CppExtension
+
+    def key():
+        ext = CppExtension("fusedres._C", setup_module.sources("csrc/cpu/*.cpp"),
+                           extra_compile_args={"cxx": setup_module.CXX_FLAGS})
+        return setup_module.build_key(ext)
+
+    first = key()
+    assert key() == first
+    header = tmp_path / "csrc" / "common.h"
+    original = header.read_text()
+    header.write_text(original + "\n// an edit\n")
+    assert key() != first
+    header.write_text(original)
+    assert key() == first
+    source = next((tmp_path / "csrc" / "cpu").glob("*.cpp"))
+    source.write_text(source.read_text() + "\n")
+    assert key() != first
