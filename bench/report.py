@@ -31,7 +31,9 @@ def load(path):
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
         if "arch" in info:
-            models.append(Result(info["arch"], info["mode"], info["provider"], info["batch"],
+            # one row group per model and input size (the same model runs at several sizes)
+            label = f"{info['arch']} {info['size']}px b{info['batch']}"
+            models.append(Result(label, info["mode"], info["provider"], info["batch"],
                                  seconds(bench), info["rel_error"],
                                  info.get("peak_memory_mib")))
         else:

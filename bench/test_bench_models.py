@@ -2,8 +2,10 @@
 with freezing) and training steps (forward, backward, SGD), torchvision eager vs
 torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and fusedres-triton on a GPU),
 after checking each provider's output against eager on the same weights and inputs.
-GPU: N=256, 224x224, bf16; CPU: a small default (ResNet-18/50). Timing as in conftest.py; on a
-GPU the CUDA-event median (fusedres.benchmark.time_step) is extra_info["median_s"]."""
+GPU: N=256, 224x224, bf16; CPU: a small default (ResNet-18/50, batch 4, 64x64) and small
+images (32x32, batch 32: the last stage is 1x1, where per-call overhead and layout choices
+show). Timing as in conftest.py; on a GPU the CUDA-event median
+(fusedres.benchmark.time_step) is extra_info["median_s"]."""
 import pytest
 import torch
 from conftest import BATCH, DEVICE, DTYPE, GPU, POOL
@@ -13,15 +15,19 @@ from fusedres import benchmark as B
 ARCHS = ["resnet18", "resnet50", "resnet101"] if GPU else ["resnet18", "resnet50"]
 SIZE = 224 if GPU else 64
 TOLERANCE = 5e-2 if DTYPE == torch.bfloat16 else 1e-3
+# (arch, mode, image size, batch)
+CASES = [(arch, mode, SIZE, BATCH) for arch in ARCHS for mode in B.MODES]
+if not GPU:
+    CASES += [(arch, "inference", 32, 32) for arch in ARCHS]
 
 
 @pytest.mark.parametrize("provider", B.providers(DEVICE))
-@pytest.mark.parametrize("mode", B.MODES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_model(benchmark, arch, mode, provider):
+@pytest.mark.parametrize("arch, mode, size, batch", CASES,
+                         ids=[f"{a}-{m}-{s}px-b{b}" for a, m, s, b in CASES])
+def test_model(benchmark, arch, mode, size, batch, provider):
     reference = B.torchvision_model(arch, DEVICE, DTYPE, True, 1000)
-    pool = [(torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE, dtype=DTYPE).to(
-        memory_format=torch.channels_last), torch.randint(0, 1000, (BATCH,), device=DEVICE))
+    pool = [(torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE).to(
+        memory_format=torch.channels_last), torch.randint(0, 1000, (batch,), device=DEVICE))
         for _ in range(POOL)]
     _, ref_step = B.build("eager", reference, mode)
     _, step = B.build(provider, reference, mode)
@@ -41,7 +47,7 @@ def test_model(benchmark, arch, mode, provider):
             torch.cuda.synchronize()
         return out
 
-    benchmark.extra_info.update(batch=BATCH, size=SIZE, dtype=str(DTYPE), device=DEVICE,
+    benchmark.extra_info.update(batch=batch, size=size, dtype=str(DTYPE), device=DEVICE,
                                 rel_error=error, arch=arch, mode=mode, provider=provider,
                                 calls_per_round=1)
     benchmark.pedantic(timed, rounds=10 if GPU else 3, iterations=1)

@@ -34,6 +34,18 @@ def _fused_ops(backend: str):
     return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
 
 
+def _call(op, *args):
+    """op(*args). When no gradient can flow through it (no_grad, or no input requires grad),
+    below the Autograd dispatch key: the Python autograd wrapper of a torch.library op costs a
+    few microseconds per call even then, which small models feel. (torch.compile traces the
+    op as it is.)"""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _IntOrPair = Union[int, Sequence[int]]
@@ -203,7 +215,8 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
     if not training:
         mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
                                                 eps)
-        return ops.batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
+        return _call(ops.batch_norm_apply, input, mean, scale, shift, residual, None, None, None,
+                     relu)
     out, mean, var = ops.batch_norm_act_train(
         input, weight, bias, residual, float(eps), relu)
     count = input.numel() // input.shape[1] if input.numel() else 0
@@ -305,8 +318,8 @@ def dual_batch_norm_add_relu(
         residual_coefficients = _eval_coefficients(
             residual, residual_running_mean, residual_running_var, residual_weight,
             residual_bias, residual_eps)
-        return _fused_ops(backend).batch_norm_apply(
-            input, mean, scale, shift, residual, *residual_coefficients, relu)
+        return _call(_fused_ops(backend).batch_norm_apply, input, mean, scale, shift, residual,
+                     *residual_coefficients, relu)
     out, mean, var, residual_mean, residual_var = _fused_ops(backend).dual_batch_norm_act_train(
         input, weight, bias, residual, residual_weight, residual_bias, float(eps),
         float(residual_eps), relu)
@@ -327,7 +340,7 @@ def add_relu(input: Tensor, residual: Tensor) -> Tensor:
     backend = _backend.resolve(input.device)
     if input.dim() < 2 or backend == "reference":
         return reference.add_relu(input, residual)
-    return _fused_ops(backend).add_relu(input, residual)
+    return _call(_fused_ops(backend).add_relu, input, residual)
 
 
 # ---- folded inference -----------------------------------------------------------------------
@@ -446,13 +459,13 @@ def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, gro
                                        groups)
     if backend == "triton":
         _triton_conv_dtype(input)
-        return torch.ops.fusedres_triton.conv2d(input, weight, bias, residual, None, None, stride,
-                                                padding, dilation, groups, False, True, False)[0]
+        return _call(torch.ops.fusedres_triton.conv2d, input, weight, bias, residual, None, None,
+                     stride, padding, dilation, groups, False, True, False)[0]
     if residual is None:
-        return torch.ops.fusedres.conv_bias_relu(input, weight, bias, stride, padding, dilation,
-                                                 groups)
-    return torch.ops.fusedres.conv_bias_add_relu(input, weight, bias, residual, stride, padding,
-                                                 dilation, groups)
+        return _call(torch.ops.fusedres.conv_bias_relu, input, weight, bias, stride, padding,
+                     dilation, groups)
+    return _call(torch.ops.fusedres.conv_bias_add_relu, input, weight, bias, residual, stride,
+                 padding, dilation, groups)
 
 
 def conv_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -16,8 +16,8 @@ import torchvision
 import torchvision.models.resnet as tv
 from torch import Tensor, nn
 
-from .nn import BasicBlock, Bottleneck, _Fused, check_input, conv_bn_act, move_stride_to_1x1, \
-    plain_reason
+from .nn import (BasicBlock, Bottleneck, _Fused, check_input, conv_bn_act, folded_on_cpu,
+                 move_stride_to_1x1, plain_reason)
 
 # torchvision's builders that fusedres offers, as (lowercase name, capitalised alias).
 _BUILDERS = {
@@ -58,6 +58,8 @@ class ResNet(_Fused, tv.ResNet):
         if plain_reason([("bn1", self.bn1)], [("relu", self.relu)]) is not None:
             return super().forward(x)
         check_input(self, x, self.conv1)
+        if folded_on_cpu([("bn1", self.bn1)], x):
+            return super().forward(x)
         x = conv_bn_act(x, self.conv1, self.bn1)
         x = self.maxpool(x)
         x = self.layer1(x)
