@@ -97,20 +97,10 @@ def _global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
-try:  # the flags behind torch.onnx.is_in_onnx_export, read directly: this runs per block call
-    from torch.onnx._internal.exporter import _flags as _onnx_flags
-    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
-
-    def _onnx_exporting() -> bool:
-        return _onnx_flags._is_onnx_exporting or _onnx_globals.in_onnx_export
-except ImportError:  # another torch version
-    _onnx_exporting = torch.onnx.is_in_onnx_export
-
-
 def _tracing_for_a_graph() -> bool:
     """FX symbolic tracing, TorchScript tracing, ONNX export: tools that record the ordinary
     module graph (torch.compile / torch.export trace the fused ops themselves)."""
-    return (_onnx_exporting() or torch.jit.is_tracing()
+    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
             or (torch.fx._symbolic_trace._get_is_fx_tracing()
                 and not torch.compiler.is_compiling()))
 
