@@ -16,8 +16,9 @@ from fusedres.benchmark import Result, markdown_table
 
 
 def seconds(bench):
-    """Median seconds per call: the CUDA-event median when recorded, else pytest-benchmark's
-    wall-clock median of a round divided by the calls in it."""
+    """Median seconds per call: the recorded median (interleaved rounds for the models,
+    CUDA events for the ops on a GPU) when there is one, else pytest-benchmark's wall-clock
+    median of a round divided by the calls in it."""
     info = bench.get("extra_info", {})
     if "median_s" in info:
         return info["median_s"]

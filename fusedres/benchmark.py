@@ -112,26 +112,27 @@ def _synchronize(device):
         torch.cuda.synchronize()
 
 
+def _time_once(step, x, target, device) -> float:
+    """Seconds one step takes (CUDA events on a GPU)."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(x, target)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    step(x, target)
+    return time.perf_counter() - t0
+
+
 def time_step(step, inputs, device, warmup: int, iters: int) -> float:
     """Median seconds per step over `iters` timed steps, inputs rotated."""
     for i in range(warmup):
         step(*inputs[i % len(inputs)])
     _synchronize(device)
-    times = []
-    for i in range(iters):
-        x, target = inputs[i % len(inputs)]
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(x, target)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step(x, target)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_time_once(step, *inputs[i % len(inputs)], device)
+                             for i in range(iters))
 
 
 def relative_error(out, ref) -> float:
@@ -141,33 +142,53 @@ def relative_error(out, ref) -> float:
 
 def run(archs, modes=MODES, names=None, batch=4, size=96, device="cpu", dtype=torch.float32,
         channels_last=True, warmup=3, iters=10, num_classes=1000, progress=True):
-    """Benchmarks every (arch, mode, provider); returns a list of Result."""
+    """Benchmarks every (arch, mode, provider); returns a list of Result. The providers of one
+    (arch, mode) are timed side by side: one step of each per round, in a rotating order, so
+    a shared machine's load changes hit all of them alike; the median over rounds is kept."""
     names = names or providers(device)
-    jobs = [(a, m, p) for a in archs for m in modes for p in names]
+    groups = [(a, m) for a in archs for m in modes]
     results = []
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     pool = [(torch.randn(batch, 3, size, size, device=device, dtype=dtype).to(memory_format=fmt),
              torch.randint(0, num_classes, (batch,), device=device)) for _ in range(3)]
-    for n, (arch, mode, provider) in enumerate(jobs, 1):
+    for n, (arch, mode) in enumerate(groups):
         if progress:
-            _progress(n - 1, len(jobs), f"{arch} {mode} {provider}")
+            _progress(n, len(groups), f"{arch} {mode}")
         reference = torchvision_model(arch, device, dtype, channels_last, num_classes)
-        _, ref_step = build("eager", reference, mode)
-        _, step = build(provider, reference, mode)
-        expected = ref_step(*pool[0])
-        got = step(*pool[0])  # same weights, same first batch: the outputs must agree
-        error = relative_error(got, expected)
-        del reference, ref_step, expected, got  # peak memory counts only the timed model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        seconds = time_step(step, pool, device, warmup, iters)
-        memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-        results.append(Result(arch, mode, provider, batch, seconds, error, memory))
+        expected = build("eager", reference, mode)[1](*pool[0])
+        steps, errors, memory = {}, {}, {}
+        for provider in names:
+            base = _allocated(device)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _, step = build(provider, reference, mode)
+            got = step(*pool[0])  # same weights, same first batch: the outputs must agree
+            errors[provider] = relative_error(got, expected)
+            del got
+            for i in range(warmup):
+                step(*pool[i % len(pool)])
+            _synchronize(device)
+            if device == "cuda":  # the provider's model and its step's peak on top of it
+                memory[provider] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            steps[provider] = step
+        del reference, expected
+        times = {provider: [] for provider in names}
+        for i in range(iters):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for provider in order:
+                times[provider].append(_time_once(steps[provider], *pool[i % len(pool)], device))
+        for provider in names:
+            results.append(Result(arch, mode, provider, batch, statistics.median(times[provider]),
+                                  errors[provider], memory.get(provider)))
+        del steps
     if progress:
-        _progress(len(jobs), len(jobs), "done")
+        _progress(len(groups), len(groups), "done")
         print(file=sys.stderr)
     return results
+
+
+def _allocated(device) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else 0
 
 
 def _progress(done: int, total: int, what: str, width: int = 24) -> None:

@@ -48,11 +48,9 @@ def _timm_plain_reason(block):
 
 
 def _timm_fused_forward(self, x):
-    if _timm_plain_reason(self) is not None:
+    if fnn.folded_on_cpu(fnn.block_norms(self), x) or _timm_plain_reason(self) is not None:
         return self._fusedres_original_forward(x)
     fnn.check_input(self, x, self.conv1)
-    if fnn.folded_on_cpu(fnn.block_norms(self), x):  # (bn1..bn3 and the downsample's)
-        return self._fusedres_original_forward(x)
     tail = (self.se, self.drop_path)  # between the last BN and the residual add
     if hasattr(self, "conv3"):  # Bottleneck: conv1-bn1-act1, conv2-bn2-act2-aa, conv3-bn3
         out = fnn.conv_bn_act(x, self.conv1, self.bn1)
