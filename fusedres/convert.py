@@ -71,6 +71,17 @@ def _timm_fused(cls):
     return _TIMM_FUSED[cls]
 
 
+def __getattr__(name: str):
+    """fusedres.convert.FusedBottleneck / FusedBasicBlock: the fused timm classes are made on
+    demand, and pickle (torch.save of a whole model) finds them by name, also in a process
+    that has not converted anything yet."""
+    if name in ("FusedBasicBlock", "FusedBottleneck"):
+        import timm.models.resnet
+
+        return _timm_fused(getattr(timm.models.resnet, name[len("Fused"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _fused_class(module: nn.Module):
     cls = type(module)
     if cls in _FUSED:

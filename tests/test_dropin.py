@@ -392,6 +392,34 @@ def test_timm_se_and_drop_path_blocks_are_fused(mode, capsys, monkeypatch):
         assert_as_accurate(*outs)
 
 
+def test_converted_timm_model_pickles(tmp_path):
+    """torch.save of a whole converted timm model (checkpoints, EMA copies) loads back, also
+    in a fresh process, and computes the same."""
+    timm = pytest.importorskip("timm")
+    import subprocess
+    import sys
+
+    use(("cpp", "cpu"))
+    torch.manual_seed(0)
+    model = fusedres.convert(timm.create_model("resnet18", num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    path, x_path = tmp_path / "model.pt", tmp_path / "x.pt"
+    torch.save(model, path)
+    torch.save(x, x_path)
+    loaded = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(loaded(x), expected, torch.float32, DEEP)
+    code = (f"import torch; m = torch.load({str(path)!r}, weights_only=False); "
+            f"x = torch.load({str(x_path)!r}); print(type(m.layer1[0]).__name__); "
+            f"torch.save(m(x).detach(), {str(tmp_path / 'out.pt')!r})")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "FusedBasicBlock"
+    assert_close(torch.load(tmp_path / "out.pt"), expected, torch.float32, DEEP)
+
+
 def test_fold_bn_covers_timm_and_names_what_it_leaves():
     """fold_bn folds the BNs of timm's blocks (SE ones too) and stem, and warns, naming them,
     about BNs it cannot fold (here: behind a pruned convolution, and after a non-conv)."""
