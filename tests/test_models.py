@@ -2,6 +2,7 @@
 reference): state_dict compatibility, outputs, gradients and running statistics in training
 and eval, cached folded weights, hooks. CPU, small inputs."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -379,3 +380,21 @@ def test_resnet50_on_the_gpu_at_224(backend, dtype, mode):
         out, ref = fused(x), reference(x)
     assert out.dtype == dtype
     assert_as_accurate(out, ref, reference64(x.double()))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bn_eps_and_momentum_of_the_modules_are_used(arch, mode):
+    """The fused blocks read each BN module's own eps and momentum (an eps of 1e-3 moves the
+    output far beyond the float32 tolerance; momentum 0.3 the running statistics), also in
+    the downsample's BN of the dual form."""
+    use(("cpp", "cpu"))
+    norm = functools.partial(torch.nn.BatchNorm2d, eps=1e-3, momentum=0.3)
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(num_classes=10, norm_layer=norm)
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_var.uniform_(0.05, 0.1)  # eps 1e-3 moves each BN by ~1%
+    fused = fusedres.convert(copy.deepcopy(reference))
+    check_forward(reference, fused, torch.randn(2, 3, 32, 32), mode)
