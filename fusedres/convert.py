@@ -265,8 +265,9 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) or fnn._is_frozen(m)]
     if left:
         warnings.warn(
-            f"fusedres.fold_bn: {len(left)} normalization layer(s) left unfolded (not directly "
-            f"after a convolution in a module fold_bn knows, or a hook or parametrization on "
-            f"it or its convolution): {', '.join(left[:6])}{', ...' if len(left) > 6 else ''}",
+            f"fusedres.fold_bn: {len(left)} normalization layer(s) left unfolded (not a plain "
+            f"BatchNorm directly after a convolution in a module fold_bn knows, or a hook or "
+            f"parametrization on it or its convolution): "
+            f"{', '.join(left[:6])}{', ...' if len(left) > 6 else ''}",
             UserWarning, stacklevel=2)
     return model

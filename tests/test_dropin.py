@@ -17,6 +17,7 @@ import torchvision  # a dependency of fusedres
 
 import fusedres  # noqa: E402
 from conftest import assert_as_accurate, assert_close, use  # noqa: E402
+from test_models import pair  # noqa: E402
 
 DEEP = {torch.float32: 2e-4}
 
@@ -24,15 +25,7 @@ DEEP = {torch.float32: 2e-4}
 def twins(arch="resnet18", **kwargs):
     """(torchvision model, converted copy, float64 torchvision copy) with the same weights and
     non-trivial BN statistics."""
-    torch.manual_seed(0)
-    reference = getattr(torchvision.models, arch)(num_classes=10, **kwargs)
-    with torch.no_grad():
-        for m in reference.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    reference, _ = pair(arch, num_classes=10, **kwargs)
     return reference, fusedres.convert(copy.deepcopy(reference)), copy.deepcopy(reference).double()
 
 
@@ -474,3 +467,23 @@ def test_builders_and_weights(tmp_path, monkeypatch):
         fusedres.get_model("vgg16")
     with pytest.raises(ValueError, match="stride_in_1x1 applies to Bottleneck"):
         fusedres.resnet18(stride_in_1x1=True)
+
+
+def test_fold_bn_leaves_norms_with_their_own_forward():
+    """A BatchNorm2d subclass with its own forward (timm's BatchNormAct2d applies an
+    activation too) is not a plain BN: fold_bn leaves it, says so, and the output is kept."""
+    pytest.importorskip("timm")
+    use(("cpp", "cpu"))
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BatchNormAct2d(8),
+                                torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.warns(UserWarning, match=r"1 normalization layer\(s\) left unfolded .*: 1$"):
+        folded = fusedres.fold_bn(model)
+    assert isinstance(folded[1], BatchNormAct2d) and isinstance(folded[3], torch.nn.Identity)
+    with torch.no_grad():
+        assert_close(folded(x), model(x), torch.float32, DEEP)
