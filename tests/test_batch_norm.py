@@ -299,3 +299,52 @@ def test_training_inf_nan_propagate_as_pytorch(target, layout, values, where):
     for got, expected in ((out, ref), (rm, rm_ref), (rv, rv_ref)):
         torch.testing.assert_close(got.double(), expected, equal_nan=True, rtol=1e-4, atol=1e-5)
     assert not rm[c].isfinite() and rv[c].isnan()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("momenta", [(0.1, 0.6), (None, None)], ids=["ema", "cumulative"])
+def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta):
+    """The dual form against two nn.BatchNorm2d modules whose eps, momentum and counters all
+    differ (the shortcut's eps 1e-2 against 1e-5; the shortcut's counter starting at 7): output,
+    both running statistics, both counters, and the gradients of input, residual and both
+    affines, in training and then in eval."""
+    device = use(target)
+    C, momentum, residual_momentum = 5, *momenta
+    bn = torch.nn.BatchNorm2d(C, eps=1e-5, momentum=momentum).to(device).double()
+    bn_res = torch.nn.BatchNorm2d(C, eps=1e-2, momentum=residual_momentum).to(device).double()
+    with torch.no_grad():
+        for m in (bn, bn_res):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        bn_res.running_var.fill_(0.02)  # where eps 1e-2 against 1e-5 shows
+        bn_res.num_batches_tracked.fill_(7)
+    mine = [{k: v.clone().float() if v.is_floating_point() else v.clone()
+             for k, v in m.state_dict().items()} for m in (bn, bn_res)]
+    params = [(m.weight.detach().float().requires_grad_(), m.bias.detach().float().requires_grad_())
+              for m in (bn, bn_res)]
+    for training in (True, True, False):
+        for m in (bn, bn_res):
+            m.train(training)
+        x = make((3, C, 4, 4), torch.float32, device, scale=2.0, offset=1.0, requires_grad=True)
+        z = make((3, C, 4, 4), torch.float32, device, scale=0.1, offset=-1.0, requires_grad=True)
+        x64, z64 = (t.detach().double().requires_grad_() for t in (x, z))
+        ref = torch.relu(bn(x64) + bn_res(z64))
+        out = FF.dual_batch_norm_add_relu(
+            x, z, mine[0]["running_mean"], mine[0]["running_var"], mine[1]["running_mean"],
+            mine[1]["running_var"], *params[0], *params[1], training, momentum, bn.eps,
+            residual_momentum=residual_momentum, residual_eps=bn_res.eps,
+            num_batches_tracked=mine[0]["num_batches_tracked"],
+            residual_num_batches_tracked=mine[1]["num_batches_tracked"])
+        assert_close(out, ref, torch.float32)
+        grad = torch.rand_like(ref)
+        ref_grads = torch.autograd.grad(ref, [x64, z64, bn.weight, bn.bias, bn_res.weight,
+                                              bn_res.bias], grad)
+        grads = torch.autograd.grad(out, [x, z, *params[0], *params[1]], grad.float())
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, torch.float32, {torch.float32: 1e-4})
+        for state, module in zip(mine, (bn, bn_res)):
+            for key, value in module.state_dict().items():
+                if key == "num_batches_tracked":
+                    assert state[key].item() == value.item(), key
+                elif "running" in key:
+                    assert_close(state[key], value, torch.float32)
