@@ -179,11 +179,17 @@ def _block_plain_reason(block: nn.Module, norms=None) -> Optional[str]:
                         [("relu", modules["relu"])], [("downsample", modules.get("downsample"))])
 
 
+def _ends_in_conv_norm(downsample: Optional[nn.Module]) -> bool:
+    """A downsample Sequential(..., conv, norm) (torchvision's, and timm's avg-pool
+    shortcut), whose conv and norm the fused forward runs itself; any other shortcut is
+    called as a module."""
+    return (isinstance(downsample, nn.Sequential) and len(downsample) >= 2
+            and isinstance(downsample[-2], nn.Conv2d))
+
+
 def downsample_norms(downsample: Optional[nn.Module]) -> list:
-    """[("downsample.N", bn)] for the BN of a downsample Sequential(..., conv, norm) that the
-    fused forward runs itself (other shortcuts are called as modules)."""
-    if (isinstance(downsample, nn.Sequential) and len(downsample) >= 2
-            and isinstance(downsample[-2], nn.Conv2d)):
+    """[("downsample.N", norm)] of such a downsample, else []."""
+    if _ends_in_conv_norm(downsample):
         return [(f"downsample.{len(downsample) - 1}", downsample[-1])]
     return []
 
@@ -256,9 +262,8 @@ def conv_bn_act(x: Tensor, conv: nn.Module, bn: nn.Module, relu: bool = True) ->
 
 def _conv_bn_pair(downsample: Optional[nn.Module]):
     """(modules before the conv, conv, bn) of a downsample Sequential(..., conv, BN) whose BN
-    the fused ops run (torchvision's, and timm's avg-pool shortcut), else None."""
-    if (isinstance(downsample, nn.Sequential) and len(downsample) >= 2
-            and isinstance(downsample[-2], nn.Conv2d) and _fusable_norm(downsample[-1])):
+    the fused ops run, else None."""
+    if _ends_in_conv_norm(downsample) and _fusable_norm(downsample[-1]):
         return list(downsample)[:-2], downsample[-2], downsample[-1]
     return None
 

@@ -135,7 +135,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     P, Q = conv_output_shape(input, weight, stride, padding, dilation)[2:]
     fmt = conv_output_format(input)
     x = input.contiguous(memory_format=fmt)
-    w = weight  # read through its strides, in any layout: no copy per call
+    # The tiles read the weight in the input's layout (a copy only for a mixed pair; on the
+    # CPU path the C++ ops pass it as it is, but here the loads' order is the GPU's speed).
+    w = weight.contiguous(memory_format=fmt)
     out = torch.empty((N, C_out, P, Q), dtype=input.dtype, device=input.device, memory_format=fmt)
     mean = torch.zeros(C_out if emit_stats else 0, dtype=torch.float32, device=input.device)
     var = torch.zeros_like(mean)
