@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """F.batch_norm; momentum may be a tensor factor (the momentum=None cumulative average)."""
+    if momentum is None:  # nothing to average (eval, or no running statistics); F wants a float
+        momentum = 0.0
     if training and running_mean is not None and isinstance(momentum, torch.Tensor):
         # F.batch_norm takes a float factor only: update the running stats by hand.
         out = F.batch_norm(input, None, None, weight, bias, True, 0.0, eps)
