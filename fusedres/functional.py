@@ -166,14 +166,18 @@ def _check_counter(t, input, name):
 # ---- batch norm -----------------------------------------------------------------------------
 
 
-def _momentum_factor(training, momentum, num_batches_tracked):
+def _momentum_factor(training, momentum, num_batches_tracked, running_mean):
     """nn.BatchNorm2d's exponential_average_factor; counts the batch in num_batches_tracked."""
     if not training or num_batches_tracked is None:
         return momentum
     with torch.no_grad():
         num_batches_tracked.add_(1)
     if momentum is None:  # cumulative moving average
-        return 1.0 / num_batches_tracked
+        # 1 / count as a tensor (no host sync), in double for double statistics: a float
+        # factor would put float rounding (1e-8) into a float64 model's running statistics.
+        dtype = torch.float64 if getattr(running_mean, "dtype", None) == torch.float64 \
+            else torch.float32
+        return 1.0 / num_batches_tracked.to(dtype)
     return momentum
 
 
@@ -206,7 +210,7 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
         _check_like(residual, input, "residual")
     _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    num_batches_tracked)
-    factor = _momentum_factor(training, momentum, num_batches_tracked)
+    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
     backend = _backend.resolve(input.device)
     if backend == "reference":
         return reference.batch_norm_act(input, residual, running_mean, running_var, weight,
@@ -303,8 +307,9 @@ def dual_batch_norm_add_relu(
     _check_bn_args(residual, residual_running_mean, residual_running_var, residual_weight,
                    residual_bias, training, residual_momentum, residual_eps,
                    residual_num_batches_tracked, prefix="residual_")
-    factor = _momentum_factor(training, momentum, num_batches_tracked)
-    residual_factor = _momentum_factor(training, residual_momentum, residual_num_batches_tracked)
+    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
+    residual_factor = _momentum_factor(training, residual_momentum, residual_num_batches_tracked,
+                                       residual_running_mean)
     backend = _backend.resolve(input.device)
     if backend == "reference":
         bn_residual = reference.batch_norm(residual, residual_running_mean, residual_running_var,

@@ -108,7 +108,7 @@ def sync_batch_norm_act(input: Tensor, bn: SyncBatchNorm2d, residual: Optional[T
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-            factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked
+            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
             total = int(total)
             if total > 0:
                 unbiased = var * (total / max(total - 1, 1))
