@@ -39,6 +39,9 @@ TARGETS = NATIVE_TARGETS + [
     pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.triton),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.triton]),
 ]
+# The reference backend as well, where its own code (not F.batch_norm) is involved: the
+# running statistics of momentum=None and the dual form. It is what `auto` falls back to.
+TARGETS_AND_REFERENCE = TARGETS + [pytest.param(("reference", "cpu"), id="reference")]
 
 
 def pytest_collection_modifyitems(config, items):

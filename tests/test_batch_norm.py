@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedres.functional as FF
-from conftest import (TARGETS, DTYPES, LAYOUTS, TOLERANCE, assert_close, make,
-                      has_layout, use)
+from conftest import (TARGETS, TARGETS_AND_REFERENCE, DTYPES, LAYOUTS, TOLERANCE, assert_close,
+                      make, has_layout, use)
 
 SHAPE = (4, 6, 5, 7)  # odd spatial sizes: no vector path hides a tail bug
 
@@ -139,14 +139,22 @@ def test_odd_shapes(target, shape, training, layout):
     device = use(target)
     if layout != "nchw" and len(shape) != 4:
         pytest.skip("layout needs a 4-D tensor")
-    x = make(shape, torch.float32, device, layout, scale=3.0, offset=-1.0)
-    residual = make(shape, torch.float32, device, layout)
-    params = bn_params(shape[1], torch.float32, device)
-    ref, ref_running = reference_bn_act(x, residual, params, None, training, 0.1, 1e-5, True)
+    x = make(shape, torch.float32, device, layout, scale=3.0, offset=-1.0, requires_grad=True)
+    residual = make(shape, torch.float32, device, layout, requires_grad=True)
+    params = bn_params(shape[1], torch.float32, device, requires_grad=True)
+    leaves = [x, residual, params[2], params[3]]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_rm, ref_rv = params[0].double(), params[1].double()
+    ref = torch.relu(F.batch_norm(ref_leaves[0], ref_rm, ref_rv, *ref_leaves[2:], training)
+                     + ref_leaves[1])
     out = FF.batch_norm_add_relu(x, residual, *params, training=training)
     assert_close(out, ref, torch.float32)
-    assert_close(params[0], ref_running[0][0], torch.float32)
-    assert_close(params[1], ref_running[0][1], torch.float32)
+    assert_close(params[0], ref_rm, torch.float32)
+    assert_close(params[1], ref_rv, torch.float32)
+    grad = torch.rand_like(ref)
+    grads = torch.autograd.grad(out, leaves, grad.float())
+    for g, r in zip(grads, torch.autograd.grad(ref, ref_leaves, grad)):
+        assert_close(g, r, torch.float32, {torch.float32: 1e-4})
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -167,7 +175,7 @@ def test_empty_batch(target, training, layout):
     assert nbt.item() == (1 if training else 0)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("kind", ["none", "add", "dual"])
 def test_running_stats_match_batchnorm2d(target, momentum, kind):
@@ -218,8 +226,9 @@ def test_low_precision_params_and_stats(target, layout, dtype):
     ref, ref_running = reference_bn_act(x, None, params, None, True, 0.1, 1e-5, True)
     out = FF.batch_norm_relu(x, *params, training=True)
     assert_close(out, ref, dtype)
-    assert params[0].dtype == dtype
+    assert params[0].dtype == params[1].dtype == dtype
     assert_close(params[0], ref_running[0][0], dtype)
+    assert_close(params[1], ref_running[0][1], dtype)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -301,7 +310,7 @@ def test_training_inf_nan_propagate_as_pytorch(target, layout, values, where):
     assert not rm[c].isfinite() and rv[c].isnan()
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
 @pytest.mark.parametrize("momenta", [(0.1, 0.6), (None, None)], ids=["ema", "cumulative"])
 def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta):
     """The dual form against two nn.BatchNorm2d modules whose eps, momentum and counters all
@@ -348,3 +357,19 @@ def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta):
                     assert state[key].item() == value.item(), key
                 elif "running" in key:
                     assert_close(state[key], value, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
+@pytest.mark.parametrize("training", [True, False])
+def test_momentum_none_with_nothing_to_average(target, training):
+    """momentum=None in eval, or in training without running statistics, is accepted (as by
+    nn.BatchNorm2d(momentum=None)): there is nothing to average."""
+    device = use(target)
+    x = make(SHAPE, torch.float32, device)
+    params = bn_params(SHAPE[1], torch.float32, device)
+    running = params[:2] if not training else (None, None)
+    out = FF.batch_norm_relu(x, *running, *params[2:], training=training, momentum=None)
+    ref = torch.relu(F.batch_norm(x.double(), *[t.double() if t is not None else None
+                                               for t in running],
+                                  params[2].double(), params[3].double(), training))
+    assert_close(out, ref, torch.float32)

@@ -57,3 +57,15 @@ def test_build_key_follows_every_input(setup_module, tmp_path):
     source = next((tmp_path / "csrc" / "cpu").glob("*.cpp"))
     source.write_text(source.read_text() + "\n")
     assert key() != first
+
+
+def test_mutation_catalog_applies():
+    """Every mutation of tools/mutations.py still finds its text exactly once in the sources
+    (a catalog entry that no longer applies would be reported as an error, not a kill)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "mutate.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "mutations apply" in done.stdout
