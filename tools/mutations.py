@@ -1,0 +1,182 @@
+"""The mutation catalog of tools/mutate.py: plausible bugs, one per entry, each with the tests
+that should catch it.
+
+A mutation replaces `old` (which must occur exactly once in `path`) by `new`. `equivalent`,
+when set, argues why the change cannot be observed (a survivor that is not a gap).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    path: str
+    bug: str
+    old: str
+    new: str
+    tests: list = field(default_factory=list)
+    equivalent: str | None = None
+
+
+# Test selections (files; pytest runs them with -x -m "not slow").
+OPS = ["tests/test_batch_norm.py", "tests/test_properties.py", "tests/test_boundaries.py"]
+ADD = ["tests/test_add_relu.py", "tests/test_properties.py", "tests/test_boundaries.py"]
+CONV = ["tests/test_conv_bias_act.py", "tests/test_conv_triton.py", "tests/test_boundaries.py"]
+MODELS = ["tests/test_models.py", "tests/test_dropin.py", "tests/test_batch_norm.py"]
+BAD = ["tests/test_bad_input.py", "tests/test_errors.py"]
+SYNC = ["tests/test_distributed.py"]
+
+CATALOG = [
+    # ---- fusedres/ (Python) ----------------------------------------------------------------
+    Mutation("dual-eps-as-residual-eps", "fusedres/functional.py",
+             "dual form: eps passed as residual_eps to the training kernel",
+             "float(eps),\n        float(residual_eps), relu)", "float(eps),\n        float(eps), relu)",
+             OPS),
+    Mutation("dual-residual-momentum", "fusedres/functional.py",
+             "dual form: residual running statistics updated with the main momentum factor",
+             "residual_var, count, residual_factor)", "residual_var, count, factor)", OPS),
+    Mutation("dual-residual-invstd-eps", "fusedres/_ops.py",
+             "dual form: residual invstd computed with eps in autograd setup",
+             "torch.rsqrt(residual_var + residual_eps)", "torch.rsqrt(residual_var + eps)", OPS),
+    Mutation("dual-eval-residual-eps", "fusedres/functional.py",
+             "dual form, eval: the shortcut BN normalised with the main eps",
+             "residual_bias, residual_eps)", "residual_bias, eps)", OPS),
+    Mutation("block-eps-ignored", "fusedres/nn.py",
+             "blocks ignore the BN module's eps (hard-coded 1e-5), training and eval",
+             "momentum=bn.momentum, eps=bn.eps,", "momentum=bn.momentum, eps=1e-5,", MODELS),
+    Mutation("block-eval-eps-ignored", "fusedres/nn.py",
+             "blocks ignore eps in eval (FrozenBatchNorm2d and eval BN)",
+             "training=False, momentum=0.0, eps=bn.eps,", "training=False, momentum=0.0, eps=1e-5,",
+             MODELS),
+    Mutation("block-momentum-ignored", "fusedres/nn.py",
+             "blocks ignore the BN module's momentum",
+             "momentum=bn.momentum, eps=bn.eps,", "momentum=0.1, eps=bn.eps,", MODELS),
+    Mutation("reference-cma-biased-var", "fusedres/reference.py",
+             "reference backend, momentum=None: running_var updated with the biased variance",
+             "dim=dims, correction=1)", "dim=dims, correction=0)", OPS),
+    Mutation("fused-conv2d-unbiased-var", "fusedres/reference.py",
+             "fused_conv2d (reference / cpp) returns the unbiased variance",
+             "dim=(0, 2, 3), correction=0)", "dim=(0, 2, 3), correction=1)", CONV),
+    Mutation("running-var-biased", "fusedres/functional.py",
+             "running_var updated with the biased variance",
+             "unbiased = var * (count / max(count - 1, 1))", "unbiased = var", OPS),
+    Mutation("cma-factor-off-by-one", "fusedres/functional.py",
+             "momentum=None: factor 1/(n+1) after counting the batch",
+             "return 1.0 / num_batches_tracked.to(dtype)",
+             "return 1.0 / (num_batches_tracked.to(dtype) + 1)", OPS),
+    Mutation("counter-not-incremented", "fusedres/functional.py",
+             "num_batches_tracked not counted",
+             "num_batches_tracked.add_(1)", "num_batches_tracked.add_(0)", OPS),
+    Mutation("eval-eps-ignored", "fusedres/functional.py",
+             "eval coefficients use eps=1e-5 whatever eps is given",
+             "torch.rsqrt(running_var.to(acc) + eps)", "torch.rsqrt(running_var.to(acc) + 1e-5)",
+             OPS),
+    Mutation("eval-grad-scale", "fusedres/_ops.py",
+             "eval backward: weight gradient is sum(g) instead of sum(g * xhat)",
+             "dscale = sum_gx if need[2] else None", "dscale = sum_g if need[2] else None", OPS),
+    Mutation("train-grad-weight-bias-swapped", "fusedres/_ops.py",
+             "training backward: weight and bias gradients swapped",
+             "return grad_input, sum_dy_xhat, sum_dy", "return grad_input, sum_dy, sum_dy_xhat", OPS),
+    Mutation("relu-mask-dropped", "fusedres/_ops.py",
+             "backward of the eval / dual / residual forms ignores the ReLU mask",
+             "return _threshold_backward(grad, out, 0) if relu else grad", "return grad", OPS),
+    Mutation("conv-relu-mask-dropped", "fusedres/_ops.py",
+             "folded conv backward ignores the ReLU mask",
+             "g = _threshold_backward(grad, out, 0)\n    grad_input, grad_weight",
+             "g = grad\n    grad_input, grad_weight", CONV),
+    Mutation("conv2d-prologue-grad-unscaled", "fusedres/_ops.py",
+             "fused_conv2d backward: the prologue's input gradient not multiplied by the scale",
+             "(grad_pre * broadcast_channel(scale, input)).to(input.dtype)",
+             "grad_pre.to(input.dtype)", CONV),
+    Mutation("dual-fusable-cma-shortcut", "fusedres/nn.py",
+             "dual op used for a cumulative-average shortcut BN under a momentum main BN",
+             "return not training or ds_bn.momentum is not None or bn.momentum is None",
+             "return True", MODELS),
+    Mutation("shortcut-relu", "fusedres/nn.py",
+             "the shortcut conv + BN gets a ReLU",
+             "return conv_bn_act(identity, conv, bn, relu=False)",
+             "return conv_bn_act(identity, conv, bn, relu=True)", MODELS),
+    Mutation("fold-bn-eps-ignored", "fusedres/convert.py",
+             "fold_bn folds with eps=1e-5 whatever the BN's eps",
+             "bn.running_mean, bn.running_var, bn.eps,", "bn.running_mean, bn.running_var, 1e-5,",
+             MODELS),
+    Mutation("one-value-per-channel-check", "fusedres/functional.py",
+             "training accepts one value per channel (NaN statistics instead of an error)",
+             "input.numel() // input.shape[1] <= 1:\n        raise ValueError(\n            f\"Expected",
+             "input.numel() // input.shape[1] < 1:\n        raise ValueError(\n            f\"Expected",
+             BAD),
+    Mutation("sync-cma-factor", "fusedres/sync_batchnorm.py",
+             "SyncBatchNorm fused path: momentum=None factor from the uncounted batch",
+             "1.0 / float(bn.num_batches_tracked)", "1.0 / (float(bn.num_batches_tracked) + 1)", SYNC),
+
+    # ---- kernels/ (Triton, under the interpreter) ------------------------------------------
+    Mutation("triton-input-grad-first-block", "kernels/batch_norm_backward.py",
+             "input-grad kernel reads the first channel block's coefficients (wrong for C > 32)",
+             "k = tl.load(k_ptr + cols, mask=col_ok, other=0.0)[None, :]",
+             "k = tl.load(k_ptr + cols % BLOCK_C, mask=col_ok, other=0.0)[None, :]", OPS),
+    Mutation("triton-reduce-merge-skips-first", "kernels/batch_norm_backward.py",
+             "backward reduce merge drops the first program's partial sums",
+             "for p in range(0, programs):", "for p in range(1, programs):",
+             OPS),
+    Mutation("triton-reduce-no-invstd", "kernels/batch_norm_backward.py",
+             "sum_dy_xhat not scaled by invstd",
+             "sum_gx * invstd, mask=col_ok)", "sum_gx, mask=col_ok)", OPS),
+    Mutation("triton-stats-unbiased", "kernels/batch_norm_stats.py",
+             "batch statistics return the unbiased variance",
+             "m2 / tl.where(n > 0, n, 1.0), 0.0)", "m2 / tl.where(n > 1, n - 1, 1.0), 0.0)", OPS),
+    Mutation("triton-chan-merge-weight", "kernels/batch_norm_stats.py",
+             "Chan merge: the between-means term lacks n_a",
+             "delta * delta * n_a * w_b", "delta * delta * w_b", OPS),
+    Mutation("triton-stats-past-end", "kernels/batch_norm_stats.py",
+             "a statistics program walks past its share of rows (the next program's rows count twice)",
+             "end = tl.minimum(start + rows_per_program, rows)",
+             "end = tl.minimum(start + 2 * rows_per_program, rows)", OPS),
+    Mutation("triton-residual-shift-dropped", "kernels/batch_norm_apply.py",
+             "normalize kernel drops the residual BN's shift (dual form)",
+             "y += (z - rm[None, :]) * rs[None, :] + rb[None, :]",
+             "y += (z - rm[None, :]) * rs[None, :]", OPS),
+    Mutation("triton-relu-drops-nan", "kernels/batch_norm_apply.py",
+             "ReLU written as max(y, 0): NaN becomes 0 on a GPU (not in the interpreter)",
+             "y = tl.where(y < 0.0, 0.0, y)", "y = tl.where(y > 0.0, y, 0.0)", OPS + BAD),
+    Mutation("triton-train-eps-dropped", "kernels/batch_norm_train.py",
+             "training scale computed without eps",
+             "scale = torch.rsqrt(var + eps)", "scale = torch.rsqrt(var)", OPS),
+    Mutation("triton-conv-padding-shifted", "kernels/conv2d.py",
+             "conv prologue applied to the zero padding (padding becomes shift[c])",
+             "a = tl.where(a_ok, a_f, 0.0).to(x_ptr.dtype.element_ty)",
+             "a = a_f.to(x_ptr.dtype.element_ty)", CONV),
+    Mutation("triton-conv-stats-full-tile", "kernels/conv2d.py",
+             "conv statistics count a partial last tile as full",
+             "count = tl.sum(m_ok.to(tl.float32), axis=0)",
+             "count = tl.sum((m_ok | True).to(tl.float32), axis=0)",
+             CONV),
+
+    # ---- csrc/ (C++, one rebuild each) -----------------------------------------------------
+    Mutation("cpp-sums-last-block-only", "csrc/cpu/loops.h",
+             "channels_last per-channel sums count only the last 256-row block",
+             "for (int64_t b = 0; b < blocks; ++b) {",
+             "for (int64_t b = blocks - 1; b < blocks; ++b) {",
+             OPS),
+    Mutation("cpp-stats-unbiased", "csrc/cpu/batch_norm_stats.cpp",
+             "channels-first batch statistics return the unbiased variance",
+             "total.merge(part);\n      }\n      mean[c] = static_cast<acc_t>(total.mean);\n"
+             "      var[c] = static_cast<acc_t>(total.m2 / total.count);",
+             "total.merge(part);\n      }\n      mean[c] = static_cast<acc_t>(total.mean);\n"
+             "      var[c] = static_cast<acc_t>(total.m2 / (total.count - 1));", OPS),
+    Mutation("cpp-proj-no-invstd", "csrc/cpu/batch_norm_backward.cpp",
+             "input gradient's projection term misses one invstd factor",
+             "proj[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_m * is;",
+             "proj[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_m;", OPS),
+    Mutation("cpp-relu-drops-nan", "csrc/cpu/batch_norm_apply.cpp",
+             "ReLU written as value > 0 ? value : 0 (NaN becomes 0)",
+             "value = value < acc_t(0) ? acc_t(0) : value;", "value = value > acc_t(0) ? value : acc_t(0);",
+             OPS + BAD),
+    Mutation("cpp-dual-residual-eps", "csrc/composite/batch_norm_train.cpp",
+             "dual training kernel normalises the residual with the main eps",
+             "residual_bias, residual_eps);", "residual_bias, eps);", OPS),
+    Mutation("cpp-fold-bias-unscaled", "csrc/composite/fold_conv_bn.cpp",
+             "folded bias: (bias - mean) not multiplied by the scale",
+             "bias = bias.mul(scale);", "bias = bias;", CONV + MODELS),
+]
