@@ -8,6 +8,10 @@ import torch
 import torch.nn.functional as F
 
 
+def _accumulate(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
     """F.batch_norm; momentum may be a tensor factor (the momentum=None cumulative average)."""
     if momentum is None:  # nothing to average (eval, or no running statistics); F wants a float
@@ -18,7 +22,8 @@ def batch_norm(input, running_mean, running_var, weight, bias, training, momentu
         if input.numel() > 0:
             dims = [d for d in range(input.dim()) if d != 1]
             with torch.no_grad():
-                var, mean = torch.var_mean(input.float(), dim=dims, correction=1)
+                var, mean = torch.var_mean(input.to(_accumulate(input.dtype)), dim=dims,
+                                             correction=1)
                 running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
                 running_var.mul_(1 - momentum).add_((var * momentum).to(running_var.dtype))
         return out
@@ -39,7 +44,7 @@ def add_relu(input, residual):
 
 def fold_conv_bn(conv_weight, conv_bias, bn_running_mean, bn_running_var, bn_eps, bn_weight,
                  bn_bias):
-    acc = torch.float64 if conv_weight.dtype == torch.float64 else torch.float32
+    acc = _accumulate(conv_weight.dtype)
     scale = torch.rsqrt(bn_running_var.to(acc) + bn_eps)
     if bn_weight is not None:
         scale = scale * bn_weight.to(acc)

@@ -373,3 +373,22 @@ def test_momentum_none_with_nothing_to_average(target, training):
                                                for t in running],
                                   params[2].double(), params[3].double(), training))
     assert_close(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
+def test_cumulative_average_in_float64(target):
+    """momentum=None over 50 steps in float64: the running statistics within 1e-12 of
+    nn.BatchNorm2d(momentum=None).double() (the factor 1 / count must be a double: a float
+    factor drifted by 4.5e-8)."""
+    device = use(target)
+    bn = torch.nn.BatchNorm2d(3, momentum=None).double().to(device)
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    nbt = bn.num_batches_tracked.clone()
+    for step in range(50):
+        x = make((2, 3, 4, 4), torch.float64, device, scale=step + 1.0, offset=step)
+        out = FF.batch_norm_relu(x, rm, rv, bn.weight, bn.bias, True, None, bn.eps, relu=False,
+                                 num_batches_tracked=nbt)
+        assert_close(out, bn(x), torch.float64)
+    assert nbt.item() == bn.num_batches_tracked.item() == 50
+    assert_close(rm, bn.running_mean, torch.float64, {torch.float64: 1e-12})
+    assert_close(rv, bn.running_var, torch.float64, {torch.float64: 1e-12})

@@ -55,7 +55,7 @@ CATALOG = [
              "momentum=bn.momentum, eps=bn.eps,", "momentum=0.1, eps=bn.eps,", MODELS),
     Mutation("reference-cma-biased-var", "fusedres/reference.py",
              "reference backend, momentum=None: running_var updated with the biased variance",
-             "dim=dims, correction=1)", "dim=dims, correction=0)", OPS),
+             "correction=1)", "correction=0)", OPS),
     Mutation("fused-conv2d-unbiased-var", "fusedres/reference.py",
              "fused_conv2d (reference / cpp) returns the unbiased variance",
              "dim=(0, 2, 3), correction=0)", "dim=(0, 2, 3), correction=1)", CONV),
