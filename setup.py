@@ -4,6 +4,9 @@ fusedres._C       C++ op schemas, device-generic compositions and the CPU kernel
 fusedres._C_cuda  CUDA kernels, built when torch is a CUDA build and a CUDA toolkit is found,
                   also on a machine without a GPU (then for TORCH_CUDA_ARCH_LIST, default
                   sm_80 and sm_90). Set FUSEDRES_NO_CUDA=1 to skip it.
+fusedres._C_emulated  the same CUDA sources compiled as host C++ (csrc/emulation): the CUDA
+                  kernels run on CPU tensors, for the tests. Set FUSEDRES_NO_EMULATION=1 to
+                  skip it.
 MAX_JOBS limits parallel compile jobs, as for any torch extension.
 """
 import glob
@@ -63,6 +66,18 @@ def extensions():
             extra_link_args=["-fopenmp"],
         )
     ]
+    if os.environ.get("FUSEDRES_NO_EMULATION", "0") in ("", "0"):
+        # The CUDA kernels compiled again as host C++, running on CPU tensors: the tests'
+        # `cuda-emulated` backend (csrc/emulation/cuda_runtime.h).
+        ext_modules.append(
+            CppExtension(
+                "fusedres._C_emulated",
+                sources("csrc/fusedres.cpp") + sources("csrc/composite/*.cpp")
+                + sources("csrc/emulation/*.cpp"),
+                extra_compile_args={"cxx": ["-O2", "-DFUSEDRES_CUDA_EMULATION",
+                                            "-fvisibility=hidden", "-Wno-unknown-pragmas"]},
+            )
+        )
     build_cuda, why = want_cuda()
     if build_cuda:
         arch = cuda_arch_list()
@@ -102,7 +117,10 @@ def build_key(ext) -> str:
     same torch in a new temporary directory each time), Python, the compilers, and the build
     environment variables."""
     h = hashlib.sha256()
-    files = sorted(set(ext.sources) | set(sources("csrc/**/*.h")) | set(sources("csrc/**/*.cuh")))
+    files = set(ext.sources) | set(sources("csrc/**/*.h")) | set(sources("csrc/**/*.cuh"))
+    if ext.name.endswith("_emulated"):
+        files |= set(sources("csrc/cuda/*.cu"))  # included by csrc/emulation/*.cpp
+    files = sorted(files)
     for path in files:
         h.update(path.encode())
         with open(os.path.join(HERE, path), "rb") as f:
@@ -143,10 +161,12 @@ class CachedBuildExtension(BuildExtension):
 
 def main():
     ext_modules, build_cuda, why = extensions()
-    if not build_cuda:
-        # A CUDA module left by an earlier build would load kernels this build does not match.
-        for stale in glob.glob(os.path.join(HERE, "fusedres", "_C_cuda*.so")):
-            os.remove(stale)
+    # A module left by an earlier build would load kernels this build does not match.
+    built = {ext.name.split(".")[-1] for ext in ext_modules}
+    for name in ("_C_cuda", "_C_emulated"):
+        if name not in built:
+            for stale in glob.glob(os.path.join(HERE, "fusedres", f"{name}.*so")):
+                os.remove(stale)
     print(f"fusedres: CUDA kernels {'will' if build_cuda else 'will not'} be built ({why})")
     write_build_info(build_cuda, why)
     setup(

@@ -9,6 +9,8 @@
 
 #include <optional>
 
+#include "library.h"
+
 namespace fusedres {
 
 // Every kernel sees a dense tensor as (outer, channels, inner): element (o, c, i) lives at
@@ -86,6 +88,19 @@ inline void check_channel_vector(const at::Tensor& t, const at::Tensor& x, at::S
               t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "fusedres: ", name, " is on ", t.device(),
               " but input is on ", x.device());
+}
+
+// An optional BN weight or bias: one value per channel, of any floating dtype (the kernels
+// convert it), on input's device (a kernel would otherwise read a host pointer).
+inline void check_affine(const std::optional<at::Tensor>& t, const at::Tensor& input,
+                         const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "fusedres: ", name,
+              " must have shape (", input.size(1), ",), got ", t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fusedres: ", name,
+              " must be a floating point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "fusedres: ", name, " is on ", t->device(),
+              " but input is on ", input.device());
 }
 
 // Statistics and per-channel parameters of the kernels are kept in this type: float for

@@ -6,14 +6,18 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "library.h"
+
+#ifndef FUSEDRES_CUDA_EMULATION  // the emulation module has its own (csrc/emulation)
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
-TORCH_LIBRARY(fusedres, m) {
+FUSEDRES_LIBRARY_DEF(m) {
   // Per-channel mean and biased variance over every dim but 1, accumulated stably (Chan
   // merge of partial two-pass moments) in float (double for double inputs).
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
@@ -74,7 +78,7 @@ TORCH_LIBRARY(fusedres, m) {
 // Statistics and backward kernels have no derivative of their own: autograd passes over them
 // (their outputs never require grad). The differentiable ops get their formulas from
 // fusedres/_ops.py.
-TORCH_LIBRARY_IMPL(fusedres, Autograd, m) {
+FUSEDRES_LIBRARY_IMPL(Autograd, m) {
   m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_reduce", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_input", torch::CppFunction::makeFallthrough());

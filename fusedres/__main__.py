@@ -12,6 +12,7 @@ Exits non-zero if any check is off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -66,7 +67,7 @@ def checks(device, dtype, shape):
 # torchvision's ResNets, which fusedres.convert() fuses (any other model would check nothing).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-CHECK_BACKENDS = ("cpp", "cuda", "triton", "reference")
+CHECK_BACKENDS = ("cpp", "cuda", "triton", "cuda-emulated", "reference")
 
 
 def positive_int(text: str) -> int:
@@ -112,6 +113,19 @@ def check_args(parser, args) -> None:
                 parser.error(f"argument --providers: {name} cannot run on this machine: {why}")
 
 
+@contextlib.contextmanager
+def ieee_float32():
+    """float32 convolutions and matrix products in IEEE float32 while checking: PyTorch's
+    default TF32 (Ampere and later) keeps a 10-bit mantissa, far beyond the 1e-4 tolerance,
+    for fusedres and the reference alike. The user's settings are restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedres", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default=None, choices=CHECK_BACKENDS,
@@ -147,11 +161,12 @@ def main(argv=None) -> int:
         devices.append(("cuda", (32, 64, 28, 28)))
     failures = checked = 0
     print(f"\n{'op':28} {'device':6} {'dtype':9} {'backend':9} {'rel. error':>10}")
+    backends = [args.backend] if args.backend else CHECK_BACKENDS[:-1]
     for device, shape in devices:
-        for backend in ([args.backend] if args.backend else ["cpp", "cuda", "triton"]):
+        for backend in backends:
             if fusedres._backend.unavailable_reason(backend, device) is not None:
                 continue
-            with fusedres.backend(backend):
+            with fusedres.backend(backend), ieee_float32():
                 for dtype in TOLERANCE:
                     for name, out, ref in checks(device, dtype, shape):
                         err = rel_err(out, ref)

@@ -13,7 +13,8 @@ import torch
 
 from . import _extension
 
-BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
+# cuda-emulated: the CUDA kernels compiled as host C++, on CPU tensors (slow; for tests).
+BACKENDS = ("auto", "reference", "cpp", "cuda", "triton", "cuda-emulated")
 ENV_VAR = "FUSEDRES_BACKEND"
 
 
@@ -86,7 +87,23 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
             return None
         return (f"it runs on CUDA tensors (CPU tensors only under the Triton interpreter, "
                 f"TRITON_INTERPRET=1), got a {device_type} tensor")
+    if name == "cuda-emulated":
+        error = _extension.load_emulation()
+        if error is not None:
+            return f"the CUDA emulation build did not load ({error})"
+        if device_type != "cpu":
+            return f"it runs on CPU tensors, got a {device_type} tensor"
+        return None
     raise ValueError(f"fusedres: unknown backend {name!r}")
+
+
+def op_library(name: str):
+    """The torch.ops namespace of a compiled backend's ops."""
+    if name == "triton":
+        return torch.ops.fusedres_triton
+    if name == "cuda-emulated":
+        return torch.ops.fusedres_emulated
+    return torch.ops.fusedres
 
 
 def resolve(device: torch.device) -> str:

@@ -80,5 +80,26 @@ def _load_triton() -> None:
         triton_interpreted = importlib.import_module("fusedres.kernels").INTERPRETED
 
 
+_emulation_error: str | None = "not loaded yet"
+
+
+def load_emulation() -> str | None:
+    """Loads the emulation build of the CUDA kernels (fusedres._C_emulated, the cuda-emulated
+    backend) on first use; returns None once loaded, else why it cannot load."""
+    global _emulation_error
+    if _emulation_error == "not loaded yet":
+        if not cpp_loaded:
+            _emulation_error = "fusedres._C did not load"
+        elif importlib.util.find_spec("fusedres._C_emulated") is None:
+            _emulation_error = "not built (FUSEDRES_NO_EMULATION was set)"
+        else:
+            _emulation_error = _import("fusedres._C_emulated")
+            if _emulation_error is None:
+                from ._ops import register
+
+                register("fusedres_emulated")
+    return _emulation_error
+
+
 _load()
 _load_triton()

@@ -29,9 +29,7 @@ __all__ = [
     "fused_conv2d",
 ]
 
-def _fused_ops(backend: str):
-    """The op namespace of a compiled backend: C++ / CUDA kernels, or the Triton kernels."""
-    return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
+_fused_ops = _backend.op_library  # the torch.ops namespace of a compiled backend
 
 
 def _call(op, *args):
@@ -466,11 +464,11 @@ def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, gro
         _triton_conv_dtype(input)
         return _call(torch.ops.fusedres_triton.conv2d, input, weight, bias, residual, None, None,
                      stride, padding, dilation, groups, False, True, False)[0]
+    ops = _fused_ops(backend)
     if residual is None:
-        return _call(torch.ops.fusedres.conv_bias_relu, input, weight, bias, stride, padding,
-                     dilation, groups)
-    return _call(torch.ops.fusedres.conv_bias_add_relu, input, weight, bias, residual, stride,
-                 padding, dilation, groups)
+        return _call(ops.conv_bias_relu, input, weight, bias, stride, padding, dilation, groups)
+    return _call(ops.conv_bias_add_relu, input, weight, bias, residual, stride, padding,
+                 dilation, groups)
 
 
 def conv_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -41,7 +41,7 @@ def _ops(device):
     if backend == "reference":
         raise RuntimeError("fusedres: synchronized BN needs a compiled backend (cpp, cuda or "
                            "triton)")
-    return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
+    return _backend.op_library(backend)
 
 
 def _group_moments(mean, var, count, group):

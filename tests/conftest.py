@@ -35,7 +35,10 @@ NATIVE_TARGETS = [
     pytest.param(("cpp", "cpu"), id="cpp"),
     pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.cuda),
 ]
-TARGETS = NATIVE_TARGETS + [
+# The CUDA kernels' own sources, compiled as host C++ and run on CPU tensors (csrc/emulation):
+# every CI run executes them, though no GPU is there.
+EMULATED = pytest.param(("cuda-emulated", "cpu"), id="cuda-emulated", marks=pytest.mark.emulated)
+TARGETS = NATIVE_TARGETS + [EMULATED] + [
     pytest.param(("triton", "cpu"), id="triton-interpreter", marks=pytest.mark.triton),
     pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, pytest.mark.triton]),
 ]
@@ -48,11 +51,15 @@ def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_triton = pytest.mark.skip(reason="Triton kernels unavailable: " + str(
         fusedres.info()["unavailable_reasons"].get("triton")))
+    emulation_missing = fusedres._backend.unavailable_reason("cuda-emulated", "cpu")
+    skip_emulated = pytest.mark.skip(reason=f"CUDA emulation unavailable: {emulation_missing}")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
         if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(skip_triton)
+        if "emulated" in item.keywords and emulation_missing:
+            item.add_marker(skip_emulated)
 
 
 @pytest.fixture(autouse=True)

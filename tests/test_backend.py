@@ -129,3 +129,27 @@ def test_broken_extension_warns_once_and_falls_back():
     assert out.split() == ["True", "False", "reference"]
     assert err.count("could not be loaded") == 1
     assert "pip install -e . --no-build-isolation" in err
+
+
+def test_op_checks_run_in_ieee_float32_and_restore_tf32(monkeypatch):
+    """`python -m fusedres` checks float32 convolutions against 1e-4: under PyTorch's default
+    TF32 (GPUs since Ampere) it would report FAILED. The checks run with TF32 off; the user's
+    setting is restored."""
+    import fusedres.__main__ as cli
+
+    seen = []
+    real_checks = cli.checks
+
+    def checks(*args):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        yield from real_checks(*args)
+
+    monkeypatch.setattr(cli, "checks", checks)
+    # (conftest turns TF32 off for the tests; the user's default is on.)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert cli.main(["--ops-only", "--backend", "cpp"]) == 0
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    assert seen and all(s == (False, False) for s in seen)

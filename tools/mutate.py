@@ -3,9 +3,10 @@
 
 Each entry of the catalog (tools/mutations.py) plants one plausible bug in a temporary copy
 of the repository, runs the tests meant to catch it there, and records whether they fail
-(killed) or pass (survived). A C++ mutation rebuilds the CPU extension in the copy (about a
-minute each); Python and Triton mutations reuse the built extension (the Triton kernels run
-under the interpreter). The checkout itself is never modified.
+(killed) or pass (survived). A C++ or CUDA mutation rebuilds the extension it changes in the
+copy (about a minute each; the CUDA kernels run in their emulation build); Python and Triton
+mutations reuse the built extensions (the Triton kernels run under the interpreter). The
+checkout itself is never modified.
 
     python tools/mutate.py                      # whole catalog -> tools/mutation_report.md
     python tools/mutate.py --only dual-eps,c-stats-last-block
@@ -57,6 +58,8 @@ def copy_checkout(tests_from: str | None) -> Path:
                            capture_output=True).stdout.decode().split("\0")
     built = [p.relative_to(ROOT) for p in (ROOT / "fusedres").glob("_C*.so")]
     built.append(Path("fusedres/_build_info.py"))
+    # setup.py's build cache: a C++ mutation then rebuilds only the extension it changes.
+    built += [p.relative_to(ROOT) for p in (ROOT / "build" / "cache").glob("*.so")]
     for rel in [f for f in files if f] + [str(p) for p in built]:
         src = ROOT / rel
         if src.is_file():
@@ -81,7 +84,8 @@ def environment(root: Path) -> dict:
 
 
 def rebuild(root: Path, timeout: float) -> tuple[bool, str]:
-    """Rebuilds the CPU extension in root (the CUDA one is not needed without a GPU)."""
+    """Rebuilds the CPU extensions in root: the C++ kernels and the emulation build of the
+    CUDA kernels (the CUDA build itself cannot run without a GPU)."""
     env = dict(environment(root), FUSEDRES_NO_CUDA="1", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     for so in (root / "fusedres").glob("_C*.so"):
         so.unlink()

@@ -176,6 +176,23 @@ CATALOG = [
     Mutation("cpp-dual-residual-eps", "csrc/composite/batch_norm_train.cpp",
              "dual training kernel normalises the residual with the main eps",
              "residual_bias, residual_eps);", "residual_bias, eps);", OPS),
+
+    # ---- csrc/cuda/ (CUDA, run in the emulation build; one rebuild each) --------------------
+    Mutation("cuda-missing-barrier", "csrc/cuda/utils.cuh",
+             "block merge reads the other threads' shared memory without a barrier",
+             "smem[slot + j * K + k] = state[j][k];\n  __syncthreads();",
+             "smem[slot + j * K + k] = state[j][k];", OPS),
+    Mutation("cuda-grid-floor", "csrc/cuda/utils.cuh",
+             "channels_last grid rounds the channel blocks down (the last channels get no block)",
+             "const int64_t gx = ceil_div(vectors, bx);", "const int64_t gx = vectors / bx;", OPS),
+    Mutation("cuda-elementwise-grid-floor", "csrc/cuda/utils.cuh",
+             "elementwise grid rounds the blocks down",
+             "ceil_div(units, 256)", "units / 256", OPS,
+             equivalent="the kernels loop over their work with a grid stride and the grid is "
+                        "at least one block, so any grid size covers every element"),
+    Mutation("cuda-chan-merge-weight", "csrc/cuda/batch_norm_stats.cu",
+             "Chan merge of block partials: the between-means term lacks the count",
+             "delta * delta * a[0] * wb", "delta * delta * wb", OPS),
     Mutation("cpp-fold-bias-unscaled", "csrc/composite/fold_conv_bn.cpp",
              "folded bias: (bias - mean) not multiplied by the scale",
              "bias = bias.mul(scale);", "bias = bias;", CONV + MODELS),

@@ -16,7 +16,7 @@ using at::Tensor;
 
 std::tuple<Tensor, Tensor> call_batch_norm_stats(const Tensor& input) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::batch_norm_stats", "")
+                       .findSchemaOrThrow(FUSEDRES_OP("batch_norm_stats"), "")
                        .typed<std::tuple<Tensor, Tensor>(const Tensor&)>();
   return op.call(input);
 }
@@ -28,7 +28,7 @@ Tensor call_batch_norm_apply(const Tensor& input, const Tensor& mean, const Tens
                              const OptTensor& residual_mean, const OptTensor& residual_scale,
                              const OptTensor& residual_shift, bool relu) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::batch_norm_apply", "")
+                       .findSchemaOrThrow(FUSEDRES_OP("batch_norm_apply"), "")
                        .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, bool)>();
@@ -43,15 +43,6 @@ void check_train_input(const Tensor& input, const char* name) {
               input.sizes());
 }
 
-void check_affine(const std::optional<Tensor>& t, const Tensor& input, const char* name) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "fusedres: ", name,
-              " must have shape (", input.size(1), ",), got ", t->sizes());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "fusedres: ", name,
-              " must be a floating point tensor, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == input.device(), "fusedres: ", name, " is on ", t->device(),
-              " but input is on ", input.device());
-}
 
 // out = (x - mean) * scale + shift with scale = weight / sqrt(var + eps), shift = bias, in
 // the statistics' dtype.
@@ -102,7 +93,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CompositeExplicitAutograd, m) {
+FUSEDRES_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("batch_norm_act_train", &batch_norm_act_train);
   m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train);
 }

@@ -59,7 +59,7 @@ std::tuple<Tensor, Tensor> fold_conv_bn(const Tensor& conv_weight,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CompositeImplicitAutograd, m) {
+FUSEDRES_LIBRARY_IMPL(CompositeImplicitAutograd, m) {
   m.impl("fold_conv_bn", &fold_conv_bn);
 }
 

@@ -112,10 +112,7 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
   const auto acc = accumulate_type(a.input.scalar_type());
   check_channel_vector(sum_dy_, a.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat_, a.input, acc, "sum_dy_xhat");
-  if (weight_) {
-    TORCH_CHECK(weight_->dim() == 1 && weight_->size(0) == a.input.size(1),
-                "fusedres: weight must have shape (", a.input.size(1), ",), got ", weight_->sizes());
-  }
+  check_affine(weight_, a.input, "weight");
   Tensor grad_input = at::empty_like(a.input);
   if (a.input.numel() == 0) return grad_input;
   const ChannelView v = channel_view(a.input);

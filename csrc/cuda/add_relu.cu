@@ -4,6 +4,6 @@
 
 #include "../normalize_act.h"
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("add_relu", &fusedres::add_relu_op<fusedres::cuda::normalize_act>);
 }

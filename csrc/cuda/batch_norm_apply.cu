@@ -109,13 +109,14 @@ void launch_normalize(const ChannelView& v, const scalar_t* x, const scalar_t* r
                       cudaStream_t stream) {
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
-    normalize_channels_last_kernel<scalar_t, acc_t, VEC>
-        <<<g.grid, g.block, 0, stream>>>(x, residual, out, p, v.outer, v.channels);
+    FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
+                    normalize_channels_last_kernel<scalar_t, acc_t, VEC>)(
+        x, residual, out, p, v.outer, v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
-    normalize_channels_first_kernel<scalar_t, acc_t, VEC>
-        <<<elementwise_blocks(vectors, device), 256, 0, stream>>>(x, residual, out, p, vectors,
-                                                                   v.channels, v.inner);
+    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
+                    normalize_channels_first_kernel<scalar_t, acc_t, VEC>)(
+        x, residual, out, p, vectors, v.channels, v.inner);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -150,7 +151,7 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   });
 }
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("batch_norm_apply", &batch_norm_apply_op<normalize_act>);
 }
 

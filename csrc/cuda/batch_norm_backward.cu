@@ -59,7 +59,7 @@ __device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, ac
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t rows,
                                             int64_t C, acc_t* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;
@@ -94,7 +94,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t outer,
                                              int64_t C, int64_t inner,
                                              acc_t* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
   const acc_t mu = a.mean[c], is = a.invstd[c];
@@ -224,14 +224,16 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
     blocks = g.grid.y;
     partials = at::empty({2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 2 * sizeof(acc_t);
-    reduce_channels_last_kernel<scalar_t, acc_t, VEC><<<g.grid, g.block, smem, stream>>>(
+    FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
+                    reduce_channels_last_kernel<scalar_t, acc_t, VEC>)(
         a, v.outer, v.channels, partials.data_ptr<acc_t>());
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
     partials = at::empty({2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(256) * 2 * sizeof(acc_t);
-    reduce_channels_first_kernel<scalar_t, acc_t, VEC><<<grid, 256, smem, stream>>>(
+    FUSEDRES_LAUNCH(grid, 256, smem, stream,
+                    reduce_channels_first_kernel<scalar_t, acc_t, VEC>)(
         a, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -245,13 +247,14 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
                        cudaStream_t stream) {
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
-    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>
-        <<<g.grid, g.block, 0, stream>>>(a, p, dx, v.outer, v.channels);
+    FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
+                    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>)(
+        a, p, dx, v.outer, v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
-    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>
-        <<<elementwise_blocks(vectors, device), 256, 0, stream>>>(a, p, dx, vectors, v.channels,
-                                                                   v.inner);
+    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
+                    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(
+        a, p, dx, vectors, v.channels, v.inner);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -295,10 +298,7 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
   const auto acc = accumulate_type(t.input.scalar_type());
   check_channel_vector(sum_dy, t.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat, t.input, acc, "sum_dy_xhat");
-  if (weight) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == t.input.size(1),
-                "fusedres: weight must have shape (", t.input.size(1), ",), got ", weight->sizes());
-  }
+  check_affine(weight, t.input, "weight");
   Tensor grad_input = at::empty_like(t.input);
   if (t.input.numel() == 0) return grad_input;
   const c10::cuda::CUDAGuard guard(t.input.device());
@@ -324,7 +324,7 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
   m.impl("batch_norm_backward_input", &batch_norm_backward_input);
 }

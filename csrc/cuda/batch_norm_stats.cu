@@ -1,7 +1,11 @@
 // CUDA: per-channel mean and biased variance in one read of the input.
 // Each thread accumulates shifted sums (its first value as the shift, so a large mean never
 // cancels), turns them into (count, mean, M2), and the moments are combined with Chan's
-// formula: across the block, then across blocks (merge_partials_kernel).
+// formula: across the block, then across blocks (merge_partials_kernel). The moments are
+// merged in double, as on the CPU: a thread's mean rounded to float would lose the digits of
+// the variance that its shifted sums kept (a mean of 3e4 has a float ulp of 0.002). The merges
+// touch a few values per thread, so double arithmetic costs nothing measurable next to the
+// pass over the input.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -16,14 +20,16 @@ namespace {
 
 using at::Tensor;
 
-// K = 3 values a channel: count, mean, M2 (sum of squared deviations).
+// K = 3 values a channel: count, mean, M2 (sum of squared deviations), in double.
+using moment_t = double;
+
 template <typename acc_t>
 struct MomentsOp {
-  static __device__ void init(acc_t* s) { s[0] = s[1] = s[2] = acc_t(0); }
-  static __device__ void merge(acc_t* a, const acc_t* b) {
-    const acc_t nb = b[0];
-    if (nb == acc_t(0)) return;
-    if (a[0] == acc_t(0)) {
+  static __device__ void init(moment_t* s) { s[0] = s[1] = s[2] = 0; }
+  static __device__ void merge(moment_t* a, const moment_t* b) {
+    const moment_t nb = b[0];
+    if (nb == 0) return;
+    if (a[0] == 0) {
       a[0] = b[0], a[1] = b[1], a[2] = b[2];
       return;
     }
@@ -32,19 +38,19 @@ struct MomentsOp {
       // Inf - Inf = NaN) and the variance NaN, as PyTorch's batch norm gives.
       a[0] += nb;
       a[1] += b[1];
-      a[2] = acc_t(NAN);
+      a[2] = NAN;
       return;
     }
-    const acc_t n = a[0] + nb;
-    const acc_t delta = b[1] - a[1];
-    const acc_t wb = nb / n;
+    const moment_t n = a[0] + nb;
+    const moment_t delta = b[1] - a[1];
+    const moment_t wb = nb / n;
     a[2] += b[2] + delta * delta * a[0] * wb;
     a[1] += delta * wb;
     a[0] = n;
   }
-  static __device__ void finish(const acc_t* s, acc_t* mean, acc_t* var) {
-    *mean = s[1];
-    *var = s[0] > acc_t(0) ? s[2] / s[0] : acc_t(0);
+  static __device__ void finish(const moment_t* s, acc_t* mean, acc_t* var) {
+    *mean = static_cast<acc_t>(s[1]);
+    *var = static_cast<acc_t>(s[0] > 0 ? s[2] / s[0] : 0);
   }
 };
 
@@ -58,24 +64,24 @@ struct ShiftedSums {
     sum += d;
     sumsq += d * d;
   }
-  __device__ void to_moments(acc_t count, acc_t* s) const {
+  __device__ void to_moments(acc_t count, moment_t* s) const {
     s[0] = count;
     if (count == acc_t(0)) {
-      s[1] = s[2] = acc_t(0);
+      s[1] = s[2] = 0;
       return;
     }
     const acc_t offset = sum / count;
-    s[1] = shift + offset;
+    s[1] = moment_t(shift) + moment_t(offset);  // exact: no rounding to the mean's ulp
     // (max() would turn the NaN of an Inf / NaN value into 0.)
-    s[2] = isfinite(s[1]) ? max(sumsq - sum * offset, acc_t(0)) : acc_t(NAN);
+    s[2] = isfinite(s[1]) ? moment_t(max(sumsq - sum * offset, acc_t(0))) : moment_t(NAN);
   }
 };
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
-                                           acc_t* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+                                           moment_t* __restrict__ partials) {
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;
   ShiftedSums<acc_t> sums[VEC];
@@ -90,7 +96,7 @@ __global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64
       ++count;
     }
   }
-  acc_t state[VEC][3];
+  moment_t state[VEC][3];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) sums[j].to_moments(static_cast<acc_t>(count), state[j]);
   block_merge_rows<MomentsOp<acc_t>, 3, VEC>(state, smem);
@@ -103,9 +109,9 @@ __global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int64_t outer,
                                             int64_t C, int64_t inner,
-                                            acc_t* __restrict__ partials) {
-  extern __shared__ __align__(16) unsigned char smem_bytes[];
-  acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
+                                            moment_t* __restrict__ partials) {
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
   const int64_t run_vectors = inner / VEC;
   const int64_t vectors = outer * run_vectors;
@@ -120,7 +126,7 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
     for (int j = 0; j < VEC; ++j) sums.add(static_cast<acc_t>(v.v[j]), count + j == 0);
     count += VEC;
   }
-  acc_t state[3];
+  moment_t state[3];
   sums.to_moments(static_cast<acc_t>(count), state);
   block_merge_all<MomentsOp<acc_t>, 3>(state, smem);
   if (threadIdx.x == 0)
@@ -129,27 +135,29 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
 
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var,
-                  const at::TensorOptions& acc_options, int device, cudaStream_t stream) {
+                  const at::TensorOptions& options, int device, cudaStream_t stream) {
   Tensor partials;
   int64_t blocks;
+  const auto partial_options = options.dtype(at::kDouble);
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
     blocks = g.grid.y;
-    partials = at::empty({3, blocks, v.channels}, acc_options);
-    const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(acc_t);
-    stats_channels_last_kernel<scalar_t, acc_t, VEC><<<g.grid, g.block, smem, stream>>>(
-        x, v.outer, v.channels, partials.data_ptr<acc_t>());
+    partials = at::empty({3, blocks, v.channels}, partial_options);
+    const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(moment_t);
+    FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
+                    stats_channels_last_kernel<scalar_t, acc_t, VEC>)(
+        x, v.outer, v.channels, partials.data_ptr<moment_t>());
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
-    partials = at::empty({3, blocks, v.channels}, acc_options);
-    const size_t smem = size_t(256) * 3 * sizeof(acc_t);
-    stats_channels_first_kernel<scalar_t, acc_t, VEC><<<grid, 256, smem, stream>>>(
-        x, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
+    partials = at::empty({3, blocks, v.channels}, partial_options);
+    const size_t smem = size_t(256) * 3 * sizeof(moment_t);
+    FUSEDRES_LAUNCH(grid, 256, smem, stream, stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
+        x, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_merge_partials<MomentsOp<acc_t>, 3, acc_t>(partials.const_data_ptr<acc_t>(), blocks,
-                                                    v.channels, mean, var, stream);
+  launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
+                                             v.channels, mean, var, stream);
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
@@ -182,7 +190,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("batch_norm_stats", &batch_norm_stats);
 }
 

@@ -4,10 +4,21 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#ifdef FUSEDRES_CUDA_EMULATION
+#include "../emulation/cuda_runtime.h"  // host stand-ins: the kernels run on the CPU
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+
+// A kernel launch, kernel<<<grid, block, shared_bytes, stream>>>(args...), written
+// FUSEDRES_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...) so that the emulation
+// build can run it on the CPU.
+#define FUSEDRES_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+// The block's dynamic shared memory (the launch's shared_bytes), 16-byte aligned.
+#define FUSEDRES_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -105,7 +116,7 @@ __device__ void block_merge_rows(acc_t (&state)[VEC][K], acc_t* smem) {
     for (int k = 0; k < K; ++k) smem[slot + j * K + k] = state[j][k];
   __syncthreads();
   if (threadIdx.y == 0) {
-    for (int row = 1; row < blockDim.y; ++row) {
+    for (unsigned row = 1; row < blockDim.y; ++row) {
       const acc_t* other = smem + (row * blockDim.x + threadIdx.x) * VEC * K;
       for (int j = 0; j < VEC; ++j) Op::merge(state[j], other + j * K);
     }
@@ -117,7 +128,7 @@ template <class Op, int K, typename acc_t>
 __device__ void block_merge_all(acc_t (&state)[K], acc_t* smem) {
   for (int k = 0; k < K; ++k) smem[threadIdx.x * K + k] = state[k];
   __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
     if (threadIdx.x < stride) Op::merge(smem + threadIdx.x * K, smem + (threadIdx.x + stride) * K);
     __syncthreads();
   }
@@ -127,20 +138,21 @@ __device__ void block_merge_all(acc_t (&state)[K], acc_t* smem) {
 
 // partials: [K][blocks][C] -> Op::finish(merge over the blocks) for each channel. A 32 x 8
 // thread block serves 32 consecutive channels (coalesced reads); its 8 rows of threads
-// split the partials, then row 0 merges the 8 results.
+// split the partials, then row 0 merges the 8 results. state_t: the partials' type, out_t
+// the outputs'.
 constexpr int kMergeRows = 8;
 
-template <class Op, int K, typename acc_t>
-__global__ void merge_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks,
-                                      int64_t C, acc_t* __restrict__ out0,
-                                      acc_t* __restrict__ out1) {
-  __shared__ acc_t smem[kMergeRows][32][K];
+template <class Op, int K, typename state_t, typename out_t>
+__global__ void merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks,
+                                      int64_t C, out_t* __restrict__ out0,
+                                      out_t* __restrict__ out1) {
+  __shared__ state_t smem[kMergeRows][32][K];
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  acc_t state[K];
+  state_t state[K];
   Op::init(state);
   if (c < C) {
     for (int64_t b = threadIdx.y; b < blocks; b += kMergeRows) {
-      acc_t other[K];
+      state_t other[K];
       for (int k = 0; k < K; ++k) other[k] = partials[(k * blocks + b) * C + c];
       Op::merge(state, other);
     }
@@ -153,12 +165,12 @@ __global__ void merge_partials_kernel(const acc_t* __restrict__ partials, int64_
   }
 }
 
-template <class Op, int K, typename acc_t>
-void launch_merge_partials(const acc_t* partials, int64_t blocks, int64_t C, acc_t* out0,
-                           acc_t* out1, cudaStream_t stream) {
+template <class Op, int K, typename state_t, typename out_t>
+void launch_merge_partials(const state_t* partials, int64_t blocks, int64_t C, out_t* out0,
+                           out_t* out1, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div(C, 32));
-  merge_partials_kernel<Op, K, acc_t>
-      <<<grid, dim3(32, kMergeRows), 0, stream>>>(partials, blocks, C, out0, out1);
+  FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), 0, stream,
+                  merge_partials_kernel<Op, K, state_t, out_t>)(partials, blocks, C, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
