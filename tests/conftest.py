@@ -1,6 +1,7 @@
 """Shared test helpers: backends and devices, layouts, tolerances and the fp64 reference
 comparisons."""
 import os
+import sys
 
 import pytest
 import torch
@@ -67,6 +68,8 @@ def _restore_backend():
     previous = fusedres.get_backend()
     yield
     fusedres.set_backend(previous)
+    if "fusedres._C_emulated" in sys.modules:
+        sys.modules["fusedres._C_emulated"].guard_allocations(False)
 
 
 @pytest.fixture(autouse=True)
@@ -75,9 +78,14 @@ def _seed():
 
 
 def use(target):
-    """Makes target's backend active; returns its device."""
+    """Makes target's backend active; returns its device. For the emulated CUDA kernels, the
+    test's CPU tensors are allocated right before an inaccessible page from here on, so a kernel
+    that reads or writes past a tensor's end fails with an error naming it."""
     backend, device = target
     fusedres.set_backend(backend)
+    if backend == "cuda-emulated":
+        fusedres._backend.resolve(torch.device(device))  # loads the emulation build
+        sys.modules["fusedres._C_emulated"].guard_allocations(True)
     return device
 
 

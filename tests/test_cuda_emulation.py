@@ -1,7 +1,8 @@
 """The emulation build of the CUDA kernels (csrc/emulation): the sources of csrc/cuda compiled
 as host C++ run on CPU tensors as the `cuda-emulated` backend, which every op test targets
 (conftest.TARGETS). Here: that every kernel is launched, that the emulated device gives real
-grids, and the fallback of the folded convolution."""
+grids, that an out-of-bounds access is caught, misaligned views, and the fallback of the
+folded convolution."""
 import re
 from pathlib import Path
 
@@ -11,11 +12,10 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import EMULATED, assert_close, make, use
+from conftest import TARGETS, assert_close, make, use
 
 CUDA_SOURCES = Path(__file__).parent.parent / "csrc" / "cuda"
 
-pytestmark = list(EMULATED.marks)
 
 
 def kernels_in_sources():
@@ -40,6 +40,7 @@ def every_op_once():
             FF.conv_bias_relu(x.detach(), torch.randn(4, C, 3, 3), torch.randn(4), padding=1)
 
 
+@pytest.mark.emulated
 def test_every_kernel_is_launched():
     """Every __global__ function of csrc/cuda runs in the emulation: a new kernel that no op
     reaches fails here."""
@@ -51,6 +52,7 @@ def test_every_kernel_is_launched():
     assert not missing, f"kernels never launched in the emulation: {sorted(missing)}"
 
 
+@pytest.mark.emulated
 def test_emulated_sources_are_the_cuda_sources():
     """The emulation compiles csrc/cuda itself (one include per .cu file), not a copy."""
     emulation = Path(__file__).parent.parent / "csrc" / "emulation"
@@ -59,6 +61,21 @@ def test_emulated_sources_are_the_cuda_sources():
         assert f'#include "../cuda/{cu.name}"' in wrapper.read_text(), wrapper
 
 
+@pytest.mark.emulated
+def test_out_of_bounds_access_is_caught():
+    """A deliberately broken test-only kernel reads one element past its input's end: the
+    launch fails with the kernel, block and thread, instead of reading a neighbour's memory."""
+    use(("cuda-emulated", "cpu"))
+    x = torch.randn(100)
+    with pytest.raises(RuntimeError, match=r"out-of-bounds access .* in kernel "
+                                           r"read_past_end_kernel, block \(1, 0, 0\), "
+                                           r"thread \(35, 0, 0\)"):
+        torch.ops.fusedres_emulated.read_past_end(x)
+    x = torch.randn(101)[:100]  # an in-bounds read of the 101st element: no error
+    assert torch.equal(torch.ops.fusedres_emulated.read_past_end(x)[:-1], x[1:])
+
+
+@pytest.mark.emulated
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_many_blocks_and_rows_per_thread(layout):
     """On the emulated device (2 SMs) a reduction over 2048 channels and 4 x 13 x 11 values
@@ -73,6 +90,7 @@ def test_many_blocks_and_rows_per_thread(layout):
         assert_close(var, ref_var, torch.float32)
 
 
+@pytest.mark.emulated
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_folded_conv_falls_back_without_a_fused_engine(dtype, residual):
@@ -95,12 +113,14 @@ def test_folded_conv_falls_back_without_a_fused_engine(dtype, residual):
     assert_close(out, torch.relu(ref), dtype, tolerance)
 
 
+@pytest.mark.emulated
 def test_backend_is_listed_and_refuses_other_devices():
     assert "cuda-emulated" in fusedres.info()["available"]
     why = fusedres._backend.unavailable_reason("cuda-emulated", "cuda")
     assert why is not None and "CPU tensors" in why
 
 
+@pytest.mark.emulated
 @pytest.mark.parametrize("library", ["fusedres", "fusedres_emulated"])
 def test_backward_input_checks_its_weight(library):
     """The raw backward op refuses a weight that is not a floating per-channel vector before
@@ -122,3 +142,38 @@ def test_backward_input_refuses_a_cpu_weight_on_the_gpu():
     stats = [torch.zeros(3, device="cuda"), torch.ones(3, device="cuda")] * 2
     with pytest.raises(RuntimeError, match="weight is on cpu but input is on cuda"):
         op(g, None, x, stats[0], stats[1], torch.ones(3), stats[2], stats[3])
+
+
+def misaligned(t):
+    """t's values in a view that starts 4 bytes into its storage (not 16-byte aligned)."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    if t.is_contiguous():
+        return flat.view(t.shape).copy_(t)
+    perm = flat.view(t.shape[0], t.shape[2], t.shape[3], t.shape[1]).permute(0, 3, 1, 2)
+    return perm.copy_(t)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("which", ["input", "residual", "grad_out"])
+def test_misaligned_views(target, layout, which):
+    """A tensor that is a view 4 bytes into its storage (x alone, the residual alone, grad_out
+    alone) takes the kernels' unvectorised path, with the same result."""
+    device = use(target)
+    if device != "cpu":
+        pytest.skip("views of CPU storage")
+    shape = (2, 8, 4, 6)  # C and H * W multiples of every vector width
+    x = make(shape, torch.float32, "cpu", layout, scale=2.0, offset=1.0)
+    z = make(shape, torch.float32, "cpu", layout)
+    g = make(shape, torch.float32, "cpu", layout)
+    x, z, g = [misaligned(t) if name == which else t
+               for name, t in (("input", x), ("residual", z), ("grad_out", g))]
+    x.requires_grad_()
+    w = torch.rand(8, requires_grad=True)
+    out = FF.batch_norm_add_relu(x, z, None, None, w, None, training=True)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.relu(F.batch_norm(x64, None, None, w64, None, True) + z.double())
+    assert_close(out, ref, torch.float32)
+    for got, expected in zip(torch.autograd.grad(out, [x, w], g),
+                             torch.autograd.grad(ref, [x64, w64], g.double())):
+        assert_close(got, expected, torch.float32, {torch.float32: 1e-4})

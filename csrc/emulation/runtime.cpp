@@ -1,8 +1,23 @@
 // The emulated CUDA runtime (see cuda_runtime.h) and the Python module fusedres._C_emulated:
 // importing it registers the fusedres_emulated library (schemas, compositions and the CUDA
 // kernels of csrc/cuda compiled for the CPU). Test-only: the `cuda-emulated` backend.
+//
+// Out-of-bounds accesses: while guard_allocations(True) is on, every CPU tensor is allocated
+// by GuardedAllocator, which ends each allocation (rounded up to 16 bytes, so vector paths
+// keep their alignment) right before an inaccessible page. A kernel that reads or writes past
+// the end of a tensor faults there; the fault handler leaves the kernel and the launch throws
+// an error naming the kernel, its block and thread, instead of crashing the process.
 #include <Python.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/CPUAllocator.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -10,8 +25,11 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include "../library.h"
 #include "cuda_runtime.h"
 
 namespace fusedres::emulation {
@@ -41,6 +59,43 @@ struct Block {
 };
 
 thread_local Block block;
+
+// Fault handling: where run() resumes when a kernel touches an inaccessible page. The handler
+// is installed for the duration of a launch only (FaultHandler), on this thread's own signal
+// stack (a fiber's stack may be the one that overflowed).
+thread_local sigjmp_buf* fault_target = nullptr;
+thread_local void* fault_address = nullptr;
+thread_local std::vector<char> signal_stack;
+
+void on_fault(int, siginfo_t* info, void*) {
+  if (fault_target == nullptr) return;  // cannot happen while installed; re-faults if it did
+  fault_address = info->si_addr;
+  siglongjmp(*fault_target, 1);
+}
+
+struct FaultHandler {
+  struct sigaction previous_segv {}, previous_bus {};
+  FaultHandler() {
+    if (signal_stack.empty()) {
+      signal_stack.resize(64 * 1024);
+      stack_t stack{};
+      stack.ss_sp = signal_stack.data();
+      stack.ss_size = signal_stack.size();
+      sigaltstack(&stack, nullptr);
+    }
+    struct sigaction action {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv);
+    sigaction(SIGBUS, &action, &previous_bus);
+  }
+  ~FaultHandler() {
+    fault_target = nullptr;
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+  }
+};
 
 std::mutex launched_mutex;
 std::set<std::string> launched;  // kernel names, without template arguments
@@ -112,6 +167,7 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
     std::lock_guard<std::mutex> lock(launched_mutex);
     launched.insert(base_name(kernel));
   }
+  const FaultHandler handler;
   grid_dim = grid;
   block_dim = block_shape;
   block.body = &body;
@@ -135,8 +191,19 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
           f.context.uc_link = nullptr;
           makecontext(&f.context, fiber_main, 0);
         }
+        sigjmp_buf target;
+        if (sigsetjmp(target, 1) != 0) {  // a fiber faulted: abandon the block
+          fault_target = nullptr;
+          const dim3 t = block.current->index;
+          thread_idx = nullptr;
+          TORCH_CHECK(false, "out-of-bounds access at ", fault_address, " in kernel ", kernel,
+                      ", block (", bx, ", ", by, ", ", bz, "), thread (", t.x, ", ", t.y, ", ",
+                      t.z, ")");
+        }
+        fault_target = &target;
         while (!run_round()) {
         }
+        fault_target = nullptr;
         thread_idx = nullptr;
         if (block.error) std::rethrow_exception(block.error);
       }
@@ -144,9 +211,83 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
   }
 }
 
+// CPU allocations that end right before an inaccessible page. The data pointer is also the
+// deleter's context (raw_allocate, which some ATen kernels use, requires that); the mapping
+// it belongs to is looked up.
+class GuardedAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t used = (bytes + 15) / 16 * 16;
+    const size_t mapped = (used + page - 1) / page * page + page;
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "guarded allocation of ", bytes, " bytes failed");
+    char* guard = static_cast<char*>(base) + mapped - page;
+    TORCH_CHECK(mprotect(guard, page, PROT_NONE) == 0, "mprotect failed");
+    void* data = guard - used;
+    {
+      std::lock_guard<std::mutex> lock(mutex());
+      regions()[data] = {base, mapped};
+    }
+    return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::unordered_map<void*, std::pair<void*, size_t>>& regions() {
+    static std::unordered_map<void*, std::pair<void*, size_t>> r;
+    return r;
+  }
+  static void release(void* data) {
+    std::pair<void*, size_t> region;
+    {
+      std::lock_guard<std::mutex> lock(mutex());
+      auto it = regions().find(data);
+      if (it == regions().end()) return;
+      region = it->second;
+      regions().erase(it);
+    }
+    munmap(region.first, region.second);
+  }
+};
+
+void guard_allocations(bool on) {
+  static GuardedAllocator guarded;
+  static c10::Allocator* original = c10::GetCPUAllocator();
+  // The highest priority: set_allocator calls with a lower one would be ignored.
+  c10::SetCPUAllocator(on ? &guarded : original, /*priority=*/255);
+}
+
 std::vector<std::string> launched_kernels() {
   std::lock_guard<std::mutex> lock(launched_mutex);
   return {launched.begin(), launched.end()};
+}
+
+// A deliberately broken kernel, for the test that shows out-of-bounds detection works: each
+// thread copies x[i + 1] to out[i], so the last thread reads one element past x's end.
+__global__ void read_past_end_kernel(const float* x, float* out, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = x[i + 1];
+}
+
+at::Tensor read_past_end(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "a contiguous float tensor");
+  at::Tensor out = at::empty_like(x);
+  const int64_t n = x.numel();
+  FUSEDRES_LAUNCH(static_cast<unsigned>((n + 63) / 64), 64, 0, nullptr, read_past_end_kernel)(
+      x.const_data_ptr<float>(), out.data_ptr<float>(), n);
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(fusedres_emulated, m) {
+  m.def("read_past_end(Tensor x) -> Tensor", &read_past_end);  // test-only, see above
 }
 
 }  // namespace fusedres::emulation
@@ -161,9 +302,17 @@ PyObject* launched_kernels(PyObject*, PyObject*) {
   return list;
 }
 
+PyObject* guard_allocations(PyObject*, PyObject* on) {
+  fusedres::emulation::guard_allocations(PyObject_IsTrue(on));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"launched_kernels", launched_kernels, METH_NOARGS,
      "Names of the emulated CUDA kernels launched so far in this process."},
+    {"guard_allocations", guard_allocations, METH_O,
+     "guard_allocations(on): allocate CPU tensors before an inaccessible page (on) or as usual "
+     "(off), so emulated kernels that access past a tensor's end fail with an error."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
