@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,7 +100,7 @@ def rebuild(root: Path, timeout: float) -> tuple[bool, str]:
 
 
 def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[str, str, float]:
-    """(outcome, detail, seconds): outcome is passed, failed, timeout or error."""
+    """(outcome, detail, seconds): outcome is passed, failed, crashed, timeout or error."""
     # Files this test suite has (an older one may lack some), each once.
     tests = [t for t in dict.fromkeys(tests) if (root / t.split("::")[0]).exists()]
     if not tests:
@@ -117,6 +118,8 @@ def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[str, str, f
     if done.returncode == 1:
         failed = re.findall(r"^FAILED (\S+)", output, re.M)
         return "failed", failed[0] if failed else output.strip().splitlines()[-1], seconds
+    if done.returncode < 0:  # the test process died (a kernel crash is a loud failure too)
+        return "crashed", f"the tests crashed ({signal.Signals(-done.returncode).name})", seconds
     return "error", output.strip()[-2000:], seconds
 
 
@@ -134,7 +137,8 @@ def run_mutation(mutation: Mutation, tests_from: str | None, timeout: float) -> 
         outcome, detail, seconds = run_tests(root, mutation.tests, timeout)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    result = {"failed": "killed", "timeout": "killed", "passed": "survived"}.get(outcome, "error")
+    result = {"failed": "killed", "crashed": "killed", "timeout": "killed",
+              "passed": "survived"}.get(outcome, "error")
     return dict(result=result, detail=detail if outcome != "timeout" else "timeout: " + detail,
                 seconds=seconds)
 
