@@ -1,7 +1,8 @@
 """python -m fusedres: checks this installation end to end, then benchmarks it.
 
 1. Prints what was built and loaded, and runs every fused op on each compiled backend (cpp,
-   cuda, triton) available for each device against the unfused computation in float64.
+   cuda, triton, and cuda-emulated: the CUDA kernels' emulation build) available for each
+   device against the unfused computation in float64 (float32 convolutions without TF32).
 2. Checks fusedres ResNet-50 against torchvision: eval output, and output, parameters and
    running statistics after one training step.
 3. Benchmarks ResNet-50 inference and training steps against torchvision eager and

@@ -42,7 +42,8 @@ def _check_name(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Sets the backend of all fused ops: auto, reference, cpp, cuda or triton."""
+    """Sets the backend of all fused ops: auto, reference, cpp, cuda, triton, or cuda-emulated
+    (the CUDA kernels on CPU tensors, for tests)."""
     global _active
     _active = _check_name(name)
 
