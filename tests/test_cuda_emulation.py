@@ -177,3 +177,15 @@ def test_misaligned_views(target, layout, which):
     for got, expected in zip(torch.autograd.grad(out, [x, w], g),
                              torch.autograd.grad(ref, [x64, w64], g.double())):
         assert_close(got, expected, torch.float32, {torch.float32: 1e-4})
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_expanded_inputs(target):
+    """Inputs with stride-0 dimensions (expand views: one image broadcast over the batch, one
+    row over the height) are read as the dense tensors they stand for."""
+    device = use(target)
+    x = make((1, 8, 4, 6), torch.float32, device, scale=2.0).expand(3, 8, 4, 6)
+    z = make((3, 8, 1, 6), torch.float32, device).expand(3, 8, 4, 6)
+    out = FF.batch_norm_add_relu(x, z, None, None, None, None, training=True)
+    ref = torch.relu(F.batch_norm(x.double(), None, None, training=True) + z.double())
+    assert_close(out, ref, torch.float32)
