@@ -13,7 +13,7 @@ TRITON_ONLY = {"conv2d"}  # the Triton convolution: float16 / bfloat16 / float32
 
 
 def namespace(backend):
-    return torch.ops.fusedres_triton if backend == "triton" else torch.ops.fusedres
+    return fusedres._backend.op_library(backend)
 
 
 def per_channel(C, device, dtype=torch.float64, positive=False, requires_grad=False):
