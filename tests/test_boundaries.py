@@ -7,6 +7,7 @@ running statistics, both counters and every gradient, in both layouts, on every 
 import pytest
 import torch
 
+import fusedres
 import fusedres.functional as FF
 from conftest import LAYOUTS, TARGETS, assert_close, has_layout, make, use
 
@@ -99,7 +100,7 @@ def test_backward_kernels_across_blocks(target, layout):
     """The two backward kernels on their own (op level), with the ReLU mask, against the
     float64 formulas: sum(g), sum(g * xhat), and the input gradient."""
     device = use(target)
-    ops = torch.ops.fusedres_triton if target[0] == "triton" else torch.ops.fusedres
+    ops = fusedres._backend.op_library(target[0])
     for shape in SHAPES:
         C = shape[1]
         x = make(shape, torch.float32, device, layout, scale=2.0, offset=1.0)
@@ -132,7 +133,7 @@ def test_backward_kernels_across_blocks(target, layout):
 def test_statistics_across_blocks(target, layout):
     """batch_norm_stats: the per-channel mean and biased variance over many row blocks."""
     device = use(target)
-    ops = torch.ops.fusedres_triton if target[0] == "triton" else torch.ops.fusedres
+    ops = fusedres._backend.op_library(target[0])
     for shape in SHAPES:
         x = make(shape, torch.float32, device, layout, scale=3.0, offset=2.0)
         mean, var = ops.batch_norm_stats(x)
