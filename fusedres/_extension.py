@@ -80,14 +80,16 @@ def _load_triton() -> None:
         triton_interpreted = importlib.import_module("fusedres.kernels").INTERPRETED
 
 
-_emulation_error: str | None = "not loaded yet"
+_emulation_tried = False
+_emulation_error: str | None = None
 
 
 def load_emulation() -> str | None:
     """Loads the emulation build of the CUDA kernels (fusedres._C_emulated, the cuda-emulated
     backend) on first use; returns None once loaded, else why it cannot load."""
-    global _emulation_error
-    if _emulation_error == "not loaded yet":
+    global _emulation_tried, _emulation_error
+    if not _emulation_tried:
+        _emulation_tried = True
         if not cpp_loaded:
             _emulation_error = "fusedres._C did not load"
         elif importlib.util.find_spec("fusedres._C_emulated") is None:

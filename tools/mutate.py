@@ -14,8 +14,8 @@ checkout itself is never modified.
     python tools/mutate.py --tests-from REV --report /tmp/before.md   # an older test suite
 
 Before the mutations, each distinct test selection is run once unmutated: a selection that
-fails without a bug kills nothing, and the harness stops there. Needs a built checkout
-(`pip install -e .`).
+fails without a bug kills nothing, and the harness stops there. Needs a checkout built
+from its current sources (`pip install -e .`): the copies reuse its compiled extensions.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@
 // each) on one OS thread, all started before any finishes: each runs until it reaches
 // __syncthreads() or returns, and the barrier releases only when every thread of the block
 // has reached it, so a missing barrier lets a thread read shared memory its neighbours have not
-// written yet. Shared memory (__shared__ arrays and the dynamic buffer) is one buffer per OS
-// thread, reused by consecutive blocks; the dynamic buffer is filled with 0xFF bytes (a NaN for
-// every float type) before each block, so a read of a value no thread of the block wrote shows.
+// written yet. __shared__ arrays are one buffer per OS thread, reused by consecutive blocks; the
+// dynamic buffer is fresh for each block, filled with 0xFF bytes (a NaN for every float type),
+// so a read of a value no thread of the block wrote shows, and ends at an inaccessible page, as
+// each fiber's stack does below its bottom: an overrun faults (runtime.cpp).
 // The device has few SMs (FUSEDRES_EMULATED_SMS, default 2), so the launchers size real grids:
 // several blocks, several rows per thread.
 #pragma once

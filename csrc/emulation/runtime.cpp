@@ -41,9 +41,40 @@ namespace {
 
 constexpr size_t kStackBytes = 64 * 1024;
 
+// `bytes` of memory (rounded up to 16, keeping 16-byte alignment) next to an inaccessible page:
+// after it (an overrun faults: tensors, shared memory) or before it (a downward-growing stack
+// that overflows faults). Faults inside a kernel become errors (run()).
+struct GuardedRegion {
+  void* base = nullptr;
+  size_t mapped = 0;
+  char* data = nullptr;
+
+  GuardedRegion() = default;
+  GuardedRegion(size_t bytes, bool guard_after) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t used = (bytes + 15) / 16 * 16;
+    mapped = (used + page - 1) / page * page + page;
+    base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "guarded allocation of ", bytes, " bytes failed");
+    char* guard = guard_after ? static_cast<char*>(base) + mapped - page : static_cast<char*>(base);
+    TORCH_CHECK(mprotect(guard, page, PROT_NONE) == 0, "mprotect failed");
+    data = guard_after ? guard - used : guard + page;
+  }
+  GuardedRegion(GuardedRegion&& other) noexcept { *this = std::move(other); }
+  GuardedRegion& operator=(GuardedRegion&& other) noexcept {
+    std::swap(base, other.base);
+    std::swap(mapped, other.mapped);
+    std::swap(data, other.data);
+    return *this;
+  }
+  ~GuardedRegion() {
+    if (base != nullptr) munmap(base, mapped);
+  }
+};
+
 struct Fiber {
   ucontext_t context;
-  std::vector<char> stack;
+  GuardedRegion stack;  // an overflow faults instead of corrupting the next fiber's stack
   dim3 index;
   bool done = false, waiting = false;
 };
@@ -55,7 +86,7 @@ struct Block {
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
-  std::vector<unsigned char> shared;
+  GuardedRegion shared;  // the dynamic shared memory of the running block
 };
 
 thread_local Block block;
@@ -142,7 +173,7 @@ void syncthreads() {
   swapcontext(&self->context, &block.scheduler);
 }
 
-unsigned char* dynamic_shared() { return block.shared.data(); }
+unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block.shared.data); }
 
 int sm_count() {
   static const int count = [] {
@@ -174,20 +205,21 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
   block.error = nullptr;
   block.fibers.resize(threads);
   for (Fiber& f : block.fibers)
-    if (f.stack.empty()) f.stack.resize(kStackBytes);
+    if (f.stack.data == nullptr) f.stack = GuardedRegion(kStackBytes, /*guard_after=*/false);
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_idx = dim3(bx, by, bz);
-        block.shared.assign(shared_bytes + 16, 0xFF);
+        block.shared = GuardedRegion(shared_bytes, /*guard_after=*/true);
+        std::memset(block.shared.data, 0xFF, shared_bytes);  // NaN in every float type
         for (uint64_t t = 0; t < threads; ++t) {
           Fiber& f = block.fibers[t];
           f.index = dim3(t % block_shape.x, (t / block_shape.x) % block_shape.y,
                          t / (uint64_t(block_shape.x) * block_shape.y));
           f.done = f.waiting = false;
           getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.data();
-          f.context.uc_stack.ss_size = f.stack.size();
+          f.context.uc_stack.ss_sp = f.stack.data;
+          f.context.uc_stack.ss_size = kStackBytes;
           f.context.uc_link = nullptr;
           makecontext(&f.context, fiber_main, 0);
         }
@@ -217,17 +249,11 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
 class GuardedAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
-    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t used = (bytes + 15) / 16 * 16;
-    const size_t mapped = (used + page - 1) / page * page + page;
-    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(base != MAP_FAILED, "guarded allocation of ", bytes, " bytes failed");
-    char* guard = static_cast<char*>(base) + mapped - page;
-    TORCH_CHECK(mprotect(guard, page, PROT_NONE) == 0, "mprotect failed");
-    void* data = guard - used;
+    GuardedRegion region(bytes, /*guard_after=*/true);
+    void* data = region.data;
     {
       std::lock_guard<std::mutex> lock(mutex());
-      regions()[data] = {base, mapped};
+      regions().emplace(data, std::move(region));
     }
     return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -241,20 +267,17 @@ class GuardedAllocator final : public c10::Allocator {
     static std::mutex m;
     return m;
   }
-  static std::unordered_map<void*, std::pair<void*, size_t>>& regions() {
-    static std::unordered_map<void*, std::pair<void*, size_t>> r;
+  static std::unordered_map<void*, GuardedRegion>& regions() {
+    static std::unordered_map<void*, GuardedRegion> r;
     return r;
   }
   static void release(void* data) {
-    std::pair<void*, size_t> region;
-    {
-      std::lock_guard<std::mutex> lock(mutex());
-      auto it = regions().find(data);
-      if (it == regions().end()) return;
-      region = it->second;
-      regions().erase(it);
-    }
-    munmap(region.first, region.second);
+    GuardedRegion region;  // unmapped when it goes out of scope, outside the lock
+    std::lock_guard<std::mutex> lock(mutex());
+    auto it = regions().find(data);
+    if (it == regions().end()) return;
+    region = std::move(it->second);
+    regions().erase(it);
   }
 };
 
