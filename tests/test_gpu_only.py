@@ -68,6 +68,41 @@ def test_fused_conv_output_has_no_stale_nan():
     assert not torch.isnan(out).any()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_conv_output_over_2_31_elements(layout, residual):
+    """The folded conv with an output of more than 2**31 elements (bfloat16, 4.3 GB a tensor):
+    cuDNN's fused engine (or the fallback) and the residual + ReLU epilogue index past int32.
+    Compared slice by slice against float32 F.conv2d (a wrapped index shows as a wrong
+    slice)."""
+    use(("cuda", "cuda"))
+    n, c, hw = 2**31 // (64 * 128 * 128) + 1, 64, 128
+    numel = n * c * hw * hw
+    assert numel > 2**31
+    need = (3 if residual else 2) * numel * 2 + 4 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of GPU memory, {free / 2**30:.0f} GiB free")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(n, c, hw, hw, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=fmt)
+    w = make((c, c, 1, 1), torch.bfloat16, "cuda", scale=0.1)
+    b = torch.linspace(-1, 1, c, device="cuda")
+    z = torch.randn_like(x) if residual else None
+    try:
+        out = FF.conv_bias_add_relu(x, w, b, z) if residual else FF.conv_bias_relu(x, w, b)
+        assert out.numel() == numel
+        for i in range(0, n, 8):
+            ref = F.conv2d(x[i:i + 8].float(), w.float(), b)
+            if residual:
+                ref = ref + z[i:i + 8].float()
+            assert_close(out[i:i + 8], torch.relu(ref), torch.bfloat16)
+    finally:
+        del x, z
+        torch.cuda.empty_cache()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_ops_on_a_side_stream_and_in_a_cuda_graph(training):
     """Forward and backward on a non-default stream, then captured in a CUDA graph after a

@@ -182,6 +182,12 @@ CATALOG = [
              "block merge reads the other threads' shared memory without a barrier",
              "smem[slot + j * K + k] = state[j][k];\n  __syncthreads();",
              "smem[slot + j * K + k] = state[j][k];", OPS),
+    Mutation("cuda-misplaced-barrier", "csrc/cuda/utils.cuh",
+             "partials merge: the barrier before the shared-memory writes instead of after",
+             "  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];\n"
+             "  __syncthreads();",
+             "  __syncthreads();\n"
+             "  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];", OPS),
     Mutation("cuda-grid-floor", "csrc/cuda/utils.cuh",
              "channels_last grid rounds the channel blocks down (the last channels get no block)",
              "const int64_t gx = ceil_div(vectors, bx);", "const int64_t gx = vectors / bx;", OPS),

@@ -146,7 +146,8 @@ template <class Op, int K, typename state_t, typename out_t>
 __global__ void merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks,
                                       int64_t C, out_t* __restrict__ out0,
                                       out_t* __restrict__ out1) {
-  __shared__ state_t smem[kMergeRows][32][K];
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);  // [kMergeRows][32][K]
+  auto smem = reinterpret_cast<state_t(*)[32][K]>(smem_bytes);
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   state_t state[K];
   Op::init(state);
@@ -169,7 +170,7 @@ template <class Op, int K, typename state_t, typename out_t>
 void launch_merge_partials(const state_t* partials, int64_t blocks, int64_t C, out_t* out0,
                            out_t* out1, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div(C, 32));
-  FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), 0, stream,
+  FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), kMergeRows * 32 * K * sizeof(state_t), stream,
                   merge_partials_kernel<Op, K, state_t, out_t>)(partials, blocks, C, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -6,10 +6,11 @@
 // each) on one OS thread, all started before any finishes: each runs until it reaches
 // __syncthreads() or returns, and the barrier releases only when every thread of the block
 // has reached it, so a missing barrier lets a thread read shared memory its neighbours have not
-// written yet. __shared__ arrays are one buffer per OS thread, reused by consecutive blocks; the
-// dynamic buffer is fresh for each block, filled with 0xFF bytes (a NaN for every float type),
-// so a read of a value no thread of the block wrote shows, and ends at an inaccessible page, as
-// each fiber's stack does below its bottom: an overrun faults (runtime.cpp).
+// written yet. The kernels use dynamic shared memory only (a static __shared__ array does not
+// compile here): the buffer is fresh for each block, filled with 0xFF bytes (a NaN for every
+// float type), so a read of a value no thread of the block wrote shows, and ends at an
+// inaccessible page, as each fiber's stack does below its bottom: an overrun faults
+// (runtime.cpp).
 // The device has few SMs (FUSEDRES_EMULATED_SMS, default 2), so the launchers size real grids:
 // several blocks, several rows per thread.
 #pragma once
@@ -28,8 +29,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __align__(n) alignas(n)
-// Per OS thread: the one block running on it.
-#define __shared__ static thread_local
+// Static shared arrays would be neither poisoned nor bounds-checked: use FUSEDRES_DYNAMIC_SHARED.
+#define __shared__ static_shared_memory_is_unchecked_in_the_emulation_use_FUSEDRES_DYNAMIC_SHARED
 
 struct dim3 {
   unsigned x, y, z;
