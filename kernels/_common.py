@@ -1,7 +1,18 @@
-"""Shared by the Triton kernels: the (outer, C, inner) view of a tensor, launch sizes, and
-the per-channel dtype (float32, or float64 for float64 inputs)."""
+"""Shared by the Triton kernels: the (outer, C, inner) view of a tensor, the per-channel dtype
+(float32, or float64 for float64 inputs), and how every kernel is launched (`launch`): on the
+tensors' device, with a grid CUDA accepts, and with a tuned or a fixed tile config.
+
+Tile configs. Each autotuned kernel has a tuning space (`configs`), one fixed, known-good
+config (`fixed_config`) and a small one for the interpreter (`interpreter_config`). On a GPU
+the first call per (kernel, shapes) benchmarks the configs that fit the device; the result is
+kept on disk (Triton's cache directory, TRITON_CACHE_DIR), so later processes and other DDP
+ranks reuse it. FUSEDRES_TRITON_AUTOTUNE=0, or torch.use_deterministic_algorithms(True), uses
+the fixed config instead (no tuning, and the same reduction order in every run and rank).
+Tuning cannot run inside a CUDA graph capture: warm up (one call per shape) before capturing.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -14,19 +25,121 @@ from fusedres._ops import is_channels_last
 # The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile (rows x channels) of the BN kernels: tuned on the GPU (kernels write only their
-# outputs, so re-running a config is harmless), one fixed tile in the interpreter.
+# Tiles (rows x channels) of the BN kernels. The kernels write only their outputs, so
+# autotuning may re-run a config freely.
 BLOCK_ROWS = 32  # rows a reduction program's share is rounded to
-TILE_CONFIGS = (
-    [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})]
-    if INTERPRETED
-    else [
-        triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
-        for r, c, w in [(32, 64, 4), (64, 64, 4), (128, 32, 4), (16, 128, 4), (64, 128, 8),
-                        (256, 8, 4), (32, 32, 2)]
-    ]
-)
+TILE_CONFIGS = [
+    triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+    for r, c, w in [(32, 64, 4), (64, 64, 4), (128, 32, 4), (16, 128, 4), (64, 128, 8),
+                    (256, 8, 4), (32, 32, 2)]
+]
+TILE_FIXED = TILE_CONFIGS[0]
+TILE_INTERPRETED = triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})
 TILE_KEY = ["C", "inner"]
+
+# CUDA's limits on the grid's x, y and z dimensions.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def autotuned(configs, key, fixed, interpreted, prune=None):
+    """triton.autotune over `configs`, results kept on disk; `prune(configs, named_args)`
+    drops the configs that cannot run on the arguments' device."""
+    def wrap(fn):
+        kernel = triton.autotune(
+            configs=configs, key=key, cache_results=True,
+            prune_configs_by={"early_config_prune": prune} if prune is not None else None)(fn)
+        kernel.fixed_config = fixed
+        kernel.interpreter_config = interpreted
+        return kernel
+    return wrap
+
+
+def autotuning() -> bool:
+    """Whether launches tune their configs (on a GPU): FUSEDRES_TRITON_AUTOTUNE is not 0 and
+    deterministic algorithms are off."""
+    return (os.environ.get("FUSEDRES_TRITON_AUTOTUNE", "1") != "0"
+            and not torch.are_deterministic_algorithms_enabled())
+
+
+_forced: dict = {}  # kernel -> config: tests run each config of a kernel in turn
+
+
+@contextlib.contextmanager
+def forced_config(kernel, config):
+    """Launches of `kernel` use `config` (any config, tuned or not) inside the block."""
+    _forced[kernel] = config
+    try:
+        yield
+    finally:
+        del _forced[kernel]
+
+
+def config_for(kernel):
+    """The config a launch of `kernel` uses, or None to let the autotuner choose."""
+    if kernel in _forced:
+        return _forced[kernel]
+    if not hasattr(kernel, "configs"):
+        return None  # a plain kernel: its block sizes are arguments
+    if INTERPRETED:
+        return kernel.interpreter_config
+    return None if autotuning() else kernel.fixed_config
+
+
+def tuning_key(kernel, args, kwargs) -> tuple:
+    """The autotuner's cache key for a call (as triton.runtime.Autotuner.run builds it)."""
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in kernel.arg_names}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs) -> dict:
+    """Runs `kernel` over `grid` (a tuple, or a function of the launch's meta-parameters) on
+    `device`, whatever device is current. Returns the meta-parameters of the launch that ran
+    (its block sizes: the autotuner's best_config is shared by every thread and may have
+    changed since)."""
+    name = getattr(kernel, "fn", kernel).__name__
+    launched = {}
+
+    def checked_grid(meta):
+        dims = tuple(grid(meta) if callable(grid) else grid)
+        for axis, (size, limit) in enumerate(zip(dims, GRID_LIMITS)):
+            if size > limit:
+                raise RuntimeError(f"fusedres: {name}: {size} programs on grid axis {axis}, "
+                                   f"over CUDA's limit of {limit}")
+        launched.clear()
+        launched.update(meta)
+        return dims
+
+    config = config_for(kernel)
+    if (config is None and hasattr(kernel, "configs") and device.type == "cuda"
+            and torch.cuda.is_current_stream_capturing() and len(kernel.configs) > 1
+            and tuning_key(kernel, args, kwargs) not in kernel.cache):
+        raise RuntimeError(
+            f"fusedres: the Triton kernel {name} would autotune inside a CUDA graph capture, "
+            "which cannot run it; run the model once with these shapes before capturing, or set "
+            "FUSEDRES_TRITON_AUTOTUNE=0")
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _run(kernel, config, checked_grid, args, kwargs)
+    return launched
+
+
+def _run(kernel, config, grid, args, kwargs):
+    """The launch itself: through the autotuner when config is None."""
+    if config is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        jit = kernel.fn if hasattr(kernel, "configs") else kernel
+        jit[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def fitting_configs(configs, element_size: int, shared_memory: int):
+    """The matrix-product configs whose pipelined A and B tiles (num_stages buffers each) fit
+    in `shared_memory` bytes."""
+    return [c for c in configs
+            if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+            * element_size <= shared_memory]
 
 
 def dense(t: torch.Tensor) -> torch.Tensor:
@@ -59,13 +172,13 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def row_split(rows: int, channels: int) -> tuple[int, int]:
+def row_split(rows: int, channels: int, device: torch.device) -> tuple[int, int]:
     """(programs, rows_per_program) along the rows of a reduction: enough programs to fill
     the GPU, each walking many tiles (few partials to merge); a handful in the interpreter."""
-    if INTERPRETED or not torch.cuda.is_available():
+    if device.type != "cuda":
         target = 4
     else:
-        target = torch.cuda.get_device_properties().multi_processor_count * 4
+        target = torch.cuda.get_device_properties(device).multi_processor_count * 4
     programs = max(1, min(triton.cdiv(rows, BLOCK_ROWS),
                           triton.cdiv(target, triton.cdiv(channels, 64))))
     rows_per_program = triton.cdiv(triton.cdiv(rows, programs), BLOCK_ROWS) * BLOCK_ROWS
@@ -80,3 +193,20 @@ def tile_offsets(rows, cols, C, inner, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         return rows[:, None] * C + cols[None, :]
     return (rows // inner)[:, None] * C * inner + (rows % inner)[:, None] + cols[None, :] * inner
+
+
+@triton.jit
+def tile_of_program(rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(row indices, channel indices) of this program's tile on a 1-D grid of
+    cdiv(rows, BLOCK_R) * cdiv(C, BLOCK_C) programs, channel blocks fastest (a 2-D grid would
+    cap the channel blocks at 65535)."""
+    pid = tl.program_id(0).to(tl.int64)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    r = (pid // c_blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, cols
+
+
+def tile_grid(rows: int, C: int):
+    """The grid of tile_of_program."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]),)

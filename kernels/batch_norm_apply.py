@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_CONFIGS, TILE_KEY, channel_view, dense, match_layout, tile_offsets,
-                      tl_acc)
+from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, autotuned,
+                      channel_view, dense, launch, match_layout, tile_grid, tile_of_program,
+                      tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def _channel_values(ptr, cols, col_ok, PRESENT: tl.constexpr, NEUTRAL: tl.conste
     return tl.full(cols.shape, NEUTRAL, ACC)
 
 
-@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mean_ptr,
                       r_scale_ptr, r_shift_ptr, rows, C, inner,
@@ -35,8 +36,7 @@ def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mea
                       HAS_R_SCALE: tl.constexpr, HAS_R_SHIFT: tl.constexpr, RELU: tl.constexpr,
                       CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
     ok = (r < rows)[:, None] & col_ok[None, :]
     offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
@@ -68,8 +68,8 @@ def normalize_act(input, mean=None, scale=None, shift=None, residual=None, resid
     vectors = [t.contiguous() if t is not None else None
                for t in (mean, scale, shift, residual_mean, residual_scale, residual_shift)]
     dummy = x  # stands in for absent pointers; never read
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-    _normalize_kernel[grid](
+    launch(
+        _normalize_kernel, tile_grid(rows, C), x.device,
         x, residual if residual is not None else dummy, out,
         *[v if v is not None else dummy for v in vectors], rows, C, inner,
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
-                      match_layout, row_split, tile_offsets, tl_acc)
+from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
+                      channel_view, dense, launch, match_layout, row_split, tile_grid,
+                      tile_of_program, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -26,13 +27,14 @@ def _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED: tl.constexpr, ACC: tl.const
     return g
 
 
-@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, inner,
                            rows_per_program, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                            ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # grid: (channel blocks, row programs), as _stats_partial_kernel
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r = tl.program_id(1).to(tl.int64)
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     sum_g = tl.zeros([BLOCK_C], ACC)
@@ -49,7 +51,7 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, in
         sum_gx += tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0)
     out = part_ptr + pid_r * C + cols
     tl.store(out, sum_g, mask=col_ok)
-    tl.store(out + tl.num_programs(0).to(tl.int64) * C, sum_gx, mask=col_ok)
+    tl.store(out + tl.num_programs(1).to(tl.int64) * C, sum_gx, mask=col_ok)
 
 
 @triton.jit
@@ -67,13 +69,12 @@ def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, prog
     tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
 
 
-@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, k_ptr, mean_dy_ptr, proj_ptr,
                        rows, C, inner, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
     ok = (r < rows)[:, None] & col_ok[None, :]
     offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
@@ -103,14 +104,14 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
     sum_dy_xhat = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return sum_dy, sum_dy_xhat
-    programs, rows_per_program = row_split(rows, C)
+    programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(2, programs, C, dtype=acc, device=x.device)
-    _reduce_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
-        dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C, inner,
-        rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
-    _reduce_merge_kernel[(triton.cdiv(C, 32),)](
-        partials, invstd.contiguous(), sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype),
-        BLOCK_C=32)
+    launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
+           x.device, dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C,
+           inner, rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1,
+           ACC=tl_acc(x.dtype))
+    launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd.contiguous(),
+           sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype), BLOCK_C=32)
     return sum_dy, sum_dy_xhat
 
 
@@ -129,8 +130,8 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
     k = invstd if weight is None else invstd * weight.to(invstd.dtype)
     mean_dy = sum_dy / count
     proj = sum_dy_xhat * invstd / count
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-    _input_grad_kernel[grid](
+    launch(
+        _input_grad_kernel, tile_grid(rows, C), x.device,
         dy, y if y is not None else dy, x, grad_input, mean.contiguous(), k.contiguous(),
         mean_dy.contiguous(), proj.contiguous(), rows, C, inner, MASKED=y is not None,
         CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))

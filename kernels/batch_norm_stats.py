@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (TILE_CONFIGS, TILE_KEY, acc_dtype, channel_view, dense,
-                      row_split, tile_offsets, tl_acc)
+from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
+                      channel_view, dense, launch, row_split, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -31,13 +31,15 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
-@triton.autotune(configs=TILE_CONFIGS, key=TILE_KEY)
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # grid: (channel blocks, row programs); the channel blocks, up to C / 8, on the x axis
+    # (2**31 - 1), the few row programs on y (65535).
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_r = tl.program_id(1).to(tl.int64)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -57,7 +59,7 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
         d = tl.where(ok, x - tile_mean[None, :], 0.0)
         n, mean, m2 = chan_merge(n, mean, m2, count, tile_mean, tl.sum(d * d, axis=0))
     out = part_ptr + pid_r * C + cols
-    programs = tl.num_programs(0).to(tl.int64)
+    programs = tl.num_programs(1).to(tl.int64)
     tl.store(out, n, mask=col_ok)
     tl.store(out + programs * C, mean, mask=col_ok)
     tl.store(out + 2 * programs * C, m2, mask=col_ok)
@@ -73,10 +75,11 @@ def channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, x_ptr, inner,
+def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, inner,
                         SHIFTED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_C: tl.constexpr):
-    """Merges the partials; SHIFTED: their means are offsets from x's first values."""
+    """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
+    apart); SHIFTED: their means are offsets from x's first values."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -87,8 +90,8 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, C, x_ptr, inner,
         n, mean, m2 = chan_merge(
             n, mean, m2,
             tl.load(part, mask=col_ok, other=0.0),
-            tl.load(part + programs * C, mask=col_ok, other=0.0),
-            tl.load(part + 2 * programs * C, mask=col_ok, other=0.0),
+            tl.load(part + plane, mask=col_ok, other=0.0),
+            tl.load(part + 2 * plane, mask=col_ok, other=0.0),
         )
     if SHIFTED:
         mean += channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
@@ -105,12 +108,12 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     var = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
         return mean, var
-    programs, rows_per_program = row_split(rows, C)
+    programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
-    _stats_partial_kernel[lambda meta: (programs, triton.cdiv(C, meta["BLOCK_C"]))](
-        x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
-        ACC=tl_acc(x.dtype))
-    _stats_merge_kernel[(triton.cdiv(C, 32),)](
-        partials, mean, var, programs, C, x, inner, SHIFTED=True, CHANNELS_LAST=inner == 1,
-        ACC=tl_acc(x.dtype), BLOCK_C=32)
+    launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
+           x.device, x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
+           ACC=tl_acc(x.dtype))
+    launch(_stats_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, mean, var, programs,
+           programs * C, C, x, inner, SHIFTED=True, CHANNELS_LAST=inner == 1,
+           ACC=tl_acc(x.dtype), BLOCK_C=32)
     return mean, var

@@ -27,26 +27,33 @@ import triton.language as tl
 from fusedres._ops import conv_output_format
 from fusedres.reference import conv_output_shape
 
-from ._common import INTERPRETED, match_layout, tl_acc
+from ._common import autotuned, fitting_configs, launch, match_layout
 from .batch_norm_stats import _stats_merge_kernel
 
-
-def _configs():
-    if INTERPRETED:  # the interpreter is slow: one small tile, no tuning
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
-            (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5),
-        ]
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+        (64, 64, 32, 4, 4), (128, 32, 32, 4, 4), (64, 32, 32, 2, 5),
     ]
+]
+FIXED = CONFIGS[1]  # 48 KB of shared memory in 16-bit, 96 KB in float32
+INTERPRETED_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs whose pipelined tiles fit the device's shared memory (the fixed one if none
+    does)."""
+    x = named_args["x_ptr"]
+    props = torch.cuda.get_device_properties(x.device)
+    limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    return fitting_configs(configs, x.element_size(), limit) or [FIXED]
 
 
 # The kernel writes only its outputs, so autotuning may re-run it freely; configs are cached
 # per problem shape.
-@triton.autotune(configs=_configs(),
-                 key=["C_in_g", "C_out_g", "KH", "KW", "P", "Q", "STRIDED", "HAS_PROLOGUE"])
+@autotuned(CONFIGS, ["C_in_g", "C_out_g", "KH", "KW", "P", "Q", "STRIDED", "HAS_PROLOGUE"], FIXED,
+           INTERPRETED_CONFIG, prune=_prune)
 @triton.jit
 def _conv2d_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, scale_ptr, shift_ptr, part_ptr, part_rows,
@@ -87,7 +94,7 @@ def _conv2d_kernel(
                     shift = tl.load(shift_ptr + c_in, mask=k_ok, other=0.0)
                     a_f = a.to(tl.float32) * scale[None, :] + shift[None, :]
                     if PROLOGUE_RELU:
-                        a_f = tl.maximum(a_f, 0.0)
+                        a_f = tl.where(a_f < 0.0, 0.0, a_f)  # keeps NaN (tl.maximum would not)
                     a = tl.where(a_ok, a_f, 0.0).to(x_ptr.dtype.element_ty)  # padding stays 0
                 b = tl.load(w_ptr + c_out[None, :] * swo + k[:, None] * swc + r * swr + s * sws,
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -109,17 +116,24 @@ def _conv2d_kernel(
     tl.store(y_ptr + y_off, out, mask=ok)
 
     if EMIT_STATS:
-        # Exact two-pass moments of this tile's stored values, per channel: (count, mean, M2)
-        # partials in batch_norm_stats' layout [3][part_rows][C_out], row pid_m.
+        # Exact two-pass moments of this tile's stored values, per channel, taken about the
+        # tile's first row (a finite value): the offsets from it are small and exact where a
+        # large mean makes the values close, so no digits of the variance are lost. The
+        # (count, mean, M2) partials are float64 (the tile's mean = first + mean offset, kept
+        # whole), in batch_norm_stats' layout [3][part_rows][C_out], row pid_m.
         v = tl.where(ok, out.to(tl.float32), 0.0)
+        first = tl.sum(tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], v, 0.0), axis=0)
+        first = tl.where(tl.abs(first) < float("inf"), first, 0.0)
         count = tl.sum(m_ok.to(tl.float32), axis=0)
-        mean = tl.sum(v, axis=0) / count
-        d = tl.where(ok, v - mean[None, :], 0.0)
+        offset = tl.where(ok, v - first[None, :], 0.0)
+        offset_mean = tl.sum(offset, axis=0) / count
+        d = tl.where(ok, offset - offset_mean[None, :], 0.0)
         C_out = tl.num_programs(2).to(tl.int64) * C_out_g
         part = part_ptr + pid_m * C_out + c_out
-        tl.store(part, tl.zeros([BLOCK_N], tl.float32) + count, mask=n_ok)
-        tl.store(part + part_rows * C_out, mean, mask=n_ok)
-        tl.store(part + 2 * part_rows * C_out, tl.sum(d * d, axis=0), mask=n_ok)
+        tl.store(part, tl.zeros([BLOCK_N], tl.float64) + count.to(tl.float64), mask=n_ok)
+        tl.store(part + part_rows * C_out, first.to(tl.float64) + offset_mean.to(tl.float64),
+                 mask=n_ok)
+        tl.store(part + 2 * part_rows * C_out, tl.sum(d * d, axis=0).to(tl.float64), mask=n_ok)
 
 
 @torch.library.custom_op("fusedres_triton::conv2d", mutates_args=())
@@ -148,18 +162,24 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     prologue = input_scale is not None
     dummy = out  # stands in for absent pointers; never read
     # One partial row per M tile: sized for the smallest tile height any config uses.
-    part_rows = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in _conv2d_kernel.configs))
-    partials = (torch.empty(3, part_rows, C_out, dtype=torch.float32, device=input.device)
+    configs = [*_conv2d_kernel.configs, _conv2d_kernel.interpreter_config]
+    part_rows = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in configs))
+    partials = (torch.empty(3, part_rows, C_out, dtype=torch.float64, device=input.device)
                 if emit_stats else dummy)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out // groups, meta["BLOCK_N"]),
                 groups)
 
-    _conv2d_kernel[grid](
-        x, w, out, bias if bias is not None else dummy, res if res is not None else dummy,
-        input_scale.contiguous() if prologue else dummy,
-        input_shift.contiguous() if prologue else dummy,
+    def per_channel(t):  # the kernel reads C float32 values in a row
+        return t.to(torch.float32).contiguous()
+
+    launched = launch(
+        _conv2d_kernel, grid, input.device,
+        x, w, out, per_channel(bias) if bias is not None else dummy,
+        res if res is not None else dummy,
+        per_channel(input_scale) if prologue else dummy,
+        per_channel(input_shift) if prologue else dummy,
         partials, part_rows, M, H, W, P, Q, C_in_g, C_out // groups, KH, KW,
         *stride, *padding, *dilation, *x.stride(), *w.stride(), *out.stride(),
         *(res.stride() if res is not None else out.stride()),
@@ -168,11 +188,9 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         EMIT_STATS=emit_stats, IEEE=input.dtype == torch.float32)
     if emit_stats:
         # Only the rows of the tile height that ran hold partials (autotuning may have tried
-        # others and left stale rows behind them).
-        config = getattr(_conv2d_kernel, "best_config", None) or _conv2d_kernel.configs[0]
-        tiles = triton.cdiv(M, config.kwargs["BLOCK_M"])
-        used = partials[:, :tiles].contiguous()
-        _stats_merge_kernel[(triton.cdiv(C_out, 32),)](
-            used, mean, var, tiles, C_out, used, 1, SHIFTED=False, CHANNELS_LAST=True,
-            ACC=tl_acc(torch.float32), BLOCK_C=32)
+        # others and left stale rows behind them); that height is the launch's own.
+        tiles = triton.cdiv(M, launched["BLOCK_M"])
+        launch(_stats_merge_kernel, (triton.cdiv(C_out, 32),), input.device, partials, mean, var,
+               tiles, part_rows * C_out, C_out, partials, 1, SHIFTED=False, CHANNELS_LAST=True,
+               ACC=tl.float64, BLOCK_C=32)
     return out, mean, var

@@ -15,6 +15,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 if not HAS_CUDA:
     # The Triton kernels run on CPU tensors in the interpreter; it must be on before they load.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU the Triton kernels run their fixed tile configs (one compile per specialisation, no
+# benchmarking); tests/test_triton_launch.py covers every config and the tuning itself.
+os.environ.setdefault("FUSEDRES_TRITON_AUTOTUNE", "0")
 
 import fusedres  # noqa: E402
 

@@ -1,0 +1,309 @@
+"""How the Triton kernels are launched (kernels/_common.py `launch`), checked in the interpreter:
+every tile config of every autotuned kernel on edge shapes (the GPU tunes among them, so each
+must be right), grids within CUDA's limits, every launch through the device guard, the
+statistics of the convolution counted from the launch's own tile, the tuning policy (fixed
+configs, the autotuner's cache key), and the convolution's defects the interpreter shows
+(strided / expanded bias, NaN through the prologue's ReLU, large-mean statistics)."""
+import ast
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedres.functional as FF
+from conftest import CONV_TOLERANCE, assert_close, make, use
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+
+from fusedres.kernels import (_common, batch_norm_apply, batch_norm_backward,  # noqa: E402
+                              batch_norm_stats, conv2d)
+
+TRITON = ("triton", "cpu")
+BN_KERNELS = [batch_norm_stats._stats_partial_kernel, batch_norm_apply._normalize_kernel,
+              batch_norm_backward._reduce_partial_kernel, batch_norm_backward._input_grad_kernel]
+CONV = conv2d._conv2d_kernel
+
+
+def config_id(config):
+    return "-".join(f"{k}{v}" for k, v in config.kwargs.items()) + f"-w{config.num_warps}"
+
+
+def every_config(kernel):
+    """The tuning space, the fixed config (one of it) and the interpreter's config."""
+    assert kernel.fixed_config in kernel.configs
+    return [pytest.param(c, id=config_id(c)) for c in [*kernel.configs, kernel.interpreter_config]]
+
+
+def forcing(kernels, config):
+    """A context in which each of kernels launches with config."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    for kernel in kernels:
+        stack.enter_context(_common.forced_config(kernel, config))
+    return stack
+
+
+# ---- every config, edge shapes --------------------------------------------------------------
+
+BN_SHAPES = [((3, 37, 5, 7), "nchw"), ((3, 37, 5, 7), "channels_last"),
+             ((2, 130, 3, 3), "channels_last"), ((2, 130, 3, 3), "nchw"), ((64, 9), "nchw"),
+             ((2, 64, 14, 14), "nchw")]
+
+
+@pytest.mark.parametrize("config", every_config(batch_norm_stats._stats_partial_kernel))
+def test_every_bn_config(config):
+    """The training forward (statistics, normalize) and backward (reduce, input gradient) of
+    the dual form, with each tile config, against float64."""
+    device = use(TRITON)
+    for shape, layout in BN_SHAPES:
+        C = shape[1]
+        x = make(shape, torch.float32, device, layout, requires_grad=True)
+        z = make(shape, torch.float32, device, layout, requires_grad=True)
+        w = torch.rand(C, device=device, requires_grad=True)
+        grad = make(shape, torch.float32, device, layout)
+        with forcing(BN_KERNELS, config):
+            out = FF.dual_batch_norm_add_relu(x, z, None, None, None, None, w, None,
+                                              training=True)
+            grads = torch.autograd.grad(out, [x, z, w], grad)
+        xd, zd, wd = (t.detach().double().requires_grad_() for t in (x, z, w))
+        ref = torch.relu(F.batch_norm(xd, None, None, wd, None, training=True)
+                         + F.batch_norm(zd, None, None, None, None, training=True))
+        ref_grads = torch.autograd.grad(ref, [xd, zd, wd], grad.double())
+        assert_close(out, ref, torch.float32)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, torch.float32)
+
+
+# (C_in, C_out, kernel, stride, padding, dilation, groups, input size)
+EDGE_CONVS = {
+    "1x1": (16, 32, 1, 1, 0, 1, 1, 8),
+    "3x3": (8, 8, 3, 1, 1, 1, 1, 8),
+    "3x3-s2": (8, 16, 3, 2, 1, 1, 1, 9),
+    "stem-3to64-7x7-s2": (3, 64, 7, 2, 3, 1, 1, 16),
+    "64to72-3x3": (64, 72, 3, 1, 1, 1, 1, 5),
+    "groups-of-4": (16, 16, 3, 1, 1, 1, 4, 6),
+    "depthwise": (8, 8, 3, 1, 1, 1, 8, 6),
+    "dilated-s2x1-p1x0": (8, 8, 3, (2, 1), (1, 0), 2, 1, 9),
+}
+
+
+@pytest.mark.parametrize("config", every_config(CONV))
+def test_every_conv_config(config):
+    """Every tile config on the convolutions of ResNets and the edges around them: prologue,
+    bias, residual, ReLU and statistics all on, against float64."""
+    device = use(TRITON)
+    for name, (cin, cout, k, stride, padding, dilation, groups, size) in EDGE_CONVS.items():
+        x = make((2, cin, size, size), torch.float32, device, "channels_last")
+        w = make((cout, cin // groups, k, k), torch.float32, device, scale=0.3)
+        b = make((cout,), torch.float32, device)
+        scale, shift = torch.rand(cin) + 0.5, make((cin,), torch.float32, device)
+        a = torch.relu(x.double() * scale.double().view(1, -1, 1, 1)
+                       + shift.double().view(1, -1, 1, 1))
+        ref = F.conv2d(a, w.double(), b.double(), stride, padding, dilation, groups)
+        z = make(tuple(ref.shape), torch.float32, device, "channels_last")
+        ref = torch.relu(ref + z.double())
+        with _common.forced_config(CONV, config):
+            out, mean, var = FF.fused_conv2d(x, w, b, stride, padding, dilation, groups,
+                                             input_scale=scale, input_shift=shift, residual=z,
+                                             relu=True, return_stats=True)
+        ref_var, ref_mean = torch.var_mean(ref, dim=(0, 2, 3), correction=0)
+        try:
+            assert_close(out, ref, torch.float32, CONV_TOLERANCE)
+            assert_close(mean, ref_mean, torch.float32, CONV_TOLERANCE)
+            assert_close(var, ref_var, torch.float32, CONV_TOLERANCE)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+# ---- launches: device guard, grid limits ----------------------------------------------------
+
+KERNEL_DIR = pathlib.Path(_common.__file__).parent
+
+
+def test_every_launch_goes_through_launch():
+    """A kernel launched with kernel[grid](...) outside _common would skip the device guard
+    (Triton launches on the current device, not the tensors') and the grid check."""
+    for path in sorted(KERNEL_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and path.name != "_common.py"):
+                raise AssertionError(f"{path.name}:{node.lineno}: a direct kernel launch; "
+                                     "use _common.launch")
+
+
+def recorded_grids(monkeypatch):
+    """Replaces the kernel runs by a record of each launch's grid, evaluated for every config
+    the kernel could run with (the outputs stay unwritten)."""
+    grids = []
+
+    def record(kernel, config, grid, args, kwargs):
+        configs = [config] if config is not None else getattr(kernel, "configs", [None])
+        if hasattr(kernel, "configs"):
+            configs = [*kernel.configs, kernel.interpreter_config]
+        for c in configs:
+            grids.append((getattr(kernel, "fn", kernel).__name__,
+                          grid({**kwargs, **(c.kwargs if c is not None else {})})))
+
+    monkeypatch.setattr(_common, "_run", record)
+    return grids
+
+
+def test_grids_within_cuda_limits_for_a_million_channels(monkeypatch):
+    """An (N, C) input with C = 600,000: the channel blocks once sat on grid axis 1 (at most
+    65535 programs), which no config could launch. Every grid of the training forward and
+    backward, for every config, within CUDA's limits."""
+    use(TRITON)
+    grids = recorded_grids(monkeypatch)
+    C = 600_000
+    x = torch.randn(2, C, requires_grad=True)
+    out = FF.batch_norm_relu(x, None, None, torch.ones(C), None, training=True)
+    out.backward(torch.ones_like(out))
+    FF.batch_norm_relu(x.detach(), torch.zeros(C), torch.ones(C), training=False)
+    names = {name for name, _ in grids}
+    assert {"_stats_partial_kernel", "_stats_merge_kernel", "_normalize_kernel",
+            "_reduce_partial_kernel", "_reduce_merge_kernel", "_input_grad_kernel"} <= names
+    for name, dims in grids:
+        assert all(d <= limit for d, limit in zip(dims, _common.GRID_LIMITS)), (name, dims)
+    assert max(d for _, dims in grids for d in dims) > 65535  # the case needs the x axis
+
+
+def test_grid_over_the_limit_is_a_clear_error():
+    x = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"_stats_merge_kernel: 70000 programs on grid axis 1"):
+        _common.launch(batch_norm_stats._stats_merge_kernel, (1, 70000), x.device, x, x, x, 1, 4,
+                       4, x, 1, SHIFTED=False, CHANNELS_LAST=True, ACC=triton.language.float32,
+                       BLOCK_C=32)
+
+
+# ---- the convolution's statistics and defects -----------------------------------------------
+
+
+def test_conv_stats_count_the_launched_tiles(monkeypatch):
+    """The number of partial rows comes from the launch itself: the autotuner's best_config
+    is shared by every thread, and another thread's launch (DataParallel replicas, threaded
+    serving) may have set it to another tile height in between."""
+    device = use(TRITON)
+    x = make((2, 8, 9, 9), torch.float32, device, "channels_last")  # M = 162: 6 tiles of 32
+    w = make((8, 8, 3, 3), torch.float32, device, scale=0.3)
+    monkeypatch.setattr(CONV, "best_config", CONV.configs[0], raising=False)  # BLOCK_M 128
+    out, mean, var = FF.fused_conv2d(x, w, None, 1, 1, return_stats=True)
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    assert_close(mean, ref_mean, torch.float32)
+    assert_close(var, ref_var, torch.float32)
+
+
+@pytest.mark.parametrize("bias_kind", ["strided", "expanded", "float64"])
+def test_conv_bias_of_any_layout(bias_kind):
+    """The raw op reads bias as C contiguous float32 values: a strided bias read the wrong
+    channels, an expanded one past its storage."""
+    device = use(TRITON)
+    x = make((2, 4, 6, 6), torch.float32, device, "channels_last")
+    w = make((8, 4, 3, 3), torch.float32, device, scale=0.3)
+    bias = {"strided": torch.randn(16)[::2], "expanded": torch.tensor([1.5]).expand(8),
+            "float64": torch.randn(8, dtype=torch.float64)}[bias_kind]
+    out, _, _ = torch.ops.fusedres_triton.conv2d(x, w, bias, None, None, None, [1, 1], [1, 1],
+                                                 [1, 1], 1, False, False, False)
+    ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 1)
+    assert_close(out, ref, torch.float32, CONV_TOLERANCE)
+
+
+def test_conv_prologue_relu_keeps_nan():
+    """relu(NaN) is NaN in the reference and in the backward's recomputation; tl.maximum made
+    it 0 in the prologue."""
+    device = use(TRITON)
+    x = make((2, 4, 6, 6), torch.float32, device, "channels_last")
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 0] = float("inf")
+    w = make((8, 4, 3, 3), torch.float32, device, scale=0.3)
+    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    out = FF.fused_conv2d(x, w, None, 1, 1, input_scale=scale, input_shift=shift)
+    a = torch.relu(x.double() * scale.double().view(1, -1, 1, 1)
+                   + shift.double().view(1, -1, 1, 1))
+    ref = F.conv2d(a, w.double(), None, 1, 1)
+    assert torch.isnan(ref).sum() > 0
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    finite = torch.isfinite(ref)
+    assert_close(out[finite], ref[finite], torch.float32, CONV_TOLERANCE)
+
+
+@pytest.mark.parametrize("mean_over_std", [1e2, 1e4])
+def test_conv_stats_large_mean_small_spread(mean_over_std):
+    """Statistics of an output whose mean is far larger than its spread, over hundreds of
+    partial tiles: the partials' means are taken about each tile's first value and merged in
+    float64 (unshifted float32 partials lost variance digits: 2e-4 relative at 1e4)."""
+    device = use(TRITON)
+    x = make((8, 4, 32, 32), torch.float32, device, "channels_last")  # 256 tiles of 32 pixels
+    w = make((8, 4, 1, 1), torch.float32, device, scale=0.5)
+    b = torch.full((8,), mean_over_std) * torch.tensor([1, -1, 2, 1, -3, 1, 1, 2])
+    out, mean, var = FF.fused_conv2d(x, w, b, return_stats=True)
+    ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    assert ((var.double() - ref_var).abs() / ref_var).max() < 1e-6
+    ulp = torch.finfo(torch.float32).eps * ref_mean.abs()  # mean is stored in float32
+    assert ((mean.double() - ref_mean).abs() <= ulp).all()
+
+
+# ---- tuning policy ---------------------------------------------------------------------------
+
+
+def test_fixed_configs_fit_every_gpu():
+    """The fixed conv config fits the shared memory of every GPU from sm_80 on (99 KB on the
+    consumer parts), in 16-bit and float32; configs that do not fit are pruned."""
+    fixed = CONV.fixed_config
+    for size in (2, 4):
+        assert _common.fitting_configs([fixed], size, 99 * 1024) == [fixed]
+    fitting = _common.fitting_configs(CONV.configs, 4, 99 * 1024)
+    assert fixed in fitting and len(fitting) < len(CONV.configs)
+
+
+def test_policy(monkeypatch):
+    """Interpreter: its small config. GPU: tuned unless FUSEDRES_TRITON_AUTOTUNE=0 or
+    deterministic algorithms are on (then the fixed config: one reduction order)."""
+    kernel = batch_norm_stats._stats_partial_kernel
+    assert _common.config_for(kernel) is kernel.interpreter_config
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "1")
+    assert _common.config_for(kernel) is None
+    monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "0")
+    assert _common.config_for(kernel) is kernel.fixed_config
+    monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "1")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert _common.config_for(kernel) is kernel.fixed_config
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert _common.config_for(batch_norm_stats._stats_merge_kernel) is None  # not tuned
+
+
+def test_tuning_in_the_interpreter(monkeypatch):
+    """The tuned path end to end, with the autotuner's benchmark replaced by fixed timings
+    (the interpreter cannot time): the winner runs, the result is right, and the cache key
+    is the one the CUDA-graph check looks up."""
+    device = use(TRITON)
+    monkeypatch.setattr(_common, "INTERPRETED", False)
+    monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "1")
+    winner = CONV.configs[4]  # BLOCK_M 64
+
+    def bench(*args, config, **kwargs):
+        return [1.0 if config is winner else 2.0]
+
+    monkeypatch.setattr(CONV, "_bench", bench)
+    monkeypatch.setattr(CONV, "cache_results", False)
+    monkeypatch.setattr(CONV, "early_config_prune", None)
+    monkeypatch.setattr(CONV, "cache", {})
+    calls = []
+    run = _common._run
+    monkeypatch.setattr(_common, "_run", lambda *a: (calls.append(a), run(*a))[1])
+    x = make((2, 8, 9, 9), torch.float32, device, "channels_last")
+    w = make((8, 8, 3, 3), torch.float32, device, scale=0.3)
+    out, mean, var = FF.fused_conv2d(x, w, None, 1, 1, return_stats=True)
+    assert list(CONV.cache.values()) == [winner]
+    kernel, config, _, args, kwargs = calls[0]
+    assert kernel is CONV and config is None
+    assert _common.tuning_key(CONV, args, kwargs) in CONV.cache
+    ref = F.conv2d(x.double(), w.double(), None, 1, 1)
+    assert_close(out, ref, torch.float32, CONV_TOLERANCE)
+    ref_var, _ = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+    assert_close(var, ref_var, torch.float32)
