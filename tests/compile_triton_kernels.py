@@ -1,83 +1,183 @@
-"""Compiles every Triton kernel of fusedres.kernels for sm_90 (the convolution also for sm_80,
-whose matrix instructions differ) without a GPU, as a launch would, down to a cubin: across
-storage / accumulation dtypes and the constexpr flags the launchers use.
-The interpreter tests check what the kernels compute; this checks that they compile for a
-real GPU. Run as a script with TRITON_INTERPRET unset (tests/test_triton_compile.py does)."""
+"""Compiles the Triton kernels of fusedres.kernels for real GPUs, without one, down to a cubin.
+
+1. Every config of every autotuned kernel (the tuning space: on a GPU any of them may win), for
+   sm_90 and sm_80, with the specialisations that the arguments of a ResNet-50 bfloat16 step
+   get: the launchers run on CPU tensors of ResNet-50's shapes with the kernel runs replaced by
+   a record of their arguments (kernels/_common._run), and Triton's own binder specialises each
+   recorded launch (integers divisible by 16 or equal to 1, 16-byte aligned pointers) as a GPU
+   launch would. The BN ops in channels_last (training forward and backward of every form,
+   eval), the folded convolutions of ResNet-50 inference.
+2. The variants the launchers can also produce (the BN ops in NCHW at ResNet-50's shapes,
+   float64 accumulation, float32, fused_conv2d's prologue and statistics, grouped and dilated
+   convolutions), with the fixed config, for sm_90.
+
+The interpreter tests check what the kernels compute; this checks that they compile. Run as a
+script with TRITON_INTERPRET unset (tests/test_triton_compile.py does, in shards).
+Usage: compile_triton_kernels.py [--shard I/N] [--list]
+"""
+import argparse
 import sys
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from fusedres.kernels import (batch_norm_apply, batch_norm_backward, batch_norm_stats, conv2d)
+from fusedres.kernels import _common, conv2d
 
-DATA = {"x_ptr", "r_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr", "res_ptr"}
-TYPE = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+ARCHS = (90, 80)
+BF16 = torch.bfloat16
 
 
-def compile_kernel(kernel, dtype, constexprs, arch):
-    fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap an Autotuner
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + (dtype if name in DATA else acc)
-        else:
-            signature[name] = "i32"
-    values = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=values)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+def record(workload):
+    """[(kernel, args, kwargs)] of the launches `workload()` makes (none of them runs)."""
+    launches = []
+
+    def run(kernel, config, grid, args, kwargs):
+        launches.append((kernel, args, kwargs))
+        config = config or getattr(kernel, "fixed_config", None)
+        grid({**kwargs, **(config.kwargs if config is not None else {})})  # the launch's meta
+
+    saved = _common._run
+    _common._run = run
+    try:
+        workload()
+    finally:
+        _common._run = saved
+    return launches
+
+
+def bn_workload(dtype, layouts=("channels_last", "nchw"), batch=16):
+    """Every BN op form at ResNet-50's (C, H*W) pairs."""
+    ops = torch.ops.fusedres_triton
+
+    def work():
+        for C, size in [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14),
+                        (1024, 14), (512, 7), (2048, 7)]:
+            for layout in layouts:
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                x = torch.empty(batch, C, size, size, dtype=dtype).contiguous(memory_format=fmt)
+                w, b = torch.ones(C), torch.zeros(C)
+                out, mean, var = ops.batch_norm_act_train(x, w, b, None, 1e-5, True)
+                ops.batch_norm_act_train(x, w, b, x, 1e-5, True)
+                ops.dual_batch_norm_act_train(x, w, b, x, w, b, 1e-5, 1e-5, True)
+                ops.batch_norm_apply(x, mean, w, b, None, None, None, None, True)
+                invstd = torch.rsqrt(var + 1e-5)
+                for y in (out, None):
+                    s = ops.batch_norm_backward_reduce(x, y, x, mean, invstd)
+                    ops.batch_norm_backward_input(x, y, x, mean, invstd, w, *s)
+                ops.add_relu(x, x)
+    return work
+
+
+def resnet50_convs():
+    """(input shape, weight shape, stride, padding, role) of each convolution of ResNet-50 at
+    224x224; role: how the folded model fuses it."""
+    import torchvision
+    model = torchvision.models.resnet50().to("meta")
+    convs = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            role = ("add_relu" if name.endswith("conv3") else
+                    "bias" if "downsample" in name else "relu")
+            m.register_forward_hook(lambda m, i, o, role=role: convs.append(
+                (tuple(i[0].shape), tuple(m.weight.shape), list(m.stride), list(m.padding), role)))
+    model(torch.empty(16, 3, 224, 224, device="meta"))
+    return convs
+
+
+def conv_workload(dtype, batch=16):
+    def work():
+        for shape, wshape, stride, padding, role in resnet50_convs():
+            shape = (batch, *shape[1:])
+            x = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.empty(wshape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            b = torch.zeros(wshape[0])
+            out = conv2d.conv2d(x, w, b, None, None, None, stride, padding, [1, 1], 1, False,
+                                role != "bias", False)[0]
+            if role == "add_relu":
+                conv2d.conv2d(x, w, b, out, None, None, stride, padding, [1, 1], 1, False, True,
+                              False)
+    return work
+
+
+def variant_workload():
+    """The other dtypes and flags, on small shapes (fixed config only)."""
+    def work():
+        bn_workload(BF16, layouts=("nchw",))()
+        bn_workload(torch.float64, batch=2)()
+        bn_workload(torch.float32, layouts=("nchw",), batch=2)()
+        x = torch.empty(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(32, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+        s = torch.ones(16)
+        for dtype in (BF16, torch.float32):
+            xd, wd = x.to(dtype), w.to(dtype)
+            conv2d.conv2d(xd, wd, None, None, s, s, [1, 1], [1, 1], [1, 1], 1, True, False, True)
+            res = torch.empty(2, 32, 8, 8, dtype=dtype).contiguous(
+                memory_format=torch.channels_last)
+            conv2d.conv2d(xd, wd, s.repeat(2), res, s, s, [1, 1], [1, 1], [1, 1], 1, True, True,
+                          True)
+            conv2d.conv2d(xd, wd[:, :4], None, None, None, None, [2, 1], [1, 0], [2, 2], 4, False,
+                          True, False)
+    return work
+
+
+def specialise(kernel, args, kwargs, config, arch):
+    """What JITFunction.run would compile for this launch on `arch`: (source, options)."""
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = {**kwargs, **(config.all_kwargs() if config is not None else {})}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization,
+                                                         options)
+    return ASTSource(fn, signature, constexprs, attrs), options
 
 
 def jobs():
-    """(kernel, dtype, constexprs, archs). bf16 stands for the 16-bit types and fp64 for the
-    float64 accumulation path (fp16 / fp32 compile the same code)."""
-    tile = batch_norm_stats._stats_partial_kernel.configs[0].kwargs  # BLOCK_R, BLOCK_C
-    for dtype in ["bf16", "fp64"]:
-        acc = TYPE["fp64" if dtype == "fp64" else "fp32"]
-        for cl in [True, False]:
-            yield (batch_norm_stats._stats_partial_kernel, dtype,
-                   dict(CHANNELS_LAST=cl, ACC=acc, **tile), [90])
-            yield (batch_norm_stats._stats_merge_kernel, dtype,
-                   dict(SHIFTED=True, CHANNELS_LAST=cl, ACC=acc, BLOCK_C=32), [90])
-            for masked in [True, False]:
-                yield (batch_norm_backward._reduce_partial_kernel, dtype,
-                       dict(MASKED=masked, CHANNELS_LAST=cl, ACC=acc, **tile), [90])
-                yield (batch_norm_backward._input_grad_kernel, dtype,
-                       dict(MASKED=masked, CHANNELS_LAST=cl, ACC=acc, **tile), [90])
-            for residual, relu, dual in [(False, True, False), (True, True, False),
-                                         (True, False, True)]:
-                yield (batch_norm_apply._normalize_kernel, dtype,
-                       dict(HAS_MEAN=True, HAS_SCALE=True, HAS_SHIFT=not dual,
-                            HAS_RESIDUAL=residual, HAS_R_MEAN=dual, HAS_R_SCALE=dual,
-                            HAS_R_SHIFT=dual, RELU=relu, CHANNELS_LAST=cl, ACC=acc, **tile), [90])
-        yield (batch_norm_stats._stats_merge_kernel, dtype,  # the convolution's statistics
-               dict(SHIFTED=False, CHANNELS_LAST=True, ACC=acc, BLOCK_C=32), [90])
-        yield batch_norm_backward._reduce_merge_kernel, dtype, dict(ACC=acc, BLOCK_C=32), [90]
-    config = conv2d._conv2d_kernel.configs[0].kwargs
-    for dtype in ["bf16", "fp32"]:
-        for prologue, residual, stats in [(False, False, False), (True, False, True),
-                                          (False, True, False), (True, True, True)]:
-            yield (conv2d._conv2d_kernel, dtype,
-                   dict(STRIDED=False, HAS_PROLOGUE=prologue, PROLOGUE_RELU=True, HAS_BIAS=True,
-                        HAS_RESIDUAL=residual, RELU=True, EMIT_STATS=stats,
-                        IEEE=dtype == "fp32", **config), [80, 90])
+    """Unique (kernel, args, kwargs, config, arch) to compile."""
+    seen = set()
+    tuned = record(bn_workload(BF16, layouts=("channels_last",))) + record(conv_workload(BF16))
+    for launches, every in [(tuned, True), (record(variant_workload()), False)]:
+        for kernel, args, kwargs in launches:
+            configs = [None]
+            if hasattr(kernel, "configs"):
+                configs = kernel.configs if every else [kernel.fixed_config]
+            for config in configs:
+                for arch in (ARCHS if every else ARCHS[:1]):
+                    src, options = specialise(kernel, args, kwargs, config, arch)
+                    key = (src.hash(), str(options), arch)
+                    if key not in seen:
+                        seen.add(key)
+                        yield kernel, args, kwargs, config, arch
+
+
+def describe(kernel, config, arch):
+    name = (kernel.fn if hasattr(kernel, "configs") else kernel).__name__
+    return f"{name} {config.kwargs if config is not None else ''} sm_{arch}"
 
 
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shard", default="0/1")
+    parser.add_argument("--list", action="store_true")
+    opts = parser.parse_args()
+    index, shards = map(int, opts.shard.split("/"))
     count = 0
-    for kernel, dtype, constexprs, archs in jobs():
-        for arch in archs:
-            try:
-                compile_kernel(kernel, dtype, constexprs, arch)
-            except Exception as e:  # report which kernel and flags failed
-                name = (kernel.fn if hasattr(kernel, "configs") else kernel).__name__
-                print(f"FAILED {name} {dtype} sm_{arch} {constexprs}: {type(e).__name__}: {e}")
-                return 1
-            count += 1
+    for i, (kernel, args, kwargs, config, arch) in enumerate(jobs()):
+        if i % shards != index:
+            continue
+        if opts.list:
+            print(describe(kernel, config, arch))
+            continue
+        try:
+            src, options = specialise(kernel, args, kwargs, config, arch)
+            triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+        except Exception as e:  # report which kernel, config and arch failed
+            print(f"FAILED {describe(kernel, config, arch)}: {type(e).__name__}: {e}")
+            return 1
+        count += 1
     print(f"compiled {count} kernel variants")
     return 0
 

@@ -21,6 +21,16 @@ from fusedres.kernels import (_common, batch_norm_apply, batch_norm_backward,  #
                               batch_norm_stats, conv2d)
 
 TRITON = ("triton", "cpu")
+# (target, dtype): the interpreter in float32 (its bfloat16 matrix products are wrong); a GPU in
+# every storage dtype.
+TARGET_DTYPES = [pytest.param(TRITON, torch.float32, id="interpreter-float32")] + [
+    pytest.param(("triton", "cuda"), dtype, id=f"cuda-{str(dtype)[6:]}", marks=pytest.mark.cuda)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+# The every-config tests on a GPU compile each config for each shape: several minutes, so
+# `slow` (deselect with -m "not slow" to keep a short GPU session short).
+EVERY_CONFIG_TARGETS = [p if p.id.startswith("interpreter") else
+                        pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.slow])
+                        for p in TARGET_DTYPES]
 BN_KERNELS = [batch_norm_stats._stats_partial_kernel, batch_norm_apply._normalize_kernel,
               batch_norm_backward._reduce_partial_kernel, batch_norm_backward._input_grad_kernel]
 CONV = conv2d._conv2d_kernel
@@ -52,17 +62,18 @@ BN_SHAPES = [((3, 37, 5, 7), "nchw"), ((3, 37, 5, 7), "channels_last"),
              ((2, 64, 14, 14), "nchw")]
 
 
+@pytest.mark.parametrize("target, dtype", EVERY_CONFIG_TARGETS)
 @pytest.mark.parametrize("config", every_config(batch_norm_stats._stats_partial_kernel))
-def test_every_bn_config(config):
+def test_every_bn_config(config, target, dtype):
     """The training forward (statistics, normalize) and backward (reduce, input gradient) of
     the dual form, with each tile config, against float64."""
-    device = use(TRITON)
+    device = use(target)
     for shape, layout in BN_SHAPES:
         C = shape[1]
-        x = make(shape, torch.float32, device, layout, requires_grad=True)
-        z = make(shape, torch.float32, device, layout, requires_grad=True)
+        x = make(shape, dtype, device, layout, requires_grad=True)
+        z = make(shape, dtype, device, layout, requires_grad=True)
         w = torch.rand(C, device=device, requires_grad=True)
-        grad = make(shape, torch.float32, device, layout)
+        grad = make(shape, dtype, device, layout)
         with forcing(BN_KERNELS, config):
             out = FF.dual_batch_norm_add_relu(x, z, None, None, None, None, w, None,
                                               training=True)
@@ -71,9 +82,9 @@ def test_every_bn_config(config):
         ref = torch.relu(F.batch_norm(xd, None, None, wd, None, training=True)
                          + F.batch_norm(zd, None, None, None, None, training=True))
         ref_grads = torch.autograd.grad(ref, [xd, zd, wd], grad.double())
-        assert_close(out, ref, torch.float32)
+        assert_close(out, ref, dtype)
         for g, r in zip(grads, ref_grads):
-            assert_close(g, r, torch.float32)
+            assert_close(g, r, dtype)
 
 
 # (C_in, C_out, kernel, stride, padding, dilation, groups, input size)
@@ -89,30 +100,38 @@ EDGE_CONVS = {
 }
 
 
+@pytest.mark.parametrize("layout", ["channels_last", pytest.param("nchw", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("target, dtype", EVERY_CONFIG_TARGETS)
 @pytest.mark.parametrize("config", every_config(CONV))
-def test_every_conv_config(config):
+def test_every_conv_config(config, target, dtype, layout):
     """Every tile config on the convolutions of ResNets and the edges around them: prologue,
     bias, residual, ReLU and statistics all on, against float64."""
-    device = use(TRITON)
+    device = use(target)
+    if device == "cpu" and layout == "nchw":
+        pytest.skip("the interpreter runs channels_last only (NCHW: the same code, other strides)")
     for name, (cin, cout, k, stride, padding, dilation, groups, size) in EDGE_CONVS.items():
-        x = make((2, cin, size, size), torch.float32, device, "channels_last")
-        w = make((cout, cin // groups, k, k), torch.float32, device, scale=0.3)
+        x = make((2, cin, size, size), dtype, device, layout)
+        w = make((cout, cin // groups, k, k), dtype, device, scale=0.3)
         b = make((cout,), torch.float32, device)
-        scale, shift = torch.rand(cin) + 0.5, make((cin,), torch.float32, device)
+        scale = torch.rand(cin, device=device) + 0.5
+        shift = make((cin,), torch.float32, device)
         a = torch.relu(x.double() * scale.double().view(1, -1, 1, 1)
                        + shift.double().view(1, -1, 1, 1))
         ref = F.conv2d(a, w.double(), b.double(), stride, padding, dilation, groups)
-        z = make(tuple(ref.shape), torch.float32, device, "channels_last")
+        z = make(tuple(ref.shape), dtype, device, layout)
         ref = torch.relu(ref + z.double())
         with _common.forced_config(CONV, config):
             out, mean, var = FF.fused_conv2d(x, w, b, stride, padding, dilation, groups,
                                              input_scale=scale, input_shift=shift, residual=z,
                                              relu=True, return_stats=True)
-        ref_var, ref_mean = torch.var_mean(ref, dim=(0, 2, 3), correction=0)
+        ref_mean = ref.mean(dim=(0, 2, 3))
+        # the statistics are those of the stored (rounded) output
+        out_var, out_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
         try:
-            assert_close(out, ref, torch.float32, CONV_TOLERANCE)
-            assert_close(mean, ref_mean, torch.float32, CONV_TOLERANCE)
-            assert_close(var, ref_var, torch.float32, CONV_TOLERANCE)
+            assert_close(out, ref, dtype, CONV_TOLERANCE)
+            assert_close(mean, out_mean, torch.float32, CONV_TOLERANCE)
+            assert_close(var, out_var, torch.float32, CONV_TOLERANCE)
+            assert_close(mean, ref_mean, dtype, CONV_TOLERANCE)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 
@@ -195,38 +214,45 @@ def test_conv_stats_count_the_launched_tiles(monkeypatch):
     assert_close(var, ref_var, torch.float32)
 
 
+@pytest.mark.parametrize("target, dtype", TARGET_DTYPES)
 @pytest.mark.parametrize("bias_kind", ["strided", "expanded", "float64"])
-def test_conv_bias_of_any_layout(bias_kind):
+def test_conv_bias_of_any_layout(bias_kind, target, dtype):
     """The raw op reads bias as C contiguous float32 values: a strided bias read the wrong
     channels, an expanded one past its storage."""
-    device = use(TRITON)
-    x = make((2, 4, 6, 6), torch.float32, device, "channels_last")
-    w = make((8, 4, 3, 3), torch.float32, device, scale=0.3)
+    device = use(target)
+    x = make((2, 4, 6, 6), dtype, device, "channels_last")
+    w = make((8, 4, 3, 3), dtype, device, scale=0.3)
     bias = {"strided": torch.randn(16)[::2], "expanded": torch.tensor([1.5]).expand(8),
-            "float64": torch.randn(8, dtype=torch.float64)}[bias_kind]
+            "float64": torch.randn(8, dtype=torch.float64)}[bias_kind].to(device)
     out, _, _ = torch.ops.fusedres_triton.conv2d(x, w, bias, None, None, None, [1, 1], [1, 1],
                                                  [1, 1], 1, False, False, False)
     ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 1)
-    assert_close(out, ref, torch.float32, CONV_TOLERANCE)
+    assert_close(out, ref, dtype, CONV_TOLERANCE)
 
 
-def test_conv_prologue_relu_keeps_nan():
+@pytest.mark.parametrize("target, dtype", TARGET_DTYPES)
+def test_conv_prologue_relu_keeps_nan(target, dtype):
     """relu(NaN) is NaN in the reference and in the backward's recomputation; tl.maximum made
-    it 0 in the prologue."""
-    device = use(TRITON)
-    x = make((2, 4, 6, 6), torch.float32, device, "channels_last")
+    it 0 in the prologue. Forward and backward, with an Inf too."""
+    device = use(target)
+    x = make((2, 4, 6, 6), dtype, device, "channels_last")
     x[0, 1, 2, 3] = float("nan")
     x[1, 2, 0, 0] = float("inf")
-    w = make((8, 4, 3, 3), torch.float32, device, scale=0.3)
-    scale, shift = torch.rand(4) + 0.5, torch.randn(4)
+    w = make((8, 4, 3, 3), dtype, device, scale=0.3, requires_grad=True)
+    scale = (torch.rand(4, device=device) + 0.5).requires_grad_()
+    shift = torch.randn(4, device=device, requires_grad=True)
     out = FF.fused_conv2d(x, w, None, 1, 1, input_scale=scale, input_shift=shift)
-    a = torch.relu(x.double() * scale.double().view(1, -1, 1, 1)
-                   + shift.double().view(1, -1, 1, 1))
-    ref = F.conv2d(a, w.double(), None, 1, 1)
+    grads = torch.autograd.grad(out.float().sum(), [w, scale, shift])
+    wd, sd, bd = (t.detach().double().requires_grad_() for t in (w, scale, shift))
+    a = torch.relu(x.double() * sd.view(1, -1, 1, 1) + bd.view(1, -1, 1, 1))
+    ref = F.conv2d(a, wd, None, 1, 1)
+    ref_grads = torch.autograd.grad(ref.sum(), [wd, sd, bd])
     assert torch.isnan(ref).sum() > 0
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     finite = torch.isfinite(ref)
-    assert_close(out[finite], ref[finite], torch.float32, CONV_TOLERANCE)
+    assert_close(out[finite], ref[finite], dtype, CONV_TOLERANCE)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(torch.isnan(g), torch.isnan(r))
 
 
 @pytest.mark.parametrize("mean_over_std", [1e2, 1e4])
@@ -307,3 +333,131 @@ def test_tuning_in_the_interpreter(monkeypatch):
     assert_close(out, ref, torch.float32, CONV_TOLERANCE)
     ref_var, _ = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
     assert_close(var, ref_var, torch.float32)
+
+
+# ---- on a GPU (cuda-marked: skipped here) ----------------------------------------------------
+
+CUDA = ("triton", "cuda")
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """Autotuning on, its results and compiled kernels in a fresh cache directory."""
+    monkeypatch.setenv("FUSEDRES_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.cuda
+def test_kernels_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: every Triton kernel runs on cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    use(CUDA)
+    x = make((4, 8, 6, 6), torch.float16, "cuda:1", "channels_last", requires_grad=True)
+    out = FF.batch_norm_relu(x, None, None, training=True)
+    out.float().sum().backward()
+    ref = torch.relu(F.batch_norm(x.detach().double(), None, None, training=True))
+    assert out.device == x.grad.device == torch.device("cuda:1")
+    assert_close(out, ref, torch.float16)
+    w = make((8, 8, 3, 3), torch.float16, "cuda:1", scale=0.3)
+    conv, mean, var = FF.fused_conv2d(x.detach(), w, None, 1, 1, relu=True, return_stats=True)
+    assert_close(conv, torch.relu(F.conv2d(x.detach().double(), w.double(), None, 1, 1)),
+                 torch.float16, CONV_TOLERANCE)
+    assert mean.device == torch.device("cuda:1")
+
+
+@pytest.mark.cuda
+def test_two_threads_with_conv_statistics(tuning):
+    """Two threads tune and run fused_conv2d(return_stats=True) on different shapes at once:
+    each gets its own statistics, whatever tile the other thread's launch chose."""
+    import threading
+    use(CUDA)
+    shapes = [(8, 64, 56, 56), (2, 64, 7, 9)]
+    inputs = [make(s, torch.float16, "cuda", "channels_last") for s in shapes]
+    w = make((64, 64, 3, 3), torch.float16, "cuda", scale=0.05)
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = FF.fused_conv2d(inputs[i], w, None, 1, 1, return_stats=True)
+            torch.cuda.synchronize()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for out, mean, var in results:
+        ref_var, ref_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+        assert_close(mean, ref_mean, torch.float32, CONV_TOLERANCE)
+        assert_close(var, ref_var, torch.float32, CONV_TOLERANCE)
+
+
+def training_block(x, z, w):
+    """A fused training block: BN + ReLU, then BN + add + ReLU, forward and backward."""
+    h = FF.batch_norm_relu(x, None, None, w, None, training=True)
+    out = FF.batch_norm_add_relu(h, z, None, None, w, None, training=True)
+    return torch.autograd.grad(out.float().sum(), [x, w])
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_after_warm_up(tuning):
+    """Captured after one warm-up call per shape, the block replays exactly; captured first,
+    it stops with an error that says to warm up (not a hang, not a bad graph)."""
+    use(CUDA)
+    x = make((8, 64, 14, 14), torch.bfloat16, "cuda", "channels_last", requires_grad=True)
+    z = make((8, 64, 14, 14), torch.bfloat16, "cuda", "channels_last")
+    w = torch.rand(64, device="cuda", requires_grad=True)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="run the model once with these shapes before"):
+        with torch.cuda.graph(graph):
+            training_block(x, z, w)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        training_block(x, z, w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = training_block(x, z, w)
+    graph.replay()
+    expected = training_block(x, z, w)
+    for a, b in zip(grads, expected):
+        assert torch.equal(a, b)
+
+
+TIMING_SCRIPT = """
+import time, torch, fusedres, fusedres.functional as FF
+fusedres.set_backend("triton")
+x = torch.randn(32, 256, 28, 28, device="cuda", dtype=torch.bfloat16).to(
+    memory_format=torch.channels_last).requires_grad_()
+w = torch.rand(256, device="cuda", requires_grad=True)
+for call in ("first", "second"):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    out = FF.batch_norm_relu(x, None, None, w, None, training=True)
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    print(call, time.perf_counter() - t)
+"""
+
+
+@pytest.mark.cuda
+def test_tuning_persists_across_processes(tuning):
+    """The first call of a process tunes (and compiles); a second process reuses the results
+    kept on disk and its first call is far quicker. Prints both processes' times."""
+    import subprocess
+    import sys
+    times = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", TIMING_SCRIPT], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        times.append(dict(line.split() for line in done.stdout.split("\n") if line))
+    print("first / second call, first process:", times[0], "second process:", times[1])
+    assert float(times[1]["first"]) < float(times[0]["first"]) / 3
+    assert list(tuning.rglob("*.autotune.json"))
