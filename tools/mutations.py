@@ -27,6 +27,7 @@ CONV = ["tests/test_conv_bias_act.py", "tests/test_conv_triton.py", "tests/test_
 MODELS = ["tests/test_models.py", "tests/test_dropin.py", "tests/test_batch_norm.py"]
 BAD = ["tests/test_bad_input.py", "tests/test_errors.py"]
 SYNC = ["tests/test_distributed.py"]
+LAUNCH = ["tests/test_triton_launch.py", "tests/test_conv_triton.py"]
 
 CATALOG = [
     # ---- fusedres/ (Python) ----------------------------------------------------------------
@@ -152,6 +153,26 @@ CATALOG = [
              "count = tl.sum(m_ok.to(tl.float32), axis=0)",
              "count = tl.sum((m_ok | True).to(tl.float32), axis=0)",
              CONV),
+    Mutation("triton-conv-prologue-relu-maximum", "kernels/conv2d.py",
+             "conv prologue ReLU as tl.maximum (NaN becomes 0)",
+             "a_f = tl.where(a_f < 0.0, 0.0, a_f)", "a_f = tl.maximum(a_f, 0.0)", LAUNCH),
+    Mutation("triton-conv-bias-as-given", "kernels/conv2d.py",
+             "conv bias passed to the kernel as given (a strided bias reads the wrong channels)",
+             "per_channel(bias) if bias is not None", "bias if bias is not None", LAUNCH),
+    Mutation("triton-conv-stats-unshifted", "kernels/conv2d.py",
+             "conv statistics partials taken about 0 instead of the tile's first value",
+             "first = tl.where(tl.abs(first) < float(\"inf\"), first, 0.0)", "first = first * 0.0",
+             LAUNCH),
+    Mutation("triton-conv-stats-best-config", "kernels/conv2d.py",
+             "conv statistics count the tiles of the autotuner's shared best_config",
+             "tiles = triton.cdiv(M, launched[\"BLOCK_M\"])",
+             "tiles = triton.cdiv(M, getattr(_conv2d_kernel, \"best_config\", None).kwargs"
+             "[\"BLOCK_M\"] if getattr(_conv2d_kernel, \"best_config\", None) else "
+             "launched[\"BLOCK_M\"])", LAUNCH),
+    Mutation("triton-grid-channels-on-y", "kernels/batch_norm_stats.py",
+             "statistics grid with the channel blocks on axis 1 (65535 at most)",
+             "lambda meta: (triton.cdiv(C, meta[\"BLOCK_C\"]), programs)",
+             "lambda meta: (programs, triton.cdiv(C, meta[\"BLOCK_C\"]))", LAUNCH),
 
     # ---- csrc/ (C++, one rebuild each) -----------------------------------------------------
     Mutation("cpp-sums-last-block-only", "csrc/cpu/loops.h",
