@@ -7,7 +7,8 @@ fusedres._C_cuda  CUDA kernels, built when torch is a CUDA build and a CUDA tool
 fusedres._C_emulated  the same CUDA sources compiled as host C++ (csrc/emulation): the CUDA
                   kernels run on CPU tensors, for the tests. Set FUSEDRES_NO_EMULATION=1 to
                   skip it.
-MAX_JOBS limits parallel compile jobs, as for any torch extension.
+MAX_JOBS limits parallel compile jobs, as for any torch extension. FUSEDRES_DEBUG=1 builds
+for a debugger: -O0 -g, assertions on (host and device: -UNDEBUG), nvcc -G.
 """
 import glob
 import hashlib
@@ -51,8 +52,11 @@ def cuda_arch_list():
     return "8.0;9.0"
 
 
+DEBUG = os.environ.get("FUSEDRES_DEBUG", "0") not in ("", "0")
+OPT = ["-O0", "-g", "-UNDEBUG"] if DEBUG else ["-O3"]
 # -fopenmp: at::parallel_for runs its OpenMP loop in our own code, serially without it.
-CXX_FLAGS = ["-O3", "-fopenmp"]
+CXX_FLAGS = OPT + ["-fopenmp"]
+NVCC_FLAGS = ["-O0", "-g", "-G", "-UNDEBUG"] if DEBUG else ["-O3", "-lineinfo"]
 
 
 def extensions():
@@ -74,8 +78,9 @@ def extensions():
                 "fusedres._C_emulated",
                 sources("csrc/fusedres.cpp") + sources("csrc/composite/*.cpp")
                 + sources("csrc/emulation/*.cpp"),
-                extra_compile_args={"cxx": ["-O2", "-DFUSEDRES_CUDA_EMULATION",
-                                            "-fvisibility=hidden", "-Wno-unknown-pragmas"]},
+                extra_compile_args={"cxx": (OPT if DEBUG else ["-O2"])
+                                    + ["-DFUSEDRES_CUDA_EMULATION", "-fvisibility=hidden",
+                                       "-Wno-unknown-pragmas"]},
             )
         )
     build_cuda, why = want_cuda()
@@ -87,7 +92,7 @@ def extensions():
             CUDAExtension(
                 "fusedres._C_cuda",
                 sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp"),
-                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-lineinfo"]},
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
             )
         )
     return ext_modules, build_cuda, why

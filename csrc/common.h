@@ -151,17 +151,19 @@ struct ConvOperands {
 
 inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
-                                 const std::optional<at::Tensor>& residual,
-                                 at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups) {
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
   TORCH_CHECK(input.dim() == 4, "fusedres: input must have shape (N, C, H, W), got ",
               input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()),
               "fusedres: input must be a floating point tensor, got ", input.scalar_type());
-  TORCH_CHECK(weight.dim() == 4, "fusedres: weight must have shape (C_out, C_in / groups, kH, kW),"
-              " got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "fusedres: weight must have the dtype "
-              "of input (", input.scalar_type(), "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.dim() == 4,
+              "fusedres: weight must have shape (C_out, C_in / groups, kH, kW), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(),
+              "fusedres: weight must have the dtype of input (", input.scalar_type(), "), got ",
+              weight.scalar_type());
   TORCH_CHECK(weight.device() == input.device(), "fusedres: weight is on ", weight.device(),
               " but input is on ", input.device());
   TORCH_CHECK(groups > 0 && input.size(1) == weight.size(1) * groups, "fusedres: input has ",
@@ -174,14 +176,14 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
     TORCH_CHECK(stride[d] > 0, "fusedres: stride must be positive, got ", stride);
     TORCH_CHECK(dilation[d] > 0, "fusedres: dilation must be positive, got ", dilation);
     TORCH_CHECK(padding[d] >= 0, "fusedres: padding must be non-negative, got ", padding);
-    TORCH_CHECK(weight.size(d + 2) > 0, "fusedres: weight must have a kernel of at least 1x1, "
-                "got ", weight.sizes());
+    TORCH_CHECK(weight.size(d + 2) > 0, "fusedres: weight must have a kernel of at least 1x1, got ",
+                weight.sizes());
   }
   if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fusedres: bias must have "
-                "shape (", weight.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "fusedres: bias must be a floating "
-                "point tensor, got ", bias->scalar_type());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "fusedres: bias must have shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()),
+                "fusedres: bias must be a floating point tensor, got ", bias->scalar_type());
     TORCH_CHECK(bias->device() == input.device(), "fusedres: bias is on ", bias->device(),
                 " but input is on ", input.device());
   }
@@ -196,11 +198,12 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
       const int64_t extent = dilation[d] * (weight.size(d + 2) - 1) + 1;
       out_size.push_back((input.size(d + 2) + 2 * padding[d] - extent) / stride[d] + 1);
     }
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), "fusedres: residual must have "
-                "the convolution's output shape ", at::IntArrayRef(out_size), ", got ",
-                residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fusedres: residual must have "
-                "the dtype of input (", input.scalar_type(), "), got ", residual->scalar_type());
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size),
+                "fusedres: residual must have the convolution's output shape ",
+                at::IntArrayRef(out_size), ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(),
+                "fusedres: residual must have the dtype of input (", input.scalar_type(), "), got ",
+                residual->scalar_type());
     TORCH_CHECK(residual->device() == input.device(), "fusedres: residual is on ",
                 residual->device(), " but input is on ", input.device());
     c.residual = residual->contiguous(format);
@@ -214,9 +217,10 @@ inline ConvOperands prepare_conv(const at::Tensor& input, const at::Tensor& weig
 // is channels_last); the fake kernels, and torch.compile with them, must see the real strides.
 inline at::Tensor with_format_strides(const at::Tensor& t, at::MemoryFormat format) {
   at::Tensor dense = t.contiguous(format);
-  const c10::DimVector strides = format == at::MemoryFormat::ChannelsLast
-                                     ? c10::DimVector(c10::get_channels_last_strides_2d(dense.sizes()))
-                                     : c10::contiguous_strides(dense.sizes());
+  const c10::DimVector strides =
+      format == at::MemoryFormat::ChannelsLast
+          ? c10::DimVector(c10::get_channels_last_strides_2d(dense.sizes()))
+          : c10::contiguous_strides(dense.sizes());
   if (dense.strides() == at::IntArrayRef(strides)) return dense;
   return dense.as_strided(dense.sizes(), strides);  // same memory: only size-1 strides differ
 }

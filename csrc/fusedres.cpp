@@ -1,6 +1,51 @@
 // Op schemas of the fusedres library. Kernels are registered per dispatch key in csrc/cpu/
 // and csrc/cuda/; fake (meta) kernels and autograd formulas in fusedres/_ops.py.
 //
+// OP INDEX: where each op lives (tests/test_packaging.py checks that every schema below is
+// here and every path exists). The math is the comment above its schema in this file; its
+// contract, fake kernel and autograd are its section of fusedres/_ops.py; the same op of the
+// Triton namespace (fusedres_triton::<op>) is in kernels/; shared checks in csrc/common.h.
+//
+// batch_norm_stats            cpu: csrc/cpu/batch_norm_stats.cpp
+//                             cuda: csrc/cuda/batch_norm_stats.cu
+//                             triton: kernels/batch_norm_stats.py
+//                             used by: fusedres/sync_batchnorm.py
+// batch_norm_apply            cpu: csrc/cpu/batch_norm_apply.cpp (host code: csrc/normalize_act.h)
+//                             cuda: csrc/cuda/batch_norm_apply.cu
+//                             triton: kernels/batch_norm_apply.py
+//                             used by: fusedres/functional.py (eval forms of batch_norm_relu,
+//                             batch_norm_add_relu, dual_batch_norm_add_relu)
+// batch_norm_act_train        cpu, cuda: csrc/composite/batch_norm_train.cpp (stats + apply)
+//                             triton: kernels/batch_norm_train.py
+//                             used by: fusedres/functional.py (training batch_norm_relu,
+//                             batch_norm_add_relu)
+// dual_batch_norm_act_train   cpu, cuda: csrc/composite/batch_norm_train.cpp
+//                             triton: kernels/batch_norm_train.py
+//                             used by: fusedres/functional.py (training dual_batch_norm_add_relu)
+// batch_norm_backward_reduce  cpu: csrc/cpu/batch_norm_backward.cpp
+//                             cuda: csrc/cuda/batch_norm_backward.cu
+//                             triton: kernels/batch_norm_backward.py
+//                             used by: fusedres/_ops.py (backwards), fusedres/sync_batchnorm.py
+// batch_norm_backward_input   cpu: csrc/cpu/batch_norm_backward.cpp
+//                             cuda: csrc/cuda/batch_norm_backward.cu
+//                             triton: kernels/batch_norm_backward.py
+//                             used by: fusedres/_ops.py (backwards), fusedres/sync_batchnorm.py
+// add_relu                    cpu: csrc/cpu/add_relu.cpp   cuda: csrc/cuda/add_relu.cu
+//                             triton: kernels/add_relu.py
+//                             used by: fusedres/functional.py (add_relu)
+// conv_bias_relu              cpu: csrc/cpu/conv_bias_act.cpp   cuda: csrc/cuda/conv_bias_act.cu
+// conv_bias_add_relu          triton: kernels/conv2d.py (conv2d, with its prologue off)
+//                             used by: fusedres/functional.py (conv_bias_relu, conv_bias_add_relu)
+// fold_conv_bn                cpu, cuda: csrc/composite/fold_conv_bn.cpp
+//                             used by: fusedres/functional.py (fold_conv_bn), fusedres/convert.py
+// (Triton only) conv2d        triton: kernels/conv2d.py
+//                             used by: fusedres/functional.py (fused_conv2d)
+//
+// Tests: every op on every backend through the functional API (tests/test_batch_norm.py,
+// test_add_relu.py, test_conv_bias_act.py, test_conv_triton.py), each raw op against its
+// reference (tests/test_registration.py: opcheck, gradcheck, numbers), bad arguments to each
+// raw op in every namespace (tests/test_op_contracts.py).
+//
 // This file is also the Python module `fusedres._C`: importing it loads the schemas and the
 // CPU kernels into the dispatcher.
 #include <Python.h>

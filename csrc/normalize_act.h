@@ -46,8 +46,7 @@ at::Tensor batch_norm_apply_op(const at::Tensor& input_, const at::Tensor& mean,
   at::Tensor out = at::empty_like(input);
   kernel(input,
          {mean.contiguous(), scale.contiguous(), contiguous(shift), match_layout(residual, input),
-          contiguous(residual_mean), contiguous(residual_scale), contiguous(residual_shift),
-          relu},
+          contiguous(residual_mean), contiguous(residual_scale), contiguous(residual_shift), relu},
          out);
   return out;
 }

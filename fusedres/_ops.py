@@ -1,13 +1,20 @@
-"""Fake (meta) kernels and autograd formulas of the fused ops.
+"""The Python side of every fused op, one section per op: its contract (the argument checks,
+worded as the C++ TORCH_CHECKs of csrc/common.h, written with torch._check so they also run on
+fake tensors), its fake kernel, and its autograd formula.
 
-Two namespaces hold ops of the same names and schemas: `fusedres` (the C++ / CUDA kernels of
-csrc/, schemas in csrc/fusedres.cpp) and `fusedres_triton` (the Triton kernels of
-fusedres.kernels). register(namespace) gives the ops of one of them their fake kernels and
-autograd formulas, once its ops exist. The fake kernels reproduce the kernels' output strides
-exactly (so torch.compile and opcheck see what runs); the backward formulas call the fused
-backward kernels of the same namespace.
+Three namespaces hold ops of the same names and schemas (the op index: csrc/fusedres.cpp):
+`fusedres` (the C++ / CUDA kernels of csrc/), `fusedres_emulated` (csrc/cuda compiled for the
+CPU, tests only) and `fusedres_triton` (kernels/). register(namespace) gives each op of one
+namespace (NAMESPACE_OPS) its fake kernel, which checks the contract first, and its autograd;
+an op missing from its namespace is an error. The Triton ops run the contract themselves
+(`check`), the C++ ops their TORCH_CHECKs. The fake kernels reproduce the kernels' output
+strides exactly (so torch.compile and opcheck see what runs); the backward formulas call the
+fused backward kernels of the same namespace.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch._prims_common import suggest_memory_format
@@ -51,83 +58,164 @@ def broadcast_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
-# ---- fake kernels ---------------------------------------------------------------------------
+def _relu_grad(grad, out, relu):
+    return _threshold_backward(grad, out, 0) if relu else grad
+
+
+def _cast(grad, like):
+    return None if like is None or grad is None else grad.to(like.dtype)
+
+
+# ---- contracts: the checks of csrc/common.h, same wording ----------------------------------
+
+_CPP_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
+                    torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                    torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                    torch.complex128: "ComplexDouble"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as c10 prints it (Float, BFloat16, ...)."""
+    return _CPP_DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def _sizes(t) -> str:
+    """Sizes as c10 prints them: [2, 4, 3, 3]."""
+    return "[" + ", ".join(str(s) for s in t) + "]"
+
+
+def check_input(x, name="input"):
+    torch._check(x.dim() >= 2, lambda: f"fusedres: {name} must have shape (N, C, ...), got "
+                                        f"{x.dim()} dimension(s)")
+    torch._check(x.dtype.is_floating_point, lambda: f"fusedres: {name} must be a floating point "
+                                                    f"tensor, got {_dtype_name(x.dtype)}")
+
+
+def check_same(t, x, name):
+    torch._check(t.shape == x.shape, lambda: f"fusedres: {name} must have the shape of input "
+                                             f"{_sizes(x.shape)}, got {_sizes(t.shape)}")
+    torch._check(t.dtype == x.dtype, lambda: f"fusedres: {name} must have the dtype of input "
+                                             f"({_dtype_name(x.dtype)}), got {_dtype_name(t.dtype)}")
+    torch._check(t.device == x.device,
+                 lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
+
+
+def check_channel_vector(t, x, dtype, name):
+    """Per-channel vectors (scale, shift, mean, ...): C values of `dtype`."""
+    torch._check(t.dim() == 1 and t.shape[0] == x.shape[1],
+                 lambda: f"fusedres: {name} must have shape ({x.shape[1]},), got {_sizes(t.shape)}")
+    torch._check(t.dtype == dtype, lambda: f"fusedres: {name} must be {_dtype_name(dtype)}, got "
+                                           f"{_dtype_name(t.dtype)}")
+    torch._check(t.device == x.device,
+                 lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
+
+
+def check_affine(t, x, name):
+    """An optional BN weight or bias: C values of any floating dtype, on input's device."""
+    if t is None:
+        return
+    torch._check(t.dim() == 1 and t.shape[0] == x.shape[1],
+                 lambda: f"fusedres: {name} must have shape ({x.shape[1]},), got {_sizes(t.shape)}")
+    torch._check(t.dtype.is_floating_point, lambda: f"fusedres: {name} must be a floating point "
+                                                    f"tensor, got {_dtype_name(t.dtype)}")
+    torch._check(t.device == x.device,
+                 lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
+
+
+def check_train_input(x, name="input"):
+    """csrc/composite/batch_norm_train.cpp: batch statistics need two values a channel."""
+    check_input(x, name)
+    torch._check(x.numel() == 0 or x.numel() // x.shape[1] > 1,
+                 lambda: f"Expected more than 1 value per channel when training, got {name} size "
+                         f"{_sizes(x.shape)}")
+
+
+def check_conv(input, weight, bias, residual, stride, padding, dilation, groups):
+    """common.h prepare_conv: the folded convolutions' operands."""
+    torch._check(input.dim() == 4, lambda: f"fusedres: input must have shape (N, C, H, W), got "
+                                           f"{_sizes(input.shape)}")
+    torch._check(input.dtype.is_floating_point, lambda: "fusedres: input must be a floating "
+                                                        f"point tensor, got {_dtype_name(input.dtype)}")
+    torch._check(weight.dim() == 4, lambda: "fusedres: weight must have shape (C_out, C_in / "
+                                            f"groups, kH, kW), got {_sizes(weight.shape)}")
+    torch._check(weight.dtype == input.dtype,
+                 lambda: f"fusedres: weight must have the dtype of input "
+                         f"({_dtype_name(input.dtype)}), got {_dtype_name(weight.dtype)}")
+    torch._check(weight.device == input.device,
+                 lambda: f"fusedres: weight is on {weight.device} but input is on {input.device}")
+    torch._check(groups > 0 and input.shape[1] == weight.shape[1] * groups,
+                 lambda: f"fusedres: input has {input.shape[1]} channels but weight expects "
+                         f"{weight.shape[1] * groups} (weight.size(1) * groups)")
+    torch._check(len(stride) == 2 and len(padding) == 2 and len(dilation) == 2,
+                 lambda: "fusedres: stride, padding and dilation must have 2 values each")
+    for d in range(2):
+        torch._check(stride[d] > 0, lambda: f"fusedres: stride must be positive, got "
+                                            f"{_sizes(stride)}")
+        torch._check(dilation[d] > 0, lambda: f"fusedres: dilation must be positive, got "
+                                              f"{_sizes(dilation)}")
+        torch._check(padding[d] >= 0, lambda: f"fusedres: padding must be non-negative, got "
+                                              f"{_sizes(padding)}")
+        torch._check(weight.shape[d + 2] > 0, lambda: "fusedres: weight must have a kernel of "
+                                                      f"at least 1x1, got {_sizes(weight.shape)}")
+    if bias is not None:
+        torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                     lambda: f"fusedres: bias must have shape ({weight.shape[0]},), got "
+                             f"{_sizes(bias.shape)}")
+        torch._check(bias.dtype.is_floating_point, lambda: "fusedres: bias must be a floating "
+                                                           f"point tensor, got {_dtype_name(bias.dtype)}")
+        torch._check(bias.device == input.device,
+                     lambda: f"fusedres: bias is on {bias.device} but input is on {input.device}")
+    if residual is not None:
+        out_size = conv_output_shape(input, weight, stride, padding, dilation)
+        torch._check(list(residual.shape) == list(out_size),
+                     lambda: "fusedres: residual must have the convolution's output shape "
+                             f"{_sizes(out_size)}, got {_sizes(residual.shape)}")
+        torch._check(residual.dtype == input.dtype,
+                     lambda: f"fusedres: residual must have the dtype of input "
+                             f"({_dtype_name(input.dtype)}), got {_dtype_name(residual.dtype)}")
+        torch._check(residual.device == input.device,
+                     lambda: f"fusedres: residual is on {residual.device} but input is on "
+                             f"{input.device}")
+
+
+# ---- batch_norm_stats --------------------------------------------------------------------
+
+
+def check_batch_norm_stats(input):
+    check_input(input)
 
 
 def _fake_batch_norm_stats(input):
     return channel_vector(input), channel_vector(input)
 
 
+# ---- batch_norm_apply --------------------------------------------------------------------
+
+
+def check_batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                           residual_shift, relu):
+    check_input(input)
+    acc = accumulate_dtype(input.dtype)
+    check_channel_vector(mean, input, acc, "mean")
+    check_channel_vector(scale, input, acc, "scale")
+    if shift is not None:
+        check_channel_vector(shift, input, acc, "shift")
+    torch._check(residual is not None or (residual_mean is None and residual_scale is None
+                                          and residual_shift is None),
+                 lambda: "fusedres: residual_mean / residual_scale / residual_shift given "
+                         "without a residual")
+    if residual is not None:
+        check_same(residual, input, "residual")
+    for t, name in [(residual_mean, "residual_mean"), (residual_scale, "residual_scale"),
+                    (residual_shift, "residual_shift")]:
+        if t is not None:
+            check_channel_vector(t, input, acc, name)
+
+
 def _fake_batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale,
                            residual_shift, relu):
     return empty_like_kernel_output(input)
-
-
-def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
-    return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
-
-
-def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
-                                    residual_bias, eps, residual_eps, relu):
-    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
-
-
-def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
-    return torch.empty_like(mean), torch.empty_like(mean)
-
-
-def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                                    sum_dy_xhat):
-    return empty_like_kernel_output(input)
-
-
-def _fake_add_relu(input, residual):
-    return empty_like_kernel_output(input)
-
-
-def _conv_output(input, weight, stride, padding, dilation):
-    size = conv_output_shape(input, weight, stride, padding, dilation)
-    return torch.empty(size, dtype=input.dtype, device=input.device,
-                       memory_format=conv_output_format(input))
-
-
-def _fake_conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
-    return _conv_output(input, weight, stride, padding, dilation)
-
-
-def _fake_conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation, groups):
-    return _conv_output(input, weight, stride, padding, dilation)
-
-
-def _fake_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
-                 dilation, groups, input_relu, relu, emit_stats):
-    out = _conv_output(input, weight, stride, padding, dilation)
-    stats = input.new_empty((weight.shape[0] if emit_stats else 0,), dtype=torch.float32)
-    return out, stats, torch.empty_like(stats)
-
-
-# ---- autograd -------------------------------------------------------------------------------
-# The ReLU mask is read from the saved output (gradient passes where !(out <= 0)); the
-# pre-activation is never stored.
-
-
-def _relu_grad(grad, out, relu):
-    return _threshold_backward(grad, out, 0) if relu else grad
-
-
-def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input):
-    """Training BN backward: (grad_input or None, grad_weight, grad_bias) in float."""
-    sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
-    grad_input = None
-    if needs_input:
-        grad_input = ops.batch_norm_backward_input(
-            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat
-        )
-    return grad_input, sum_dy_xhat, sum_dy
-
-
-def _cast(grad, like):
-    return None if like is None or grad is None else grad.to(like.dtype)
 
 
 def _setup_apply(ctx, inputs, output):
@@ -169,6 +257,31 @@ def _backward_apply(ctx, grad):
     return grads + (None,)
 
 
+# ---- batch_norm_act_train ----------------------------------------------------------------
+
+
+def check_batch_norm_act_train(input, weight, bias, residual, eps, relu):
+    check_train_input(input)
+    check_affine(weight, input, "weight")
+    check_affine(bias, input, "bias")
+    if residual is not None:
+        check_same(residual, input, "residual")
+
+
+def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
+    return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
+
+
+def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input):
+    """Training BN backward: (grad_input or None, grad_weight, grad_bias) in float."""
+    sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
+    grad_input = None
+    if needs_input:
+        grad_input = ops.batch_norm_backward_input(
+            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat
+        )
+    return grad_input, sum_dy_xhat, sum_dy
+
 
 def _setup_train(ctx, inputs, output):
     input, weight, bias, residual, eps, relu = inputs
@@ -200,6 +313,22 @@ def _backward_train(ctx, grad, _grad_mean, _grad_var):
         None,
     )
 
+
+# ---- dual_batch_norm_act_train -----------------------------------------------------------
+
+
+def check_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
+                                    residual_bias, eps, residual_eps, relu):
+    check_train_input(input)
+    check_same(residual, input, "residual")
+    for t, name in [(weight, "weight"), (bias, "bias"), (residual_weight, "residual_weight"),
+                    (residual_bias, "residual_bias")]:
+        check_affine(t, input, name)
+
+
+def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
+                                    residual_bias, eps, residual_eps, relu):
+    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
 
 
 def _setup_dual(ctx, inputs, output):
@@ -236,6 +365,51 @@ def _backward_dual(ctx, grad, *_grad_stats):
     )
 
 
+# ---- batch_norm_backward_reduce ----------------------------------------------------------
+
+
+def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
+    check_input(input)
+    check_same(grad_out, input, "grad_out")
+    if output is not None:
+        check_same(output, input, "output")
+    acc = accumulate_dtype(input.dtype)
+    check_channel_vector(mean, input, acc, "mean")
+    check_channel_vector(invstd, input, acc, "invstd")
+
+
+def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
+    return torch.empty_like(mean), torch.empty_like(mean)
+
+
+# ---- batch_norm_backward_input -----------------------------------------------------------
+
+
+def check_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
+                                    sum_dy_xhat):
+    check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd)
+    acc = accumulate_dtype(input.dtype)
+    check_channel_vector(sum_dy, input, acc, "sum_dy")
+    check_channel_vector(sum_dy_xhat, input, acc, "sum_dy_xhat")
+    check_affine(weight, input, "weight")
+
+
+def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
+                                    sum_dy_xhat):
+    return empty_like_kernel_output(input)
+
+
+# ---- add_relu ----------------------------------------------------------------------------
+
+
+def check_add_relu(input, residual):
+    check_input(input)
+    check_same(residual, input, "residual")
+
+
+def _fake_add_relu(input, residual):
+    return empty_like_kernel_output(input)
+
 
 def _setup_add_relu(ctx, inputs, output):
     ctx.save_for_backward(output)
@@ -246,6 +420,30 @@ def _backward_add_relu(ctx, grad):
     g = _threshold_backward(grad, out, 0)
     return g, g
 
+
+# ---- conv_bias_relu, conv_bias_add_relu --------------------------------------------------
+
+
+def check_conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
+    check_conv(input, weight, bias, None, stride, padding, dilation, groups)
+
+
+def check_conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation, groups):
+    check_conv(input, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def _conv_output(input, weight, stride, padding, dilation):
+    size = conv_output_shape(input, weight, stride, padding, dilation)
+    return torch.empty(size, dtype=input.dtype, device=input.device,
+                       memory_format=conv_output_format(input))
+
+
+def _fake_conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
+    return _conv_output(input, weight, stride, padding, dilation)
+
+
+def _fake_conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation, groups):
+    return _conv_output(input, weight, stride, padding, dilation)
 
 
 def _setup_conv(ctx, inputs, output):
@@ -270,6 +468,32 @@ def _backward_conv(ctx, grad):
     if ctx.has_residual:
         grads.append(g if need[3] else None)
     return tuple(grads) + (None,) * 4
+
+
+# ---- conv2d (Triton only: fused_conv2d) --------------------------------------------------
+
+
+TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+                 dilation, groups, input_relu, relu, emit_stats):
+    check_conv(input, weight, bias, residual, stride, padding, dilation, groups)
+    torch._check(input.dtype in TRITON_CONV_DTYPES,
+                 lambda: "fusedres: the Triton convolution takes Half, BFloat16 or Float input, "
+                         f"got {_dtype_name(input.dtype)}")
+    torch._check((input_scale is None) == (input_shift is None),
+                 lambda: "fusedres: input_scale and input_shift must be given together")
+    if input_scale is not None:
+        check_channel_vector(input_scale, input, torch.float32, "input_scale")
+        check_channel_vector(input_shift, input, torch.float32, "input_shift")
+
+
+def _fake_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+                 dilation, groups, input_relu, relu, emit_stats):
+    out = _conv_output(input, weight, stride, padding, dilation)
+    stats = input.new_empty((weight.shape[0] if emit_stats else 0,), dtype=torch.float32)
+    return out, stats, torch.empty_like(stats)
 
 
 def _setup_conv2d(ctx, inputs, output):
@@ -313,35 +537,74 @@ def _backward_conv2d(ctx, grad, _grad_mean, _grad_var):
             g if has_residual and need[3] else None, grad_scale, grad_shift) + (None,) * 7
 
 
-_FAKES = {name: globals()[f"_fake_{name}"] for name in (
-    "batch_norm_stats", "batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
-    "batch_norm_backward_reduce", "batch_norm_backward_input", "add_relu", "conv_bias_relu",
-    "conv_bias_add_relu", "conv2d")}
+# ---- the registry ----------------------------------------------------------------------------
 
-# op name -> (setup_context, backward)
-_AUTOGRAD = {
-    "batch_norm_apply": (_setup_apply, _backward_apply),
-    "batch_norm_act_train": (_setup_train, _backward_train),
-    "dual_batch_norm_act_train": (_setup_dual, _backward_dual),
-    "add_relu": (_setup_add_relu, _backward_add_relu),
-    "conv_bias_relu": (_setup_conv, _backward_conv),
-    "conv_bias_add_relu": (_setup_conv, _backward_conv),
-    "conv2d": (_setup_conv2d, _backward_conv2d),
+
+@dataclass(frozen=True)
+class Op:
+    """One op's Python side: its contract, fake kernel and (if differentiable) autograd."""
+    check: Callable
+    fake: Callable
+    setup: Optional[Callable] = None
+    backward: Optional[Callable] = None
+
+
+OPS = {
+    "batch_norm_stats": Op(check_batch_norm_stats, _fake_batch_norm_stats),
+    "batch_norm_apply": Op(check_batch_norm_apply, _fake_batch_norm_apply, _setup_apply,
+                           _backward_apply),
+    "batch_norm_act_train": Op(check_batch_norm_act_train, _fake_batch_norm_act_train,
+                               _setup_train, _backward_train),
+    "dual_batch_norm_act_train": Op(check_dual_batch_norm_act_train,
+                                    _fake_dual_batch_norm_act_train, _setup_dual, _backward_dual),
+    "batch_norm_backward_reduce": Op(check_batch_norm_backward_reduce,
+                                     _fake_batch_norm_backward_reduce),
+    "batch_norm_backward_input": Op(check_batch_norm_backward_input,
+                                    _fake_batch_norm_backward_input),
+    "add_relu": Op(check_add_relu, _fake_add_relu, _setup_add_relu, _backward_add_relu),
+    "conv_bias_relu": Op(check_conv_bias_relu, _fake_conv_bias_relu, _setup_conv, _backward_conv),
+    "conv_bias_add_relu": Op(check_conv_bias_add_relu, _fake_conv_bias_add_relu, _setup_conv,
+                             _backward_conv),
+    "conv2d": Op(check_conv2d, _fake_conv2d, _setup_conv2d, _backward_conv2d),
+}
+
+_BN_OPS = ["batch_norm_stats", "batch_norm_apply", "batch_norm_act_train",
+           "dual_batch_norm_act_train", "batch_norm_backward_reduce", "batch_norm_backward_input",
+           "add_relu"]
+# The ops each namespace must define (fold_conv_bn, a CompositeImplicitAutograd C++ op, needs
+# neither a fake kernel nor autograd).
+NAMESPACE_OPS = {
+    "fusedres": _BN_OPS + ["conv_bias_relu", "conv_bias_add_relu"],
+    "fusedres_emulated": _BN_OPS + ["conv_bias_relu", "conv_bias_add_relu"],
+    "fusedres_triton": _BN_OPS + ["conv2d"],
 }
 
 
+def check(name: str, *args) -> None:
+    """Runs op `name`'s contract on its arguments (the Triton ops call it first)."""
+    OPS[name].check(*args)
+
+
 def register(namespace: str) -> None:
-    """Registers fake kernels and autograd for every op of `namespace` named above."""
+    """Registers the fake kernel (contract first) and autograd of every op of `namespace`."""
     ops = getattr(torch.ops, namespace)
-    for name, fake in _FAKES.items():
-        if hasattr(ops, name):
-            torch.library.register_fake(f"{namespace}::{name}", fake)
-    for name, (setup, backward) in _AUTOGRAD.items():
-        if hasattr(ops, name):
+    for name in NAMESPACE_OPS[namespace]:
+        if not hasattr(ops, name):
+            raise RuntimeError(f"fusedres: op {namespace}::{name} is missing (a stale build? "
+                               "rebuild with pip install -e .)")
+        op = OPS[name]
 
-            def setup_context(ctx, inputs, output, setup=setup):
-                ctx.ops = ops  # the backward kernels of the same namespace
-                setup(ctx, inputs, output)
+        def fake(*args, op=op):
+            op.check(*args)
+            return op.fake(*args)
 
-            torch.library.register_autograd(f"{namespace}::{name}", backward,
-                                            setup_context=setup_context)
+        torch.library.register_fake(f"{namespace}::{name}", fake)
+        if op.backward is None:
+            continue
+
+        def setup_context(ctx, inputs, output, setup=op.setup):
+            ctx.ops = ops  # the backward kernels of the same namespace
+            setup(ctx, inputs, output)
+
+        torch.library.register_autograd(f"{namespace}::{name}", op.backward,
+                                        setup_context=setup_context)

@@ -94,3 +94,107 @@ def fused_conv2d(input, weight, bias, residual, input_scale, input_shift, input_
     with torch.no_grad():
         var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), correction=0)
     return out, mean, var
+
+
+# ---- the raw ops (torch.ops.fusedres.* / fusedres_triton.*), by the same names and arguments --
+# The math of each op's schema comment in csrc/fusedres.cpp, unfused; the tests compare every
+# namespace's raw op with these (tests/test_registration.py).
+
+
+def _column(v, like):
+    return v.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+
+def _dims(x):
+    return [d for d in range(x.dim()) if d != 1]
+
+
+def batch_norm_stats(input):
+    """(mean, biased variance) per channel, in the accumulation dtype."""
+    var, mean = torch.var_mean(input.to(_accumulate(input.dtype)), dim=_dims(input), correction=0)
+    return mean, var
+
+
+def batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residual_scale,
+                     residual_shift, relu):
+    acc = _accumulate(input.dtype)
+    out = (input.to(acc) - _column(mean, input)) * _column(scale, input)
+    if shift is not None:
+        out = out + _column(shift, input)
+    if residual is not None:
+        r = residual.to(acc)
+        if residual_mean is not None:
+            r = r - _column(residual_mean, input)
+        if residual_scale is not None:
+            r = r * _column(residual_scale, input)
+        if residual_shift is not None:
+            r = r + _column(residual_shift, input)
+        out = out + r
+    return (torch.relu(out) if relu else out).to(input.dtype)
+
+
+def _scale_shift(var, weight, bias, eps):
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    return scale, bias.to(var.dtype) if bias is not None else None
+
+
+def batch_norm_act_train(input, weight, bias, residual, eps, relu):
+    mean, var = batch_norm_stats(input)
+    scale, shift = _scale_shift(var, weight, bias, eps)
+    out = batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
+    return out, mean, var
+
+
+def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps,
+                              residual_eps, relu):
+    mean, var = batch_norm_stats(input)
+    residual_mean, residual_var = batch_norm_stats(residual)
+    scale, shift = _scale_shift(var, weight, bias, eps)
+    r_scale, r_shift = _scale_shift(residual_var, residual_weight, residual_bias, residual_eps)
+    out = batch_norm_apply(input, mean, scale, shift, residual, residual_mean, r_scale, r_shift,
+                           relu)
+    return out, mean, var, residual_mean, residual_var
+
+
+def _masked(grad_out, output):
+    acc = _accumulate(grad_out.dtype)
+    g = grad_out.to(acc)
+    return g if output is None else torch.where(output <= 0, torch.zeros_like(g), g)
+
+
+def batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
+    """(sum(g), sum(g * xhat)) per channel, g masked by output > 0 when output is given."""
+    g = _masked(grad_out, output)
+    xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
+    return g.sum(_dims(input)), (g * xhat).sum(_dims(input))
+
+
+def batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
+                              sum_dy_xhat):
+    g = _masked(grad_out, output)
+    count = input.numel() // input.shape[1] if input.numel() else 1
+    xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
+    k = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    out = _column(k, input) * (g - _column(sum_dy, input) / count
+                               - xhat * _column(sum_dy_xhat, input) / count)
+    return out.to(input.dtype)
+
+
+def conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
+    return conv_bias_act(input, weight, bias, None, stride, padding, dilation, groups)
+
+
+def conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation, groups):
+    return conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups)
+
+
+def conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding, dilation,
+           groups, input_relu, relu, emit_stats):
+    """The Triton namespace's fused convolution (fused_conv2d's raw op)."""
+    out, mean, var = fused_conv2d(input, weight, bias, residual, input_scale, input_shift,
+                                  input_relu, relu, stride, padding, dilation, groups)
+    if not emit_stats:
+        mean, var = mean.new_empty(0), var.new_empty(0)
+    return out, mean, var

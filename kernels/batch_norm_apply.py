@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres._ops import check
+
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, autotuned,
                       channel_view, dense, launch, match_layout, tile_grid, tile_of_program,
                       tile_offsets, tl_acc)
@@ -84,5 +86,7 @@ def batch_norm_apply(input: torch.Tensor, mean: torch.Tensor, scale: torch.Tenso
                      shift: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                      residual_mean: Optional[torch.Tensor], residual_scale: Optional[torch.Tensor],
                      residual_shift: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    check("batch_norm_apply", input, mean, scale, shift, residual, residual_mean, residual_scale,
+          residual_shift, relu)
     return normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                          residual_shift, relu)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres._ops import check
+
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, dense, launch, match_layout, row_split, tile_grid,
                       tile_of_program, tile_offsets, tl_acc)
@@ -97,6 +99,7 @@ def _prepare(grad_out, output, input):
 def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Tensor],
                                input: torch.Tensor, mean: torch.Tensor,
                                invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check("batch_norm_backward_reduce", grad_out, output, input, mean, invstd)
     dy, y, x = _prepare(grad_out, output, input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
@@ -120,6 +123,8 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
                               input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                               weight: Optional[torch.Tensor], sum_dy: torch.Tensor,
                               sum_dy_xhat: torch.Tensor) -> torch.Tensor:
+    check("batch_norm_backward_input", grad_out, output, input, mean, invstd, weight, sum_dy,
+          sum_dy_xhat)
     dy, y, x = _prepare(grad_out, output, input)
     grad_input = torch.empty_like(x)
     if x.numel() == 0:

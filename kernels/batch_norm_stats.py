@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres._ops import check
+
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, dense, launch, row_split, tile_offsets, tl_acc)
 
@@ -101,6 +103,7 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
 def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check("batch_norm_stats", input)
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)

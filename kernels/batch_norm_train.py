@@ -7,14 +7,10 @@ from typing import Optional
 
 import torch
 
+from fusedres._ops import check
+
 from .batch_norm_apply import normalize_act
 from .batch_norm_stats import batch_norm_stats
-
-
-def _check_train_input(input: torch.Tensor, name: str) -> None:
-    if input.numel() and input.numel() // input.shape[1] <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {name} size {input.shape}")
 
 
 def _scale_shift(var, weight, bias, eps):
@@ -28,7 +24,7 @@ def _scale_shift(var, weight, bias, eps):
 def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                          eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_train_input(input, "input")
+    check("batch_norm_act_train", input, weight, bias, residual, eps, relu)
     mean, var = batch_norm_stats(input)
     scale, shift = _scale_shift(var, weight, bias, eps)
     out = normalize_act(input, mean, scale, shift, residual, relu=relu)
@@ -41,7 +37,8 @@ def dual_batch_norm_act_train(
     residual: torch.Tensor, residual_weight: Optional[torch.Tensor],
     residual_bias: Optional[torch.Tensor], eps: float, residual_eps: float, relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_train_input(input, "input")
+    check("dual_batch_norm_act_train", input, weight, bias, residual, residual_weight,
+          residual_bias, eps, residual_eps, relu)
     mean, var = batch_norm_stats(input)
     residual_mean, residual_var = batch_norm_stats(residual)
     scale, shift = _scale_shift(var, weight, bias, eps)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import conv_output_format
+from fusedres._ops import check, conv_output_format
 from fusedres.reference import conv_output_shape
 
 from ._common import autotuned, fitting_configs, launch, match_layout
@@ -144,6 +144,8 @@ def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
            emit_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var): the fused convolution and, with emit_stats, the per-channel mean and
     biased variance of out (float32; empty tensors without emit_stats)."""
+    check("conv2d", input, weight, bias, residual, input_scale, input_shift, stride, padding,
+          dilation, groups, input_relu, relu, emit_stats)
     N, C_in, H, W = input.shape
     C_out, C_in_g, KH, KW = weight.shape
     P, Q = conv_output_shape(input, weight, stride, padding, dilation)[2:]

@@ -58,7 +58,8 @@ def bn_workload(dtype, layouts=("channels_last", "nchw"), batch=16):
             for layout in layouts:
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 x = torch.empty(batch, C, size, size, dtype=dtype).contiguous(memory_format=fmt)
-                w, b = torch.ones(C), torch.zeros(C)
+                acc = torch.float64 if dtype == torch.float64 else torch.float32
+                w, b = torch.ones(C, dtype=acc), torch.zeros(C, dtype=acc)
                 out, mean, var = ops.batch_norm_act_train(x, w, b, None, 1e-5, True)
                 ops.batch_norm_act_train(x, w, b, x, 1e-5, True)
                 ops.dual_batch_norm_act_train(x, w, b, x, w, b, 1e-5, 1e-5, True)

@@ -69,3 +69,23 @@ def test_mutation_catalog_applies():
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "mutations apply" in done.stdout
+
+
+def test_op_index_matches_the_tree():
+    """The op index at the top of csrc/fusedres.cpp names every op whose schema is defined
+    there (and the Triton-only ones), and every path it gives exists."""
+    import re
+
+    from fusedres._ops import NAMESPACE_OPS
+    text = (ROOT / "csrc" / "fusedres.cpp").read_text()
+    index = text[text.index("// OP INDEX"):text.index("#include")]
+    listed = set(re.findall(r"^// (?:\(Triton only\) )?([a-z_0-9]+)\s{2,}", index, re.M))
+    schemas = set(re.findall(r'm\.def\(\s*"([a-z_0-9]+)\(', text))
+    assert schemas, "no schema found"
+    ops = schemas | set().union(*NAMESPACE_OPS.values())
+    assert ops <= listed, f"ops missing from the index: {sorted(ops - listed)}"
+    assert listed <= ops, f"the index lists ops that do not exist: {sorted(listed - ops)}"
+    paths = set(re.findall(r"\b((?:csrc|kernels|fusedres|tests)/[\w/]+\.(?:cpp|cu|h|py))", index))
+    assert paths
+    missing = [p for p in sorted(paths) if not (ROOT / p).exists()]
+    assert not missing, f"the index names files that do not exist: {missing}"

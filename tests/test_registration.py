@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fusedres
 import fusedres.functional as FF
-from conftest import TARGETS, assert_close, make, use
+from conftest import CONV_TOLERANCE, TARGETS, TOLERANCE, assert_close, make, use
 
 CONV_OPS = {"conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}  # C++ namespace only
 TRITON_ONLY = {"conv2d"}  # the Triton convolution: float16 / bfloat16 / float32
@@ -83,6 +83,37 @@ def test_opcheck(target, layout, dtype):
     for op, args in sample_calls(target, dtype, layout):
         # fold_conv_bn is CompositeImplicitAutograd: ATen's own autograd and meta kernels apply.
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_raw_op_numbers(target, layout, dtype):
+    """Every raw op of the target's namespace, called directly, against its reference
+    (fusedres/reference.py, same name and arguments) evaluated in float64."""
+    use(target)
+    checked = set()
+    for op, args in sample_calls(target, dtype, layout, requires_grad=False):
+        name = op._qualified_op_name.split("::")[1]
+        got = op(*args)
+        ref = getattr(fusedres.reference, name)(
+            *[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+        got = got if isinstance(got, tuple) else (got,)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        assert len(got) == len(ref), name
+        tolerance = CONV_TOLERANCE if "conv" in name else TOLERANCE
+        for i, (g, r) in enumerate(zip(got, ref)):
+            assert g.shape == r.shape, (name, i)
+            try:
+                assert_close(g, r, dtype, tolerance)
+            except AssertionError as e:
+                raise AssertionError(f"{name} output {i}: {e}") from None
+        checked.add(name)
+    from fusedres._ops import NAMESPACE_OPS
+    backend = target[0]
+    expected = set(NAMESPACE_OPS[namespace(backend).name]) - ({"conv2d"} if dtype == torch.float64
+                                                               else set())
+    assert expected <= checked, expected - checked
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -32,8 +32,8 @@ Tensor call_batch_norm_apply(const Tensor& input, const Tensor& mean, const Tens
                        .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                      const OptTensor&, const OptTensor&, const OptTensor&,
                                      const OptTensor&, bool)>();
-  return op.call(input, mean, scale, shift, residual, residual_mean, residual_scale,
-                 residual_shift, relu);
+  return op.call(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift,
+                 relu);
 }
 
 void check_train_input(const Tensor& input, const char* name) {
@@ -42,7 +42,6 @@ void check_train_input(const Tensor& input, const char* name) {
               "Expected more than 1 value per channel when training, got ", name, " size ",
               input.sizes());
 }
-
 
 // out = (x - mean) * scale + shift with scale = weight / sqrt(var + eps), shift = bias, in
 // the statistics' dtype.

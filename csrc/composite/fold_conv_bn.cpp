@@ -14,20 +14,20 @@ using at::Tensor;
 
 std::tuple<Tensor, Tensor> fold_conv_bn(const Tensor& conv_weight,
                                         const std::optional<Tensor>& conv_bias,
-                                        const Tensor& bn_running_mean,
-                                        const Tensor& bn_running_var, double bn_eps,
-                                        const std::optional<Tensor>& bn_weight,
+                                        const Tensor& bn_running_mean, const Tensor& bn_running_var,
+                                        double bn_eps, const std::optional<Tensor>& bn_weight,
                                         const std::optional<Tensor>& bn_bias) {
-  TORCH_CHECK(conv_weight.dim() >= 3, "fusedres: conv_weight must have shape (C_out, C_in, k...),"
-              " got ", conv_weight.sizes());
+  TORCH_CHECK(conv_weight.dim() >= 3,
+              "fusedres: conv_weight must have shape (C_out, C_in, k...), got ",
+              conv_weight.sizes());
   TORCH_CHECK(at::isFloatingType(conv_weight.scalar_type()),
               "fusedres: conv_weight must be a floating point tensor, got ",
               conv_weight.scalar_type());
   TORCH_CHECK(bn_eps >= 0, "fusedres: bn_eps must be non-negative, got ", bn_eps);
   const int64_t c_out = conv_weight.size(0);
   auto check_vector = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == c_out, "fusedres: ", name, " must have shape (",
-                c_out, ",) to match conv_weight's output channels, got ", t.sizes());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == c_out, "fusedres: ", name, " must have shape (", c_out,
+                ",) to match conv_weight's output channels, got ", t.sizes());
     TORCH_CHECK(at::isFloatingType(t.scalar_type()), "fusedres: ", name,
                 " must be a floating point tensor, got ", t.scalar_type());
     TORCH_CHECK(t.device() == conv_weight.device(), "fusedres: ", name, " is on ", t.device(),
@@ -45,8 +45,8 @@ std::tuple<Tensor, Tensor> fold_conv_bn(const Tensor& conv_weight,
 
   std::vector<int64_t> per_out_channel(conv_weight.dim(), 1);
   per_out_channel[0] = c_out;
-  Tensor weight = conv_weight.to(acc).mul(scale.reshape(per_out_channel)).to(
-      conv_weight.scalar_type());
+  Tensor weight =
+      conv_weight.to(acc).mul(scale.reshape(per_out_channel)).to(conv_weight.scalar_type());
 
   Tensor bias = bn_running_mean.to(acc).neg();
   if (conv_bias.has_value()) bias = bias.add(conv_bias->to(acc));
@@ -59,8 +59,6 @@ std::tuple<Tensor, Tensor> fold_conv_bn(const Tensor& conv_weight,
 
 }  // namespace
 
-FUSEDRES_LIBRARY_IMPL(CompositeImplicitAutograd, m) {
-  m.impl("fold_conv_bn", &fold_conv_bn);
-}
+FUSEDRES_LIBRARY_IMPL(CompositeImplicitAutograd, m) { m.impl("fold_conv_bn", &fold_conv_bn); }
 
 }  // namespace fusedres

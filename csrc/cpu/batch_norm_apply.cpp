@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "../common.h"
-#include "loops.h"
 #include "../normalize_act.h"
+#include "loops.h"
 
 namespace fusedres::cpu {
 
@@ -76,23 +76,28 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   if (input.numel() == 0) return;
   const ChannelView v = channel_view(input);
   const int64_t C = v.channels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "normalize_act", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ChannelValues<acc_t> m(a.mean, C, 0), s(a.scale, C, 1), b(a.shift, C, 0);
-    const ChannelValues<acc_t> rm(a.residual_mean, C, 0), rs(a.residual_scale, C, 1),
-        rb(a.residual_shift, C, 0);
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* r = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* y = out.data_ptr<scalar_t>();
-    auto run = [&](auto residual, auto relu) {
-      normalize_kernel<scalar_t, acc_t, decltype(residual)::value, decltype(relu)::value>(
-          v, x, r, m.data, s.data, b.data, rm.data, rs.data, rb.data, y);
-    };
-    if (r && a.relu) run(std::true_type{}, std::true_type{});
-    else if (r) run(std::true_type{}, std::false_type{});
-    else if (a.relu) run(std::false_type{}, std::true_type{});
-    else run(std::false_type{}, std::false_type{});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "normalize_act", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const ChannelValues<acc_t> m(a.mean, C, 0), s(a.scale, C, 1), b(a.shift, C, 0);
+        const ChannelValues<acc_t> rm(a.residual_mean, C, 0), rs(a.residual_scale, C, 1),
+            rb(a.residual_shift, C, 0);
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* r = a.residual ? a.residual->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* y = out.data_ptr<scalar_t>();
+        auto run = [&](auto residual, auto relu) {
+          normalize_kernel<scalar_t, acc_t, decltype(residual)::value, decltype(relu)::value>(
+              v, x, r, m.data, s.data, b.data, rm.data, rs.data, rb.data, y);
+        };
+        if (r && a.relu)
+          run(std::true_type{}, std::true_type{});
+        else if (r)
+          run(std::true_type{}, std::false_type{});
+        else if (a.relu)
+          run(std::false_type{}, std::true_type{});
+        else
+          run(std::false_type{}, std::false_type{});
+      });
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {

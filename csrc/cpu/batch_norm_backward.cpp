@@ -67,40 +67,44 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
     return {sum_dy, sum_dy_xhat};
   }
   const ChannelView v = channel_view(a.input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    const acc_t* mu = mean.const_data_ptr<acc_t>();
-    with_mask(y != nullptr, [&](auto mask) {
-      constexpr bool kMasked = decltype(mask)::value;
-      // sum(g) and sum(g * (x - mean)); the latter is scaled by invstd once at the end.
-      auto row = [&](int64_t offset, acc_t* acc0, acc_t* acc1) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t g = masked<kMasked>(dy, y, offset + c);
-          acc0[c] += g;
-          acc1[c] += g * (static_cast<acc_t>(x[offset + c]) - mu[c]);
-        }
-      };
-      auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
-        const acc_t m = mu[c];
-        acc_t sums[2];
-        lane_sums<2>(offset, offset + n, [&](int64_t i, acc_t* t) {
-          t[0] = masked<kMasked>(dy, y, i);
-          t[1] = t[0] * (static_cast<acc_t>(x[i]) - m);
-        }, sums);
-        acc0 += sums[0];
-        acc1 += sums[1];
-      };
-      auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
-      const acc_t* is = invstd.const_data_ptr<acc_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        sum_dy.data_ptr<acc_t>()[c] = s0[c];
-        sum_dy_xhat.data_ptr<acc_t>()[c] = s1[c] * is[c];
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_reduce", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+        const acc_t* mu = mean.const_data_ptr<acc_t>();
+        with_mask(y != nullptr, [&](auto mask) {
+          constexpr bool kMasked = decltype(mask)::value;
+          // sum(g) and sum(g * (x - mean)); the latter is scaled by invstd once at the end.
+          auto row = [&](int64_t offset, acc_t* acc0, acc_t* acc1) {
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t g = masked<kMasked>(dy, y, offset + c);
+              acc0[c] += g;
+              acc1[c] += g * (static_cast<acc_t>(x[offset + c]) - mu[c]);
+            }
+          };
+          auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
+            const acc_t m = mu[c];
+            acc_t sums[2];
+            lane_sums<2>(
+                offset, offset + n,
+                [&](int64_t i, acc_t* t) {
+                  t[0] = masked<kMasked>(dy, y, i);
+                  t[1] = t[0] * (static_cast<acc_t>(x[i]) - m);
+                },
+                sums);
+            acc0 += sums[0];
+            acc1 += sums[1];
+          };
+          auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
+          const acc_t* is = invstd.const_data_ptr<acc_t>();
+          for (int64_t c = 0; c < C; ++c) {
+            sum_dy.data_ptr<acc_t>()[c] = s0[c];
+            sum_dy_xhat.data_ptr<acc_t>()[c] = s1[c] * is[c];
+          }
+        });
+      });
   return {sum_dy, sum_dy_xhat};
 }
 
@@ -118,46 +122,47 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
   const ChannelView v = channel_view(a.input);
   const int64_t C = v.channels;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_input", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Per channel: grad_input = k * (g - mean_dy - (x - mean) * proj)
-    const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
-    const Tensor sum_dy = sum_dy_.contiguous(), sum_dy_xhat = sum_dy_xhat_.contiguous();
-    const Tensor weight = weight_ ? weight_->to(acc).contiguous() : Tensor();
-    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(v.per_channel());
-    std::vector<acc_t> k(C), mean_dy(C), proj(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t is = invstd.const_data_ptr<acc_t>()[c];
-      const acc_t w = weight.defined() ? weight.const_data_ptr<acc_t>()[c] : acc_t(1);
-      k[c] = w * is;
-      mean_dy[c] = sum_dy.const_data_ptr<acc_t>()[c] * inv_m;
-      proj[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_m * is;
-    }
-    const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-    const acc_t* mu = mean.const_data_ptr<acc_t>();
-    scalar_t* dx = grad_input.data_ptr<scalar_t>();
-    with_mask(y != nullptr, [&](auto mask) {
-      constexpr bool kMasked = decltype(mask)::value;
-      auto row = [&](int64_t offset) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.input.scalar_type(), "batch_norm_backward_input", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        // Per channel: grad_input = k * (g - mean_dy - (x - mean) * proj)
+        const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
+        const Tensor sum_dy = sum_dy_.contiguous(), sum_dy_xhat = sum_dy_xhat_.contiguous();
+        const Tensor weight = weight_ ? weight_->to(acc).contiguous() : Tensor();
+        const acc_t inv_m = acc_t(1) / static_cast<acc_t>(v.per_channel());
+        std::vector<acc_t> k(C), mean_dy(C), proj(C);
         for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = offset + c;
-          const acc_t g = masked<kMasked>(dy, y, i);
-          const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
-          dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+          const acc_t is = invstd.const_data_ptr<acc_t>()[c];
+          const acc_t w = weight.defined() ? weight.const_data_ptr<acc_t>()[c] : acc_t(1);
+          k[c] = w * is;
+          mean_dy[c] = sum_dy.const_data_ptr<acc_t>()[c] * inv_m;
+          proj[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_m * is;
         }
-      };
-      auto plane = [&](int64_t offset, int64_t n, int64_t c) {
-        const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
-        for (int64_t i = offset; i < offset + n; ++i) {
-          const acc_t g = masked<kMasked>(dy, y, i);
-          dx[i] = static_cast<scalar_t>(kc * (g - mdc - (static_cast<acc_t>(x[i]) - mc) * pc));
-        }
-      };
-      for_each_run(v, row, plane);
-    });
-  });
+        const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
+        const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
+        const scalar_t* x = a.input.const_data_ptr<scalar_t>();
+        const acc_t* mu = mean.const_data_ptr<acc_t>();
+        scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        with_mask(y != nullptr, [&](auto mask) {
+          constexpr bool kMasked = decltype(mask)::value;
+          auto row = [&](int64_t offset) {
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t i = offset + c;
+              const acc_t g = masked<kMasked>(dy, y, i);
+              const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
+              dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+            }
+          };
+          auto plane = [&](int64_t offset, int64_t n, int64_t c) {
+            const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
+            for (int64_t i = offset; i < offset + n; ++i) {
+              const acc_t g = masked<kMasked>(dy, y, i);
+              dx[i] = static_cast<scalar_t>(kc * (g - mdc - (static_cast<acc_t>(x[i]) - mc) * pc));
+            }
+          };
+          for_each_run(v, row, plane);
+        });
+      });
   return grad_input;
 }
 

@@ -63,16 +63,19 @@ void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, 
         const scalar_t* run = x + (o * v.channels + c) * v.inner;
         const acc_t shift = finite_or_zero(static_cast<acc_t>(run[0]));
         acc_t sum[1], m2[1];
-        lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
-          t[0] = static_cast<acc_t>(run[i]) - shift;
-        }, sum);
+        lane_sums<1>(
+            0, v.inner, [&](int64_t i, acc_t* t) { t[0] = static_cast<acc_t>(run[i]) - shift; },
+            sum);
         Moments part;
         part.count = static_cast<double>(v.inner);
         const acc_t offset = sum[0] / static_cast<acc_t>(v.inner);  // mean - shift
-        lane_sums<1>(0, v.inner, [&](int64_t i, acc_t* t) {
-          const acc_t d = static_cast<acc_t>(run[i]) - shift - offset;
-          t[0] = d * d;
-        }, m2);
+        lane_sums<1>(
+            0, v.inner,
+            [&](int64_t i, acc_t* t) {
+              const acc_t d = static_cast<acc_t>(run[i]) - shift - offset;
+              t[0] = d * d;
+            },
+            m2);
         part.m2 = m2[0];
         part.mean = static_cast<double>(shift) + static_cast<double>(offset);
         total.merge(part);
@@ -95,13 +98,12 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
       const int64_t row_begin = b * kRowsPerBlock;
       const int64_t row_end = std::min(v.outer, row_begin + kRowsPerBlock);
       const acc_t count = static_cast<acc_t>(row_end - row_begin);
-      std::vector<acc_t> shift(C);              // each channel's first value in the block
-      std::vector<acc_t> offset(C, acc_t(0));   // mean - shift
+      std::vector<acc_t> shift(C);             // each channel's first value in the block
+      std::vector<acc_t> offset(C, acc_t(0));  // mean - shift
       for (int64_t c = 0; c < C; ++c)
         shift[c] = finite_or_zero(static_cast<acc_t>(x[row_begin * C + c]));
       for (int64_t row = row_begin; row < row_end; ++row)
-        for (int64_t c = 0; c < C; ++c)
-          offset[c] += static_cast<acc_t>(x[row * C + c]) - shift[c];
+        for (int64_t c = 0; c < C; ++c) offset[c] += static_cast<acc_t>(x[row * C + c]) - shift[c];
       for (int64_t c = 0; c < C; ++c) offset[c] /= count;
       std::vector<acc_t> m2(C, acc_t(0));
       for (int64_t row = row_begin; row < row_end; ++row) {
@@ -140,21 +142,20 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
     return {mean, var};
   }
   const ChannelView v = channel_view(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    if (v.inner == 1)
-      stats_channels_last(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-    else
-      stats_channels_first(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        if (v.inner == 1)
+          stats_channels_last(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+        else
+          stats_channels_first(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+      });
   return {mean, var};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats);
-}
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) { m.impl("batch_norm_stats", &batch_norm_stats); }
 
 }  // namespace fusedres::cpu

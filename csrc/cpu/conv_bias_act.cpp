@@ -23,10 +23,10 @@ Tensor conv_bias_act(const Tensor& input, const Tensor& weight, const std::optio
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups);
   std::optional<Tensor> bias_;
   if (c.bias) bias_ = c.bias->to(c.input.scalar_type());
-  Tensor conv = with_format_strides(
-      at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
-                      /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
-      c.format);
+  Tensor conv =
+      with_format_strides(at::convolution(c.input, c.weight, bias_, stride, padding, dilation,
+                                          /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+                          c.format);
   Tensor out = conv;
   if (c.residual) out.add_(*c.residual);
   return out.relu_();
@@ -40,8 +40,8 @@ Tensor conv_bias_relu(const Tensor& input, const Tensor& weight, const std::opti
 
 Tensor conv_bias_add_relu(const Tensor& input, const Tensor& weight,
                           const std::optional<Tensor>& bias, const Tensor& residual,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t groups) {
   return conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups);
 }
 

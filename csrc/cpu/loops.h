@@ -25,7 +25,8 @@ void for_each_run(const ChannelView& v, const Row& row, const Plane& plane) {
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / v.inner);
     at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t line = begin; line < end; ++line) plane(line * v.inner, v.inner, line % v.channels);
+      for (int64_t line = begin; line < end; ++line)
+        plane(line * v.inner, v.inner, line % v.channels);
     });
   }
 }

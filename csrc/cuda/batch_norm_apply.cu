@@ -53,9 +53,8 @@ struct Coefficients {
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void normalize_channels_last_kernel(const scalar_t* __restrict__ x,
                                                const scalar_t* __restrict__ residual,
-                                               scalar_t* __restrict__ out,
-                                               NormalizeParams<acc_t> p, int64_t rows,
-                                               int64_t C) {
+                                               scalar_t* __restrict__ out, NormalizeParams<acc_t> p,
+                                               int64_t rows, int64_t C) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   Coefficients<acc_t> k[VEC];
@@ -72,8 +71,8 @@ __global__ void normalize_channels_last_kernel(const scalar_t* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
-      yv.v[j] = k[j].template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr,
-                                              r, p.relu);
+      yv.v[j] = k[j].template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r,
+                                              p.relu);
     }
     store_vec<scalar_t, VEC>(out + i, yv);
   }
@@ -96,8 +95,8 @@ __global__ void normalize_channels_first_kernel(const scalar_t* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
-      yv.v[j] = k.template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r,
-                                           p.relu);
+      yv.v[j] =
+          k.template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r, p.relu);
     }
     store_vec<scalar_t, VEC>(out + i, yv);
   }
@@ -110,8 +109,8 @@ void launch_normalize(const ChannelView& v, const scalar_t* x, const scalar_t* r
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
     FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
-                    normalize_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        x, residual, out, p, v.outer, v.channels);
+                    normalize_channels_last_kernel<scalar_t, acc_t, VEC>)(x, residual, out, p,
+                                                                          v.outer, v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
     FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
@@ -134,21 +133,25 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int device = input.get_device();
   const ChannelView v = channel_view(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "normalize_act", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const NormalizeParams<acc_t> p{ptr_or_null<acc_t>(a.mean),          ptr_or_null<acc_t>(a.scale),
-                                   ptr_or_null<acc_t>(a.shift),         ptr_or_null<acc_t>(a.residual_mean),
-                                   ptr_or_null<acc_t>(a.residual_scale), ptr_or_null<acc_t>(a.residual_shift),
-                                   a.relu};
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* r = ptr_or_null<scalar_t>(a.residual);
-    scalar_t* y = out.data_ptr<scalar_t>();
-    constexpr int V = kVec16<scalar_t>;
-    if (can_vectorize(v, V) && aligned16(x) && aligned16(r) && aligned16(y))
-      launch_normalize<scalar_t, acc_t, V>(v, x, r, y, p, device, stream);
-    else
-      launch_normalize<scalar_t, acc_t, 1>(v, x, r, y, p, device, stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "normalize_act", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const NormalizeParams<acc_t> p{ptr_or_null<acc_t>(a.mean),
+                                       ptr_or_null<acc_t>(a.scale),
+                                       ptr_or_null<acc_t>(a.shift),
+                                       ptr_or_null<acc_t>(a.residual_mean),
+                                       ptr_or_null<acc_t>(a.residual_scale),
+                                       ptr_or_null<acc_t>(a.residual_shift),
+                                       a.relu};
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* r = ptr_or_null<scalar_t>(a.residual);
+        scalar_t* y = out.data_ptr<scalar_t>();
+        constexpr int V = kVec16<scalar_t>;
+        if (can_vectorize(v, V) && aligned16(x) && aligned16(r) && aligned16(y))
+          launch_normalize<scalar_t, acc_t, V>(v, x, r, y, p, device, stream);
+        else
+          launch_normalize<scalar_t, acc_t, 1>(v, x, r, y, p, device, stream);
+      });
 }
 
 FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {

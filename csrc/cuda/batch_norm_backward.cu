@@ -42,8 +42,8 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, typename acc_t, int VEC>
-__device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, acc_t>& a,
-                                                 int64_t i, acc_t (&g)[VEC], acc_t (&x)[VEC]) {
+__device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, acc_t>& a, int64_t i,
+                                                 acc_t (&g)[VEC], acc_t (&x)[VEC]) {
   const auto dyv = load_vec<scalar_t, VEC>(a.dy + i);
   const auto xv = load_vec<scalar_t, VEC>(a.x + i);
   Vec<scalar_t, VEC> yv;
@@ -141,9 +141,8 @@ __device__ __forceinline__ void channel_coefficients(const acc_t* mean, const ac
 
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void input_grad_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a,
-                                                InputGradParams<acc_t> p,
-                                                scalar_t* __restrict__ dx, int64_t rows,
-                                                int64_t C) {
+                                                InputGradParams<acc_t> p, scalar_t* __restrict__ dx,
+                                                int64_t rows, int64_t C) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
@@ -225,15 +224,14 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
     partials = at::empty({2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 2 * sizeof(acc_t);
     FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
-                    reduce_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        a, v.outer, v.channels, partials.data_ptr<acc_t>());
+                    reduce_channels_last_kernel<scalar_t, acc_t, VEC>)(a, v.outer, v.channels,
+                                                                       partials.data_ptr<acc_t>());
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
     partials = at::empty({2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(256) * 2 * sizeof(acc_t);
-    FUSEDRES_LAUNCH(grid, 256, smem, stream,
-                    reduce_channels_first_kernel<scalar_t, acc_t, VEC>)(
+    FUSEDRES_LAUNCH(grid, 256, smem, stream, reduce_channels_first_kernel<scalar_t, acc_t, VEC>)(
         a, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -248,13 +246,13 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
     FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
-                    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        a, p, dx, v.outer, v.channels);
+                    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>)(a, p, dx, v.outer,
+                                                                           v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
     FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
-                    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        a, p, dx, vectors, v.channels, v.inner);
+                    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(a, p, dx, vectors,
+                                                                            v.channels, v.inner);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -275,18 +273,19 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out,
   const c10::cuda::CUDAGuard guard(t.input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ChannelView v = channel_view(t.input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_reduce", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto a = kernel_args<scalar_t, acc_t>(t);
-    if (vectorizable(v, a))
-      launch_reduce<scalar_t, acc_t, kVec16<scalar_t>>(v, a, sum_dy.data_ptr<acc_t>(),
-                                                       sum_dy_xhat.data_ptr<acc_t>(),
-                                                       t.mean.options(), t.input.get_device(), stream);
-    else
-      launch_reduce<scalar_t, acc_t, 1>(v, a, sum_dy.data_ptr<acc_t>(),
-                                        sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
-                                        t.input.get_device(), stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_reduce", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto a = kernel_args<scalar_t, acc_t>(t);
+        if (vectorizable(v, a))
+          launch_reduce<scalar_t, acc_t, kVec16<scalar_t>>(
+              v, a, sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
+              t.input.get_device(), stream);
+        else
+          launch_reduce<scalar_t, acc_t, 1>(v, a, sum_dy.data_ptr<acc_t>(),
+                                            sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
+                                            t.input.get_device(), stream);
+      });
   return {sum_dy, sum_dy_xhat};
 }
 
@@ -306,19 +305,21 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
   const ChannelView v = channel_view(t.input);
   const Tensor weight_acc = weight ? weight->to(acc).contiguous() : Tensor();
   const Tensor sums0 = sum_dy.contiguous(), sums1 = sum_dy_xhat.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_input", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto a = kernel_args<scalar_t, acc_t>(t);
-    const InputGradParams<acc_t> p{
-        weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr,
-        sums0.const_data_ptr<acc_t>(), sums1.const_data_ptr<acc_t>(),
-        acc_t(1) / static_cast<acc_t>(v.per_channel())};
-    scalar_t* dx = grad_input.data_ptr<scalar_t>();
-    if (vectorizable(v, a, dx))
-      launch_input_grad<scalar_t, acc_t, kVec16<scalar_t>>(v, a, p, dx, t.input.get_device(), stream);
-    else
-      launch_input_grad<scalar_t, acc_t, 1>(v, a, p, dx, t.input.get_device(), stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_input", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const auto a = kernel_args<scalar_t, acc_t>(t);
+        const InputGradParams<acc_t> p{
+            weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr,
+            sums0.const_data_ptr<acc_t>(), sums1.const_data_ptr<acc_t>(),
+            acc_t(1) / static_cast<acc_t>(v.per_channel())};
+        scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        if (vectorizable(v, a, dx))
+          launch_input_grad<scalar_t, acc_t, kVec16<scalar_t>>(v, a, p, dx, t.input.get_device(),
+                                                               stream);
+        else
+          launch_input_grad<scalar_t, acc_t, 1>(v, a, p, dx, t.input.get_device(), stream);
+      });
   return grad_input;
 }
 

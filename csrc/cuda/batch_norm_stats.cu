@@ -174,24 +174,23 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
   const c10::cuda::CUDAGuard guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ChannelView v = channel_view(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    constexpr int V = kVec16<scalar_t>;
-    if (can_vectorize(v, V) && aligned16(x))
-      launch_stats<scalar_t, acc_t, V>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                       options, input.get_device(), stream);
-    else
-      launch_stats<scalar_t, acc_t, 1>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                       options, input.get_device(), stream);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        constexpr int V = kVec16<scalar_t>;
+        if (can_vectorize(v, V) && aligned16(x))
+          launch_stats<scalar_t, acc_t, V>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                           options, input.get_device(), stream);
+        else
+          launch_stats<scalar_t, acc_t, 1>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                           options, input.get_device(), stream);
+      });
   return {mean, var};
 }
 
 }  // namespace
 
-FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats);
-}
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) { m.impl("batch_norm_stats", &batch_norm_stats); }
 
 }  // namespace fusedres::cuda

@@ -64,8 +64,8 @@ Tensor conv_bias_relu(const Tensor& input, const Tensor& weight, const std::opti
 
 Tensor conv_bias_add_relu(const Tensor& input, const Tensor& weight,
                           const std::optional<Tensor>& bias, const Tensor& residual,
-                          at::IntArrayRef stride, at::IntArrayRef padding,
-                          at::IntArrayRef dilation, int64_t groups) {
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                          int64_t groups) {
   return conv_bias_act(
       prepare_conv(input, weight, bias, residual, stride, padding, dilation, groups), stride,
       padding, dilation, groups);

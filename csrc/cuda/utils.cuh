@@ -93,7 +93,8 @@ inline ChannelsLastGrid channels_last_grid(const ChannelView& v, int vec, int de
   const int by = 256 / bx;
   const int64_t gx = ceil_div(vectors, bx);
   const int64_t target = int64_t(sm_count(device)) * blocks_per_sm;
-  const int64_t gy = std::clamp<int64_t>(target / gx, 1, std::min<int64_t>(ceil_div(v.outer, by), 65535));
+  const int64_t gy =
+      std::clamp<int64_t>(target / gx, 1, std::min<int64_t>(ceil_div(v.outer, by), 65535));
   return {dim3(bx, by), dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy))};
 }
 

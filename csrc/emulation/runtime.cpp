@@ -7,17 +7,16 @@
 // keep their alignment) right before an inaccessible page. A kernel that reads or writes past
 // the end of a tensor faults there; the fault handler leaves the kernel and the launch throws
 // an error naming the kernel, its block and thread, instead of crashing the process.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <Python.h>
+#include <c10/core/CPUAllocator.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <torch/library.h>
 #include <ucontext.h>
 #include <unistd.h>
-
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/core/CPUAllocator.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -105,7 +104,7 @@ void on_fault(int, siginfo_t* info, void*) {
 }
 
 struct FaultHandler {
-  struct sigaction previous_segv {}, previous_bus {};
+  struct sigaction previous_segv{}, previous_bus{};
   FaultHandler() {
     if (signal_stack.empty()) {
       signal_stack.resize(64 * 1024);
@@ -114,7 +113,7 @@ struct FaultHandler {
       stack.ss_size = signal_stack.size();
       sigaltstack(&stack, nullptr);
     }
-    struct sigaction action {};
+    struct sigaction action{};
     action.sa_sigaction = on_fault;
     action.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&action.sa_mask);
@@ -188,8 +187,8 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
          const std::function<void()>& body) {
   const uint64_t threads = uint64_t(block_shape.x) * block_shape.y * block_shape.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && block_shape.z <= 64,
-              "invalid block shape for kernel ", kernel, ": (", block_shape.x, ", ",
-              block_shape.y, ", ", block_shape.z, ")");
+              "invalid block shape for kernel ", kernel, ": (", block_shape.x, ", ", block_shape.y,
+              ", ", block_shape.z, ")");
   TORCH_CHECK(grid.x >= 1 && grid.y >= 1 && grid.y <= 65535 && grid.z >= 1 && grid.z <= 65535,
               "invalid grid for kernel ", kernel, ": (", grid.x, ", ", grid.y, ", ", grid.z, ")");
   TORCH_CHECK(shared_bytes <= 48 * 1024, "kernel ", kernel, " asks for ", shared_bytes,
@@ -229,8 +228,8 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
           const dim3 t = block.current->index;
           thread_idx = nullptr;
           TORCH_CHECK(false, "out-of-bounds access at ", fault_address, " in kernel ", kernel,
-                      ", block (", bx, ", ", by, ", ", bz, "), thread (", t.x, ", ", t.y, ", ",
-                      t.z, ")");
+                      ", block (", bx, ", ", by, ", ", bz, "), thread (", t.x, ", ", t.y, ", ", t.z,
+                      ")");
         }
         fault_target = &target;
         while (!run_round()) {
