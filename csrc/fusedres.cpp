@@ -34,11 +34,11 @@
 //                             triton: kernels/add_relu.py
 //                             used by: fusedres/functional.py (add_relu)
 // conv_bias_relu              cpu: csrc/cpu/conv_bias_act.cpp   cuda: csrc/cuda/conv_bias_act.cu
-// conv_bias_add_relu          triton: kernels/conv2d.py (conv2d, with its prologue off)
+// conv_bias_add_relu          triton: kernels/fused_conv2d.py (fused_conv2d, prologue off)
 //                             used by: fusedres/functional.py (conv_bias_relu, conv_bias_add_relu)
 // fold_conv_bn                cpu, cuda: csrc/composite/fold_conv_bn.cpp
 //                             used by: fusedres/functional.py (fold_conv_bn), fusedres/convert.py
-// (Triton only) conv2d        triton: kernels/conv2d.py
+// (Triton only) fused_conv2d  triton: kernels/fused_conv2d.py
 //                             used by: fusedres/functional.py (fused_conv2d)
 //
 // Tests: every op on every backend through the functional API (tests/test_batch_norm.py,

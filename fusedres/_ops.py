@@ -470,13 +470,13 @@ def _backward_conv(ctx, grad):
     return tuple(grads) + (None,) * 4
 
 
-# ---- conv2d (Triton only: fused_conv2d) --------------------------------------------------
+# ---- fused_conv2d (Triton only) -----------------------------------------------------------
 
 
 TRITON_CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+def check_fused_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
                  dilation, groups, input_relu, relu, emit_stats):
     check_conv(input, weight, bias, residual, stride, padding, dilation, groups)
     torch._check(input.dtype in TRITON_CONV_DTYPES,
@@ -489,14 +489,14 @@ def check_conv2d(input, weight, bias, residual, input_scale, input_shift, stride
         check_channel_vector(input_shift, input, torch.float32, "input_shift")
 
 
-def _fake_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+def _fake_fused_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
                  dilation, groups, input_relu, relu, emit_stats):
     out = _conv_output(input, weight, stride, padding, dilation)
     stats = input.new_empty((weight.shape[0] if emit_stats else 0,), dtype=torch.float32)
     return out, stats, torch.empty_like(stats)
 
 
-def _setup_conv2d(ctx, inputs, output):
+def _setup_fused_conv2d(ctx, inputs, output):
     (input, weight, bias, residual, input_scale, input_shift, stride, padding, dilation, groups,
      input_relu, relu, emit_stats) = inputs
     out, mean, var = output
@@ -506,7 +506,7 @@ def _setup_conv2d(ctx, inputs, output):
     ctx.save_for_backward(input, weight, bias, input_scale, input_shift, out if relu else None)
 
 
-def _backward_conv2d(ctx, grad, _grad_mean, _grad_var):
+def _backward_fused_conv2d(ctx, grad, _grad_mean, _grad_var):
     """The prologue's output is recomputed from the saved input (the forward never stores
     it); ATen does the data and weight gradients."""
     input, weight, bias, scale, shift, out = ctx.saved_tensors
@@ -565,7 +565,8 @@ OPS = {
     "conv_bias_relu": Op(check_conv_bias_relu, _fake_conv_bias_relu, _setup_conv, _backward_conv),
     "conv_bias_add_relu": Op(check_conv_bias_add_relu, _fake_conv_bias_add_relu, _setup_conv,
                              _backward_conv),
-    "conv2d": Op(check_conv2d, _fake_conv2d, _setup_conv2d, _backward_conv2d),
+    "fused_conv2d": Op(check_fused_conv2d, _fake_fused_conv2d, _setup_fused_conv2d,
+                         _backward_fused_conv2d),
 }
 
 _BN_OPS = ["batch_norm_stats", "batch_norm_apply", "batch_norm_act_train",
@@ -576,7 +577,7 @@ _BN_OPS = ["batch_norm_stats", "batch_norm_apply", "batch_norm_act_train",
 NAMESPACE_OPS = {
     "fusedres": _BN_OPS + ["conv_bias_relu", "conv_bias_add_relu"],
     "fusedres_emulated": _BN_OPS + ["conv_bias_relu", "conv_bias_add_relu"],
-    "fusedres_triton": _BN_OPS + ["conv2d"],
+    "fusedres_triton": _BN_OPS + ["fused_conv2d"],
 }
 
 

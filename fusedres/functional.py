@@ -462,7 +462,7 @@ def _conv_bias_act(input, weight, bias, residual, stride, padding, dilation, gro
                                        groups)
     if backend == "triton":
         _triton_conv_dtype(input)
-        return _call(torch.ops.fusedres_triton.conv2d, input, weight, bias, residual, None, None,
+        return _call(torch.ops.fusedres_triton.fused_conv2d, input, weight, bias, residual, None, None,
                      stride, padding, dilation, groups, False, True, False)[0]
     ops = _fused_ops(backend)
     if residual is None:
@@ -525,11 +525,11 @@ def fused_conv2d(
         _triton_conv_dtype(input)
         scale = input_scale.float() if input_scale is not None else None
         shift = input_shift.float() if input_shift is not None else None
-        out, mean, var = torch.ops.fusedres_triton.conv2d(
+        out, mean, var = torch.ops.fusedres_triton.fused_conv2d(
             input, weight, bias, residual, scale, shift, stride, padding, dilation, groups,
             input_relu, relu, return_stats)
     else:
         out, mean, var = reference.fused_conv2d(
-            input, weight, bias, residual, input_scale, input_shift, input_relu, relu, stride,
-            padding, dilation, groups)
+            input, weight, bias, residual, input_scale, input_shift, stride, padding, dilation,
+            groups, input_relu, relu, True)
     return (out, mean, var) if return_stats else out

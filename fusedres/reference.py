@@ -76,24 +76,6 @@ def conv_output_shape(input, weight, stride, padding, dilation):
     return tuple(size)
 
 
-def fused_conv2d(input, weight, bias, residual, input_scale, input_shift, input_relu, relu,
-                 stride, padding, dilation, groups):
-    """Prologue (per-channel affine + ReLU) -> conv -> bias + residual -> ReLU, and the
-    output's per-channel mean and biased variance (float32)."""
-    a = input
-    if input_scale is not None:
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        a = input.float() * input_scale.float().reshape(shape) + input_shift.float().reshape(shape)
-        a = (torch.relu(a) if input_relu else a).to(input.dtype)
-    out = F.conv2d(a, weight, bias.to(input.dtype) if bias is not None else None, stride,
-                   padding, dilation, groups)
-    if residual is not None:
-        out = out + residual
-    if relu:
-        out = torch.relu(out)
-    with torch.no_grad():
-        var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), correction=0)
-    return out, mean, var
 
 
 # ---- the raw ops (torch.ops.fusedres.* / fusedres_triton.*), by the same names and arguments --
@@ -190,11 +172,24 @@ def conv_bias_add_relu(input, weight, bias, residual, stride, padding, dilation,
     return conv_bias_act(input, weight, bias, residual, stride, padding, dilation, groups)
 
 
-def conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding, dilation,
-           groups, input_relu, relu, emit_stats):
-    """The Triton namespace's fused convolution (fused_conv2d's raw op)."""
-    out, mean, var = fused_conv2d(input, weight, bias, residual, input_scale, input_shift,
-                                  input_relu, relu, stride, padding, dilation, groups)
+def fused_conv2d(input, weight, bias, residual, input_scale, input_shift, stride, padding,
+                 dilation, groups, input_relu, relu, emit_stats):
+    """The Triton namespace's fused convolution: prologue (per-channel affine + ReLU) -> conv
+    -> bias + residual -> ReLU, and with emit_stats the output's per-channel mean and biased
+    variance (float32)."""
+    a = input
+    if input_scale is not None:
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        a = input.float() * input_scale.float().reshape(shape) + input_shift.float().reshape(shape)
+        a = (torch.relu(a) if input_relu else a).to(input.dtype)
+    out = F.conv2d(a, weight, bias.to(input.dtype) if bias is not None else None, stride,
+                   padding, dilation, groups)
+    if residual is not None:
+        out = out + residual
+    if relu:
+        out = torch.relu(out)
     if not emit_stats:
-        mean, var = mean.new_empty(0), var.new_empty(0)
+        return out, out.new_empty(0, dtype=torch.float32), out.new_empty(0, dtype=torch.float32)
+    with torch.no_grad():
+        var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), correction=0)
     return out, mean, var

@@ -8,10 +8,10 @@ the Triton interpreter (TRITON_INTERPRET=1, set before import), for tests.
 from fusedres._ops import register as _register
 
 from . import (add_relu, batch_norm_apply, batch_norm_backward, batch_norm_stats, batch_norm_train,
-               conv2d)
+               fused_conv2d)
 from ._common import INTERPRETED
 
 _register("fusedres_triton")
 
 __all__ = ["INTERPRETED", "add_relu", "batch_norm_apply", "batch_norm_backward",
-           "batch_norm_stats", "batch_norm_train", "conv2d"]
+           "batch_norm_stats", "batch_norm_train", "fused_conv2d"]

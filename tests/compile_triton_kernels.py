@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from fusedres.kernels import _common, conv2d
+from fusedres.kernels import _common, fused_conv2d
 
 ARCHS = (90, 80)
 BF16 = torch.bfloat16
@@ -95,10 +95,10 @@ def conv_workload(dtype, batch=16):
             x = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
             w = torch.empty(wshape, dtype=dtype).contiguous(memory_format=torch.channels_last)
             b = torch.zeros(wshape[0])
-            out = conv2d.conv2d(x, w, b, None, None, None, stride, padding, [1, 1], 1, False,
+            out = fused_conv2d.fused_conv2d(x, w, b, None, None, None, stride, padding, [1, 1], 1, False,
                                 role != "bias", False)[0]
             if role == "add_relu":
-                conv2d.conv2d(x, w, b, out, None, None, stride, padding, [1, 1], 1, False, True,
+                fused_conv2d.fused_conv2d(x, w, b, out, None, None, stride, padding, [1, 1], 1, False, True,
                               False)
     return work
 
@@ -114,12 +114,12 @@ def variant_workload():
         s = torch.ones(16)
         for dtype in (BF16, torch.float32):
             xd, wd = x.to(dtype), w.to(dtype)
-            conv2d.conv2d(xd, wd, None, None, s, s, [1, 1], [1, 1], [1, 1], 1, True, False, True)
+            fused_conv2d.fused_conv2d(xd, wd, None, None, s, s, [1, 1], [1, 1], [1, 1], 1, True, False, True)
             res = torch.empty(2, 32, 8, 8, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
-            conv2d.conv2d(xd, wd, s.repeat(2), res, s, s, [1, 1], [1, 1], [1, 1], 1, True, True,
+            fused_conv2d.fused_conv2d(xd, wd, s.repeat(2), res, s, s, [1, 1], [1, 1], [1, 1], 1, True, True,
                           True)
-            conv2d.conv2d(xd, wd[:, :4], None, None, None, None, [2, 1], [1, 0], [2, 2], 4, False,
+            fused_conv2d.fused_conv2d(xd, wd[:, :4], None, None, None, None, [2, 1], [1, 0], [2, 2], 4, False,
                           True, False)
     return work
 

@@ -45,12 +45,12 @@ def conv_bias_add_relu(**change):
     return ("conv_bias_add_relu", *a.values())
 
 
-def conv2d(scale=None, shift=None, **change):
+def fused_conv2d(scale=None, shift=None, **change):
     """The Triton convolution's raw op (fused_conv2d): prologue and statistics on."""
     a = conv_args(**change)
     scale = vec() if scale is None else scale
     shift = vec() if shift is None else shift
-    return ("conv2d", a["input"], a["weight"], a["bias"], a["residual"], scale, shift,
+    return ("fused_conv2d", a["input"], a["weight"], a["bias"], a["residual"], scale, shift,
             a["stride"], a["padding"], a["dilation"], a["groups"], True, True, True)
 
 
@@ -142,7 +142,8 @@ CASES = [
     ("add-relu-dtype", ("add_relu", x(), x(dtype=F64)),
      "fusedres: residual must have the dtype of input (Float), got Double"),
 ]
-CONV_CASES = [  # (id, changes, message): for conv_bias_relu / conv_bias_add_relu / conv2d
+# (id, changes, message): for conv_bias_relu / conv_bias_add_relu / fused_conv2d
+CONV_CASES = [
     ("input-3d", dict(input=x(2, C, 5)), "fusedres: input must have shape (N, C, H, W), got "
                                          "[2, 4, 5]"),
     ("weight-3d", dict(weight=make((8, C, 3))), "fusedres: weight must have shape (C_out, C_in "
@@ -167,10 +168,11 @@ RESIDUAL_CASES = [
      "fusedres: residual must have the dtype of input (Float), got Double"),
 ]
 TRITON_CONV_CASES = [
-    ("scale-dtype", conv2d(scale=vec(dtype=F64)), "fusedres: input_scale must be Float, got "
-                                                  "Double"),
-    ("shift-length", conv2d(shift=vec(3)), "fusedres: input_shift must have shape (4,), got [3]"),
-    ("float64", conv2d(input=x(2, C, 5, 5, dtype=F64), weight=make((8, C, 3, 3), F64),
+    ("scale-dtype", fused_conv2d(scale=vec(dtype=F64)),
+     "fusedres: input_scale must be Float, got Double"),
+    ("shift-length", fused_conv2d(shift=vec(3)),
+     "fusedres: input_shift must have shape (4,), got [3]"),
+    ("float64", fused_conv2d(input=x(2, C, 5, 5, dtype=F64), weight=make((8, C, 3, 3), F64),
                        residual=x(2, 8, 5, 5, dtype=F64)),
      "fusedres: the Triton convolution takes Half, BFloat16 or Float input, got Double"),
 ]
@@ -183,12 +185,13 @@ def all_cases():
     for id, change, message in CONV_CASES + RESIDUAL_CASES:
         yield pytest.param(conv_bias_add_relu(**change), message,
                            ("fusedres", "fusedres_emulated"), id=f"conv-add-{id}")
-        yield pytest.param(conv2d(**change), message, ("fusedres_triton",), id=f"conv2d-{id}")
+        yield pytest.param(fused_conv2d(**change), message, ("fusedres_triton",),
+                           id=f"fused-conv2d-{id}")
     for id, change, message in CONV_CASES:
         yield pytest.param(conv_bias_relu(**change), message, ("fusedres", "fusedres_emulated"),
                            id=f"conv-{id}")
     for id, call, message in TRITON_CONV_CASES:
-        yield pytest.param(call, message, ("fusedres_triton",), id=f"conv2d-{id}")
+        yield pytest.param(call, message, ("fusedres_triton",), id=f"fused-conv2d-{id}")
 
 
 def namespaces(wanted):

@@ -9,7 +9,7 @@ import fusedres.functional as FF
 from conftest import CONV_TOLERANCE, TARGETS, TOLERANCE, assert_close, make, use
 
 CONV_OPS = {"conv_bias_relu", "conv_bias_add_relu", "fold_conv_bn"}  # C++ namespace only
-TRITON_ONLY = {"conv2d"}  # the Triton convolution: float16 / bfloat16 / float32
+TRITON_ONLY = {"fused_conv2d"}  # the Triton convolution: float16 / bfloat16 / float32
 
 
 def namespace(backend):
@@ -64,9 +64,9 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("conv_bias_add_relu", (x(), conv_w, None, make(strided_out, dtype, device, layout,
                                                         requires_grad=requires_grad),
                                   [2, 2], [1, 1], [1, 1], 1)),
-        ("conv2d", (x(), conv_w, per_channel(6, device, acc, requires_grad=requires_grad), None,
+        ("fused_conv2d", (x(), conv_w, per_channel(6, device, acc, requires_grad=requires_grad), None,
                     vec(True), vec(), [1, 1], [1, 1], [1, 1], 1, True, True, True)),
-        ("conv2d", (x(), conv_w, None, make(strided_out, dtype, device, layout,
+        ("fused_conv2d", (x(), conv_w, None, make(strided_out, dtype, device, layout,
                                             requires_grad=requires_grad),
                     None, None, [2, 2], [1, 1], [1, 1], 1, False, True, False)),
         ("fold_conv_bn", (conv_w, None, per_channel(6, device, acc), per_channel(6, device, acc, True),
@@ -111,7 +111,7 @@ def test_raw_op_numbers(target, layout, dtype):
         checked.add(name)
     from fusedres._ops import NAMESPACE_OPS
     backend = target[0]
-    expected = set(NAMESPACE_OPS[namespace(backend).name]) - ({"conv2d"} if dtype == torch.float64
+    expected = set(NAMESPACE_OPS[namespace(backend).name]) - ({"fused_conv2d"} if dtype == torch.float64
                                                                else set())
     assert expected <= checked, expected - checked
 

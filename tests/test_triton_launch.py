@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
 
 from fusedres.kernels import (_common, batch_norm_apply, batch_norm_backward,  # noqa: E402
-                              batch_norm_stats, conv2d)
+                              batch_norm_stats, fused_conv2d)
 
 TRITON = ("triton", "cpu")
 # (target, dtype): the interpreter in float32 (its bfloat16 matrix products are wrong); a GPU in
@@ -33,7 +33,7 @@ EVERY_CONFIG_TARGETS = [p if p.id.startswith("interpreter") else
                         for p in TARGET_DTYPES]
 BN_KERNELS = [batch_norm_stats._stats_partial_kernel, batch_norm_apply._normalize_kernel,
               batch_norm_backward._reduce_partial_kernel, batch_norm_backward._input_grad_kernel]
-CONV = conv2d._conv2d_kernel
+CONV = fused_conv2d._conv2d_kernel
 
 
 def config_id(config):
@@ -224,7 +224,7 @@ def test_conv_bias_of_any_layout(bias_kind, target, dtype):
     w = make((8, 4, 3, 3), dtype, device, scale=0.3)
     bias = {"strided": torch.randn(16)[::2], "expanded": torch.tensor([1.5]).expand(8),
             "float64": torch.randn(8, dtype=torch.float64)}[bias_kind].to(device)
-    out, _, _ = torch.ops.fusedres_triton.conv2d(x, w, bias, None, None, None, [1, 1], [1, 1],
+    out, _, _ = torch.ops.fusedres_triton.fused_conv2d(x, w, bias, None, None, None, [1, 1], [1, 1],
                                                  [1, 1], 1, False, False, False)
     ref = F.conv2d(x.double(), w.double(), bias.double(), 1, 1)
     assert_close(out, ref, dtype, CONV_TOLERANCE)

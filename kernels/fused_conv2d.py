@@ -136,15 +136,15 @@ def _conv2d_kernel(
         tl.store(part + 2 * part_rows * C_out, tl.sum(d * d, axis=0).to(tl.float64), mask=n_ok)
 
 
-@torch.library.custom_op("fusedres_triton::conv2d", mutates_args=())
-def conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-           residual: Optional[torch.Tensor], input_scale: Optional[torch.Tensor],
-           input_shift: Optional[torch.Tensor], stride: List[int], padding: List[int],
-           dilation: List[int], groups: int, input_relu: bool, relu: bool,
-           emit_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("fusedres_triton::fused_conv2d", mutates_args=())
+def fused_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 residual: Optional[torch.Tensor], input_scale: Optional[torch.Tensor],
+                 input_shift: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                 dilation: List[int], groups: int, input_relu: bool, relu: bool,
+                 emit_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var): the fused convolution and, with emit_stats, the per-channel mean and
     biased variance of out (float32; empty tensors without emit_stats)."""
-    check("conv2d", input, weight, bias, residual, input_scale, input_shift, stride, padding,
+    check("fused_conv2d", input, weight, bias, residual, input_scale, input_shift, stride, padding,
           dilation, groups, input_relu, relu, emit_stats)
     N, C_in, H, W = input.shape
     C_out, C_in_g, KH, KW = weight.shape
