@@ -43,8 +43,25 @@ def conv_output_format(input: torch.Tensor) -> torch.memory_format:
     return suggest_memory_format(input)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads (common.h: dense_for_kernels): NCHW-contiguous or
+    channels_last as given, anything else copied to NCHW."""
+    return t if t.is_contiguous() or is_channels_last(t) else t.contiguous()
+
+
+def match_layout(t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """t in the memory layout of like (same shape), copying only if needed (common.h:
+    match_layout)."""
+    if t is None:
+        return None
+    if like.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
 def empty_like_kernel_output(x: torch.Tensor) -> torch.Tensor:
-    """What the kernels allocate for an output shaped like x (common.h: dense_for_kernels)."""
+    """What the kernels allocate for an output shaped like x: like dense(x)."""
     if x.is_contiguous() or is_channels_last(x):
         return torch.empty_like(x)
     return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -192,10 +192,7 @@ def _update_running_stats(running_mean, running_var, mean, var, count, factor):
 def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):
     """Eval BN as out = (x - mean) * scale + shift, in float (double for double inputs)."""
     acc = accumulate_dtype(input.dtype)
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if weight is not None:
-        scale = scale * weight.to(acc)
-    shift = bias.to(acc) if bias is not None else None
+    scale, shift = reference.scale_shift(running_var.to(acc), weight, bias, eps)
     # A copy when autograd may save it: a later training step updates running_mean in place,
     # which must not invalidate this graph (F.batch_norm's eval backward survives that too).
     return running_mean.to(acc, copy=torch.is_grad_enabled()), scale, shift

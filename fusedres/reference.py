@@ -115,7 +115,9 @@ def batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residua
     return (torch.relu(out) if relu else out).to(input.dtype)
 
 
-def _scale_shift(var, weight, bias, eps):
+def scale_shift(var, weight, bias, eps):
+    """BN as (x - mean) * scale + shift: scale = weight / sqrt(var + eps), shift = bias, in
+    var's dtype (also the Triton training forward and the functional eval path)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(var.dtype)
@@ -124,7 +126,7 @@ def _scale_shift(var, weight, bias, eps):
 
 def batch_norm_act_train(input, weight, bias, residual, eps, relu):
     mean, var = batch_norm_stats(input)
-    scale, shift = _scale_shift(var, weight, bias, eps)
+    scale, shift = scale_shift(var, weight, bias, eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
     return out, mean, var
 
@@ -133,8 +135,8 @@ def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, re
                               residual_eps, relu):
     mean, var = batch_norm_stats(input)
     residual_mean, residual_var = batch_norm_stats(residual)
-    scale, shift = _scale_shift(var, weight, bias, eps)
-    r_scale, r_shift = _scale_shift(residual_var, residual_weight, residual_bias, residual_eps)
+    scale, shift = scale_shift(var, weight, bias, eps)
+    r_scale, r_shift = scale_shift(residual_var, residual_weight, residual_bias, residual_eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, residual_mean, r_scale, r_shift,
                            relu)
     return out, mean, var, residual_mean, residual_var

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from fusedres._ops import accumulate_dtype as acc_dtype  # noqa: F401  (shared with the C++ side)
-from fusedres._ops import is_channels_last
 
 # The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -140,21 +139,6 @@ def fitting_configs(configs, element_size: int, shared_memory: int):
     return [c for c in configs
             if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
             * element_size <= shared_memory]
-
-
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """NCHW-contiguous or channels_last as given; anything else copied to NCHW."""
-    return t if t.is_contiguous() or is_channels_last(t) else t.contiguous()
-
-
-def match_layout(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """t in the memory layout of like (same shape), copying only if needed."""
-    if t is None:
-        return None
-    if like.is_contiguous():
-        return t.contiguous()
-    fmt = torch.channels_last if like.dim() == 4 else torch.channels_last_3d
-    return t.contiguous(memory_format=fmt)
 
 
 def channel_view(t: torch.Tensor) -> tuple[int, int, int]:

@@ -14,11 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check
+from fusedres._ops import check, dense, match_layout
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, autotuned,
-                      channel_view, dense, launch, match_layout, tile_grid, tile_of_program,
-                      tile_offsets, tl_acc)
+                      channel_view, launch, tile_grid, tile_of_program, tile_offsets, tl_acc)
 
 
 @triton.jit

@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check
+from fusedres._ops import check, dense, match_layout
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
-                      channel_view, dense, launch, match_layout, row_split, tile_grid,
-                      tile_of_program, tile_offsets, tl_acc)
+                      channel_view, launch, row_split, tile_grid, tile_of_program, tile_offsets,
+                      tl_acc)
 
 
 @triton.jit

@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check
+from fusedres._ops import check, dense
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
-                      channel_view, dense, launch, row_split, tile_offsets, tl_acc)
+                      channel_view, launch, row_split, tile_offsets, tl_acc)
 
 
 @triton.jit

@@ -8,16 +8,10 @@ from typing import Optional
 import torch
 
 from fusedres._ops import check
+from fusedres.reference import scale_shift
 
 from .batch_norm_apply import normalize_act
 from .batch_norm_stats import batch_norm_stats
-
-
-def _scale_shift(var, weight, bias, eps):
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(var.dtype)
-    return scale, bias.to(var.dtype) if bias is not None else None
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_act_train", mutates_args=())
@@ -26,7 +20,7 @@ def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
                          eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_act_train", input, weight, bias, residual, eps, relu)
     mean, var = batch_norm_stats(input)
-    scale, shift = _scale_shift(var, weight, bias, eps)
+    scale, shift = scale_shift(var, weight, bias, eps)
     out = normalize_act(input, mean, scale, shift, residual, relu=relu)
     return out, mean, var
 
@@ -41,8 +35,8 @@ def dual_batch_norm_act_train(
           residual_bias, eps, residual_eps, relu)
     mean, var = batch_norm_stats(input)
     residual_mean, residual_var = batch_norm_stats(residual)
-    scale, shift = _scale_shift(var, weight, bias, eps)
-    residual_scale, residual_shift = _scale_shift(residual_var, residual_weight, residual_bias,
+    scale, shift = scale_shift(var, weight, bias, eps)
+    residual_scale, residual_shift = scale_shift(residual_var, residual_weight, residual_bias,
                                                   residual_eps)
     out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                         residual_shift, relu)

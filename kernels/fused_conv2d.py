@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check, conv_output_format
+from fusedres._ops import check, conv_output_format, match_layout
 from fusedres.reference import conv_output_shape
 
-from ._common import autotuned, fitting_configs, launch, match_layout
+from ._common import autotuned, fitting_configs, launch
 from .batch_norm_stats import _stats_merge_kernel
 
 CONFIGS = [
