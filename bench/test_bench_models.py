@@ -2,24 +2,28 @@
 with freezing) and training steps (forward, backward, SGD), torchvision eager vs
 torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and fusedres-triton on a GPU),
 after checking each provider's output against eager on the same weights and inputs.
-GPU: N=256, 224x224, bf16; CPU: a small default (ResNet-18/50, batch 4, 64x64) and small
-images (32x32, batch 32: the last stage is 1x1, where per-call overhead and layout choices
-show). Each provider's pytest-benchmark rounds are recorded, but the figure reported
-(extra_info["median_s"]) is the median of interleaved rounds of all providers of the case
-(fusedres.benchmark.run; CUDA events on a GPU)."""
+GPU: N=256, 224x224, bf16; CPU (float32): ResNet-50 inference at batch 8, 224x224 and a training
+step at batch 8, 160x160, ResNet-18 at 32x32 and 224x224 with batch 1 and 32 (small sizes show
+per-call overhead), plus the "convs-only" floor provider. Each provider's pytest-benchmark
+rounds are recorded, but the figure reported (extra_info["median_s"]) is the median of
+interleaved rounds of all providers of the case (fusedres.benchmark.run; CUDA events on a
+GPU)."""
 import pytest
 import torch
 from conftest import BATCH, DEVICE, DTYPE, GPU, POOL
 
 from fusedres import benchmark as B
 
-ARCHS = ["resnet18", "resnet50", "resnet101"] if GPU else ["resnet18", "resnet50"]
-SIZE = 224 if GPU else 64
 TOLERANCE = 5e-2 if DTYPE == torch.bfloat16 else 1e-3
+PROVIDERS = B.providers(DEVICE) + ["convs-only"]  # the last: the floor, see fusedres.benchmark
 # (arch, mode, image size, batch)
-CASES = [(arch, mode, SIZE, BATCH) for arch in ARCHS for mode in B.MODES]
-if not GPU:
-    CASES += [(arch, "inference", 32, 32) for arch in ARCHS]
+if GPU:
+    CASES = [(arch, mode, 224, BATCH) for arch in ["resnet18", "resnet50", "resnet101"]
+             for mode in B.MODES]
+else:  # the CPU goals: ResNet-50 at its usual sizes, ResNet-18 small and large, batch 1 and 32
+    CASES = [("resnet50", "inference", 224, 8), ("resnet50", "train", 160, 8)]
+    CASES += [("resnet18", mode, size, batch) for mode in B.MODES for size in (32, 224)
+              for batch in (1, 32)]
 
 
 _SIDE_BY_SIDE: dict = {}
@@ -31,14 +35,14 @@ def side_by_side(arch, mode, size, batch) -> dict:
     machine's load moves separate runs by more than the differences measured."""
     key = (arch, mode, size, batch)
     if key not in _SIDE_BY_SIDE:
-        results = B.run([arch], modes=(mode,), names=B.providers(DEVICE), batch=batch,
+        results = B.run([arch], modes=(mode,), names=PROVIDERS, batch=batch,
                         size=size, device=DEVICE, dtype=DTYPE, iters=20 if GPU else 15,
                         progress=False)
         _SIDE_BY_SIDE[key] = {r.provider: r.seconds for r in results}
     return _SIDE_BY_SIDE[key]
 
 
-@pytest.mark.parametrize("provider", B.providers(DEVICE))
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("arch, mode, size, batch", CASES,
                          ids=[f"{a}-{m}-{s}px-b{b}" for a, m, s, b in CASES])
 def test_model(benchmark, arch, mode, size, batch, provider):
@@ -49,7 +53,8 @@ def test_model(benchmark, arch, mode, size, batch, provider):
     _, ref_step = B.build("eager", reference, mode)
     _, step = B.build(provider, reference, mode)
     error = B.relative_error(step(*pool[0]), ref_step(*pool[0]))
-    assert error <= TOLERANCE, f"{provider} differs from eager: {error:.2e}"
+    if provider != "convs-only":  # (another function: the floor)
+        assert error <= TOLERANCE, f"{provider} differs from eager: {error:.2e}"
     del reference, ref_step  # peak memory counts only the benchmarked model
     if GPU:
         torch.cuda.empty_cache()

@@ -39,7 +39,19 @@ class Result:
 # fusedres providers and the backend each runs on ("fusedres": the automatic choice).
 FUSED_BACKENDS = {"fusedres": "auto", "fusedres-cpp": "cpp", "fusedres-cuda": "cuda",
                   "fusedres-triton": "triton"}
-PROVIDERS = ("eager", "compile", *FUSED_BACKENDS)
+# "convs-only": torchvision eager with every BN and ReLU removed, the convolutions (and pooling,
+# fc) alone: the floor a fused model approaches where convolutions are the work. Not the same
+# function, so its output is not compared.
+PROVIDERS = ("eager", "compile", *FUSED_BACKENDS, "convs-only")
+
+
+def convolutions_only(model: torch.nn.Module) -> torch.nn.Module:
+    """model with each BatchNorm2d and ReLU replaced by Identity (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (torch.nn.BatchNorm2d, torch.nn.ReLU)):
+                setattr(module, name, torch.nn.Identity())
+    return model
 
 
 def providers(device: str) -> list[str]:
@@ -79,6 +91,8 @@ def build(provider: str, reference: torch.nn.Module, mode: str):
     backend = FUSED_BACKENDS.get(provider, "auto")
     if provider in FUSED_BACKENDS:
         model = fusedres.convert(model)
+    elif provider == "convs-only":
+        model = convolutions_only(model)
     model.train(mode == "train")
     if mode == "inference":
         if provider in FUSED_BACKENDS:

@@ -43,6 +43,24 @@ inline acc_t masked(const scalar_t* dy, const scalar_t* y, int64_t i) {
   return g;
 }
 
+// The reduce's sums over one channel's plane of n values. `omp simd` lets the compiler
+// reorder the two sums into vector lanes; without it the ReLU mask's select kept this loop
+// scalar (7x slower than unmasked on NCHW inputs).
+template <bool kMasked, typename scalar_t, typename acc_t>
+inline void reduce_plane(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
+                         const scalar_t* __restrict__ x, acc_t m, int64_t n, acc_t& sum0,
+                         acc_t& sum1) {
+  acc_t s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t g = masked<kMasked>(dy, y, i);
+    s0 += g;
+    s1 += g * (static_cast<acc_t>(x[i]) - m);
+  }
+  sum0 += s0;
+  sum1 += s1;
+}
+
 // Calls fn(std::bool_constant<masked>) for the runtime choice, so loops are branch-free.
 template <typename Fn>
 void with_mask(bool masked, const Fn& fn) {
@@ -85,17 +103,8 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
             }
           };
           auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
-            const acc_t m = mu[c];
-            acc_t sums[2];
-            lane_sums<2>(
-                offset, offset + n,
-                [&](int64_t i, acc_t* t) {
-                  t[0] = masked<kMasked>(dy, y, i);
-                  t[1] = t[0] * (static_cast<acc_t>(x[i]) - m);
-                },
-                sums);
-            acc0 += sums[0];
-            acc1 += sums[1];
+            reduce_plane<kMasked>(dy + offset, kMasked ? y + offset : y, x + offset, mu[c], n, acc0,
+                                  acc1);
           };
           auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
           const acc_t* is = invstd.const_data_ptr<acc_t>();
