@@ -5,7 +5,11 @@ statistics of the convolution counted from the launch's own tile, the tuning pol
 configs, the autotuner's cache key), and the convolution's defects the interpreter shows
 (strided / expanded bias, NaN through the prologue's ReLU, large-mean statistics)."""
 import ast
+import contextlib
 import pathlib
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -48,7 +52,6 @@ def every_config(kernel):
 
 def forcing(kernels, config):
     """A context in which each of kernels launches with config."""
-    import contextlib
     stack = contextlib.ExitStack()
     for kernel in kernels:
         stack.enter_context(_common.forced_config(kernel, config))
@@ -371,7 +374,6 @@ def test_kernels_on_the_second_gpu():
 def test_two_threads_with_conv_statistics(tuning):
     """Two threads tune and run fused_conv2d(return_stats=True) on different shapes at once:
     each gets its own statistics, whatever tile the other thread's launch chose."""
-    import threading
     use(CUDA)
     shapes = [(8, 64, 56, 56), (2, 64, 7, 9)]
     inputs = [make(s, torch.float16, "cuda", "channels_last") for s in shapes]
@@ -450,8 +452,6 @@ for call in ("first", "second"):
 def test_tuning_persists_across_processes(tuning):
     """The first call of a process tunes (and compiles); a second process reuses the results
     kept on disk and its first call is far quicker. Prints both processes' times."""
-    import subprocess
-    import sys
     times = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", TIMING_SCRIPT], capture_output=True,
