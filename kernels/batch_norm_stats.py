@@ -104,6 +104,11 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
 @torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
 def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check("batch_norm_stats", input)
+    return channel_stats(input)
+
+
+def channel_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launches of batch_norm_stats, on arguments already checked (the training ops)."""
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)

@@ -11,7 +11,7 @@ from fusedres._ops import check
 from fusedres.reference import scale_shift
 
 from .batch_norm_apply import normalize_act
-from .batch_norm_stats import batch_norm_stats
+from .batch_norm_stats import channel_stats
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_act_train", mutates_args=())
@@ -19,7 +19,7 @@ def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                          eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_act_train", input, weight, bias, residual, eps, relu)
-    mean, var = batch_norm_stats(input)
+    mean, var = channel_stats(input)
     scale, shift = scale_shift(var, weight, bias, eps)
     out = normalize_act(input, mean, scale, shift, residual, relu=relu)
     return out, mean, var
@@ -33,8 +33,8 @@ def dual_batch_norm_act_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check("dual_batch_norm_act_train", input, weight, bias, residual, residual_weight,
           residual_bias, eps, residual_eps, relu)
-    mean, var = batch_norm_stats(input)
-    residual_mean, residual_var = batch_norm_stats(residual)
+    mean, var = channel_stats(input)
+    residual_mean, residual_var = channel_stats(residual)
     scale, shift = scale_shift(var, weight, bias, eps)
     residual_scale, residual_shift = scale_shift(residual_var, residual_weight, residual_bias,
                                                   residual_eps)

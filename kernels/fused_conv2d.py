@@ -27,7 +27,7 @@ import triton.language as tl
 from fusedres._ops import check, conv_output_format, match_layout
 from fusedres.reference import conv_output_shape
 
-from ._common import autotuned, fitting_configs, launch
+from ._common import autotuned, config_for, fitting_configs, launch
 from .batch_norm_stats import _stats_merge_kernel
 
 CONFIGS = [
@@ -163,8 +163,10 @@ def fused_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     res = match_layout(residual, out)
     prologue = input_scale is not None
     dummy = out  # stands in for absent pointers; never read
-    # One partial row per M tile: sized for the smallest tile height any config uses.
-    configs = [*_conv2d_kernel.configs, _conv2d_kernel.interpreter_config]
+    # One partial row per M tile: sized for the config that will run or, when the autotuner
+    # chooses, the smallest tile height it may try.
+    config = config_for(_conv2d_kernel)
+    configs = [config] if config is not None else _conv2d_kernel.configs
     part_rows = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in configs))
     partials = (torch.empty(3, part_rows, C_out, dtype=torch.float64, device=input.device)
                 if emit_stats else dummy)

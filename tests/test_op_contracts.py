@@ -54,37 +54,27 @@ def fused_conv2d(scale=None, shift=None, **change):
             a["stride"], a["padding"], a["dilation"], a["groups"], True, True, True)
 
 
-def apply(**change):
-    a = dict(input=x(), mean=vec(), scale=vec(), shift=vec(), residual=x(), residual_mean=None,
-             residual_scale=None, residual_shift=None, relu=True)
-    a.update(change)
-    return ("batch_norm_apply", *a.values())
+def call_of(name, defaults):
+    """A builder of `name`'s calls: (name, *args) from fresh good arguments, with changes."""
+    def build(**change):
+        args = {**defaults(), **change}
+        return (name, *args.values())
+    return build
 
 
-def train(**change):
-    a = dict(input=x(), weight=vec(), bias=vec(), residual=None, eps=1e-5, relu=True)
-    a.update(change)
-    return ("batch_norm_act_train", *a.values())
-
-
-def dual(**change):
-    a = dict(input=x(), weight=vec(), bias=vec(), residual=x(), residual_weight=vec(),
-             residual_bias=vec(), eps=1e-5, residual_eps=1e-3, relu=True)
-    a.update(change)
-    return ("dual_batch_norm_act_train", *a.values())
-
-
-def reduce(**change):
-    a = dict(grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec())
-    a.update(change)
-    return ("batch_norm_backward_reduce", *a.values())
-
-
-def grad_input(**change):
-    a = dict(grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(),
-             sum_dy=vec(), sum_dy_xhat=vec())
-    a.update(change)
-    return ("batch_norm_backward_input", *a.values())
+apply = call_of("batch_norm_apply", lambda: dict(
+    input=x(), mean=vec(), scale=vec(), shift=vec(), residual=x(), residual_mean=None,
+    residual_scale=None, residual_shift=None, relu=True))
+train = call_of("batch_norm_act_train", lambda: dict(
+    input=x(), weight=vec(), bias=vec(), residual=None, eps=1e-5, relu=True))
+dual = call_of("dual_batch_norm_act_train", lambda: dict(
+    input=x(), weight=vec(), bias=vec(), residual=x(), residual_weight=vec(), residual_bias=vec(),
+    eps=1e-5, residual_eps=1e-3, relu=True))
+reduce = call_of("batch_norm_backward_reduce", lambda: dict(
+    grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec()))
+grad_input = call_of("batch_norm_backward_input", lambda: dict(
+    grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), sum_dy=vec(),
+    sum_dy_xhat=vec()))
 
 
 # (id, call, the error's first line); each call is (op name, *args).
