@@ -4,11 +4,13 @@
     fusedres.info()                              # what was built, loaded, and is active
     fusedres.functional.batch_norm_relu(...)     # the fused ops
     with fusedres.backend("reference"): ...      # pick an implementation
+    fusedres.freeze(model.eval())                # CPU inference: BN folded, weights prepacked
 """
 from . import _extension  # noqa: F401  (loads the compiled ops; warns if it cannot)
 from . import functional, nn
 from ._backend import BACKENDS, backend, get_backend, info, set_backend
 from .convert import convert, fold_bn, unconvert
+from .frozen import freeze
 from .sync_batchnorm import convert_sync_batchnorm
 from .models import (ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152, ResNeXt50_32x4d,
                      ResNeXt101_32x8d, ResNeXt101_64x4d, WideResNet50_2, WideResNet101_2,
@@ -19,7 +21,8 @@ from .models import (ResNet, ResNet18, ResNet34, ResNet50, ResNet101, ResNet152,
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "BACKENDS", "backend", "get_backend", "info", "set_backend",
-           "convert", "unconvert", "fold_bn", "convert_sync_batchnorm", "get_model", "list_models",
+           "convert", "unconvert", "fold_bn", "freeze", "convert_sync_batchnorm", "get_model",
+           "list_models",
            "ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152",
            "ResNeXt50_32x4d", "ResNeXt101_32x8d", "ResNeXt101_64x4d", "WideResNet50_2",
            "WideResNet101_2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

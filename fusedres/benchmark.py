@@ -95,8 +95,9 @@ def build(provider: str, reference: torch.nn.Module, mode: str):
         model = convolutions_only(model)
     model.train(mode == "train")
     if mode == "inference":
-        if provider in FUSED_BACKENDS:
-            model = fusedres.fold_bn(model)
+        if provider in FUSED_BACKENDS:  # (as compile's freezing: a snapshot; on the CPU
+            # with oneDNN-prepacked convolution weights, elsewhere BN folded)
+            model = fusedres.freeze(model)
         forward = model
         if provider == "compile":
             forward = torch.compile(model, options={"freezing": True})
