@@ -95,8 +95,9 @@ def build(provider: str, reference: torch.nn.Module, mode: str):
         model = convolutions_only(model)
     model.train(mode == "train")
     if mode == "inference":
-        if provider in FUSED_BACKENDS:  # (as compile's freezing: a snapshot; on the CPU
-            # with oneDNN-prepacked convolution weights, elsewhere BN folded)
+        if provider in FUSED_BACKENDS or provider == "convs-only":  # (as compile's
+            # freezing: a snapshot; on the CPU with oneDNN-prepacked convolution weights,
+            # elsewhere BN folded; for the floor too, so that it stays one)
             model = fusedres.freeze(model)
         forward = model
         if provider == "compile":
