@@ -39,6 +39,13 @@ TILE_KEY = ["C", "inner"]
 # CUDA's limits on the grid's x, y and z dimensions.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
+# GPU cost counting (fusedres._cost; tests and bench only). cost_counter: while a count is on,
+# the counter every launch reports to (None otherwise: one comparison per launch).
+# interpreted_sm_count: in the interpreter, size reduction grids and pick tile configs as on a
+# GPU with that many SMs (fusedres._cost.gpu_geometry; None: the interpreter's small ones).
+cost_counter = None
+interpreted_sm_count = None
+
 
 def autotuned(configs, key, fixed, interpreted, prune=None):
     """triton.autotune over `configs`, results kept on disk; `prune(configs, named_args)`
@@ -80,7 +87,7 @@ def config_for(kernel):
     if not hasattr(kernel, "configs"):
         return None  # a plain kernel: its block sizes are arguments
     if INTERPRETED:
-        return kernel.interpreter_config
+        return kernel.fixed_config if interpreted_sm_count else kernel.interpreter_config
     return None if autotuning() else kernel.fixed_config
 
 
@@ -100,6 +107,7 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> dict:
     changed since)."""
     name = getattr(kernel, "fn", kernel).__name__
     launched = {}
+    ran = []  # the grid of the launch that ran
 
     def checked_grid(meta):
         dims = tuple(grid(meta) if callable(grid) else grid)
@@ -109,6 +117,7 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> dict:
                                    f"over CUDA's limit of {limit}")
         launched.clear()
         launched.update(meta)
+        ran[:] = [dims]
         return dims
 
     config = config_for(kernel)
@@ -119,8 +128,13 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> dict:
             f"fusedres: the Triton kernel {name} would autotune inside a CUDA graph capture, "
             "which cannot run it; run the model once with these shapes before capturing, or set "
             "FUSEDRES_TRITON_AUTOTUNE=0")
+    counter = cost_counter
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _run(kernel, config, checked_grid, args, kwargs)
+        if counter is None:
+            _run(kernel, config, checked_grid, args, kwargs)
+        else:
+            with counter.triton_launch(kernel, args, kwargs, launched, ran):
+                _run(kernel, config, checked_grid, args, kwargs)
     return launched
 
 
@@ -160,7 +174,7 @@ def row_split(rows: int, channels: int, device: torch.device) -> tuple[int, int]
     """(programs, rows_per_program) along the rows of a reduction: enough programs to fill
     the GPU, each walking many tiles (few partials to merge); a handful in the interpreter."""
     if device.type != "cuda":
-        target = 4
+        target = interpreted_sm_count * 4 if interpreted_sm_count else 4
     else:
         target = torch.cuda.get_device_properties(device).multi_processor_count * 4
     programs = max(1, min(triton.cdiv(rows, BLOCK_ROWS),

@@ -32,12 +32,12 @@ struct Coefficients {
   acc_t m, s, b, rm, rs, rb;
 
   __device__ __forceinline__ Coefficients(const NormalizeParams<acc_t>& p, int64_t c)
-      : m(p.mean ? p.mean[c] : acc_t(0)),
-        s(p.scale ? p.scale[c] : acc_t(1)),
-        b(p.shift ? p.shift[c] : acc_t(0)),
-        rm(p.residual_mean ? p.residual_mean[c] : acc_t(0)),
-        rs(p.residual_scale ? p.residual_scale[c] : acc_t(1)),
-        rb(p.residual_shift ? p.residual_shift[c] : acc_t(0)) {}
+      : m(p.mean ? load(p.mean + c) : acc_t(0)),
+        s(p.scale ? load(p.scale + c) : acc_t(1)),
+        b(p.shift ? load(p.shift + c) : acc_t(0)),
+        rm(p.residual_mean ? load(p.residual_mean + c) : acc_t(0)),
+        rs(p.residual_scale ? load(p.residual_scale + c) : acc_t(1)),
+        rb(p.residual_shift ? load(p.residual_shift + c) : acc_t(0)) {}
   __device__ __forceinline__ Coefficients() {}
 
   template <typename scalar_t>

@@ -27,8 +27,8 @@ struct SumsOp {
     a[1] += b[1];
   }
   static __device__ void finish(const acc_t* s, acc_t* sum_dy, acc_t* sum_dy_xhat) {
-    *sum_dy = s[0];
-    *sum_dy_xhat = s[1];
+    store(sum_dy, s[0]);
+    store(sum_dy_xhat, s[1]);
   }
 };
 
@@ -68,8 +68,8 @@ __global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int
     acc_t mu[VEC], is[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      mu[j] = a.mean[c0 + j];
-      is[j] = a.invstd[c0 + j];
+      mu[j] = load(a.mean + c0 + j);
+      is[j] = load(a.invstd + c0 + j);
     }
     const int64_t stride = int64_t(gridDim.y) * blockDim.y;
 #pragma unroll 2
@@ -86,7 +86,8 @@ __global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int
   block_merge_rows<SumsOp<acc_t>, 2, VEC>(state, smem);
   if (threadIdx.y == 0 && active) {
     for (int j = 0; j < VEC; ++j)
-      for (int k = 0; k < 2; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c0 + j] = state[j][k];
+      for (int k = 0; k < 2; ++k)
+        store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, state[j][k]);
   }
 }
 
@@ -97,7 +98,7 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
-  const acc_t mu = a.mean[c], is = a.invstd[c];
+  const acc_t mu = load(a.mean + c), is = load(a.invstd + c);
   const int64_t run_vectors = inner / VEC;
   const int64_t vectors = outer * run_vectors;
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
@@ -115,7 +116,7 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
   }
   block_merge_all<SumsOp<acc_t>, 2>(state, smem);
   if (threadIdx.x == 0)
-    for (int k = 0; k < 2; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c] = state[k];
+    for (int k = 0; k < 2; ++k) store(partials + (k * gridDim.y + blockIdx.y) * C + c, state[k]);
 }
 
 // grad_input = k[c] * (g - mean_dy[c] - (x - mean[c]) * proj[c])
@@ -132,11 +133,11 @@ __device__ __forceinline__ void channel_coefficients(const acc_t* mean, const ac
                                                      const InputGradParams<acc_t>& p, int64_t c,
                                                      acc_t& mu, acc_t& k, acc_t& mean_dy,
                                                      acc_t& proj) {
-  const acc_t is = invstd[c];
-  mu = mean[c];
-  k = (p.weight ? p.weight[c] : acc_t(1)) * is;
-  mean_dy = p.sum_dy[c] * p.inv_count;
-  proj = p.sum_dy_xhat[c] * p.inv_count * is;
+  const acc_t is = load(invstd + c);
+  mu = load(mean + c);
+  k = (p.weight ? load(p.weight + c) : acc_t(1)) * is;
+  mean_dy = load(p.sum_dy + c) * p.inv_count;
+  proj = load(p.sum_dy_xhat + c) * p.inv_count * is;
 }
 
 template <typename scalar_t, typename acc_t, int VEC>

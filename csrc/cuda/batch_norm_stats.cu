@@ -49,8 +49,8 @@ struct MomentsOp {
     a[0] = n;
   }
   static __device__ void finish(const moment_t* s, acc_t* mean, acc_t* var) {
-    *mean = static_cast<acc_t>(s[1]);
-    *var = static_cast<acc_t>(s[0] > 0 ? s[2] / s[0] : 0);
+    store(mean, static_cast<acc_t>(s[1]));
+    store(var, static_cast<acc_t>(s[0] > 0 ? s[2] / s[0] : 0));
   }
 };
 
@@ -102,7 +102,8 @@ __global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64
   block_merge_rows<MomentsOp<acc_t>, 3, VEC>(state, smem);
   if (threadIdx.y == 0 && active) {
     for (int j = 0; j < VEC; ++j)
-      for (int k = 0; k < 3; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c0 + j] = state[j][k];
+      for (int k = 0; k < 3; ++k)
+        store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, state[j][k]);
   }
 }
 
@@ -130,7 +131,7 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
   sums.to_moments(static_cast<acc_t>(count), state);
   block_merge_all<MomentsOp<acc_t>, 3>(state, smem);
   if (threadIdx.x == 0)
-    for (int k = 0; k < 3; ++k) partials[(k * gridDim.y + blockIdx.y) * C + c] = state[k];
+    for (int k = 0; k < 3; ++k) store(partials + (k * gridDim.y + blockIdx.y) * C + c, state[k]);
 }
 
 template <typename scalar_t, typename acc_t, int VEC>

@@ -18,6 +18,9 @@
 #define FUSEDRES_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 // The block's dynamic shared memory (the launch's shared_bytes), 16-byte aligned.
 #define FUSEDRES_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+// The emulation counts global-memory accesses here (cost counting); on the GPU nothing.
+#define FUSEDRES_COUNTED_LOAD(p)
+#define FUSEDRES_COUNTED_STORE(p, value)
 #endif
 
 #include <algorithm>
@@ -27,6 +30,30 @@
 
 namespace fusedres::cuda {
 
+// ---- global memory -----------------------------------------------------------------------
+// Every read or write of global memory (tensors) in a kernel goes through load / store /
+// load_vec / store_vec, never a plain dereference: the emulation counts the accesses there
+// (kernel launches' bytes, fusedres._cost; FUSEDRES_COUNTED_* is empty in the CUDA build),
+// and its strict mode fails a launch that touches a tensor any other way.
+
+template <typename T>
+struct Same {
+  using type = T;
+};
+
+template <typename T>
+__device__ __forceinline__ T load(const T* p) {
+  FUSEDRES_COUNTED_LOAD(p);
+  return *p;
+}
+
+// (value converts to T: the pointer alone decides the type written)
+template <typename T>
+__device__ __forceinline__ void store(T* p, const typename Same<T>::type& value) {
+  FUSEDRES_COUNTED_STORE(p, value);
+  *p = value;
+}
+
 // VEC values loaded or stored with one 16-byte (or narrower) access.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
@@ -35,12 +62,12 @@ struct alignas(sizeof(T) * VEC) Vec {
 
 template <typename T, int VEC>
 __device__ __forceinline__ Vec<T, VEC> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, VEC>*>(p);
+  return load(reinterpret_cast<const Vec<T, VEC>*>(p));
 }
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
-  *reinterpret_cast<Vec<T, VEC>*>(p) = v;
+  store(reinterpret_cast<Vec<T, VEC>*>(p), v);
 }
 
 // Values per 16-byte access.
@@ -155,7 +182,7 @@ __global__ void merge_partials_kernel(const state_t* __restrict__ partials, int6
   if (c < C) {
     for (int64_t b = threadIdx.y; b < blocks; b += kMergeRows) {
       state_t other[K];
-      for (int k = 0; k < K; ++k) other[k] = partials[(k * blocks + b) * C + c];
+      for (int k = 0; k < K; ++k) other[k] = load(partials + (k * blocks + b) * C + c);
       Op::merge(state, other);
     }
   }

@@ -13,6 +13,8 @@
 // (runtime.cpp).
 // The device has few SMs (FUSEDRES_EMULATED_SMS, default 2), so the launchers size real grids:
 // several blocks, several rows per thread.
+//
+// Cost counting (fusedres._cost, tests and bench only): see "cost counting" below and cost.cpp.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -52,6 +54,31 @@ int sm_count();
 void run(const char* kernel, dim3 grid, dim3 block, size_t shared_bytes,
          const std::function<void()>& body);
 
+// ---- cost counting ------------------------------------------------------------------------
+// Every global-memory access of the kernels goes through the helpers of csrc/cuda/utils.cuh
+// (load, store, load_vec, store_vec). While counting is on (fusedres._cost.count()), they call
+// counted_load / counted_store, which record the access for the running launch: the bytes the
+// instruction moves and which bytes it touches (cost.cpp). Counting off, the only cost is one
+// predictable branch on `counting` per access; the CUDA build has no hook at all.
+extern bool counting;
+void begin_access(const void* p, size_t bytes, bool write);  // before the access
+void end_access();                                           // after it
+
+template <typename T>
+T counted_load(const T* p) {
+  begin_access(p, sizeof(T), /*write=*/false);
+  const T value = *p;
+  end_access();
+  return value;
+}
+
+template <typename T>
+void counted_store(T* p, const T& value) {
+  begin_access(p, sizeof(T), /*write=*/true);
+  *p = value;
+  end_access();
+}
+
 template <typename Kernel>
 struct Launch {
   const char* name;
@@ -82,6 +109,13 @@ Launch<Kernel> launch(const char* name, dim3 grid, dim3 block, size_t shared_byt
 #define FUSEDRES_LAUNCH(grid, block, smem, stream, ...) \
   ::fusedres::emulation::launch(#__VA_ARGS__, grid, block, smem, __VA_ARGS__)
 #define FUSEDRES_DYNAMIC_SHARED(name) unsigned char* name = ::fusedres::emulation::dynamic_shared()
+// The counting hooks of utils.cuh's load / store helpers (see "cost counting" above).
+#define FUSEDRES_COUNTED_LOAD(p)                                \
+  if (__builtin_expect(::fusedres::emulation::counting, false)) \
+  return ::fusedres::emulation::counted_load(p)
+#define FUSEDRES_COUNTED_STORE(p, value)                        \
+  if (__builtin_expect(::fusedres::emulation::counting, false)) \
+  return ::fusedres::emulation::counted_store(p, value)
 
 // Math the device code calls unqualified.
 using std::isfinite;

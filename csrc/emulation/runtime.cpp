@@ -7,6 +7,8 @@
 // keep their alignment) right before an inaccessible page. A kernel that reads or writes past
 // the end of a tensor faults there; the fault handler leaves the kernel and the launch throws
 // an error naming the kernel, its block and thread, instead of crashing the process.
+//
+// Cost counting (kernel launches and their global-memory bytes, for fusedres._cost): cost.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <Python.h>
@@ -28,7 +30,9 @@
 #include <utility>
 #include <vector>
 
+#include "../cuda/utils.cuh"  // the counted global-memory helpers, for the test-only kernels
 #include "../library.h"
+#include "cost.h"
 #include "cuda_runtime.h"
 
 namespace fusedres::emulation {
@@ -174,13 +178,17 @@ void syncthreads() {
 
 unsigned char* dynamic_shared() { return reinterpret_cast<unsigned char*>(block.shared.data); }
 
+// set_emulated_sms(n) overrides FUSEDRES_EMULATED_SMS (n = 0: back to it); fusedres._cost
+// sizes grids as on an H100 (132 SMs) with it.
+int sm_count_override = 0;
+
 int sm_count() {
   static const int count = [] {
     const char* env = std::getenv("FUSEDRES_EMULATED_SMS");
     const int n = env ? std::atoi(env) : 2;
     return n > 0 ? n : 2;
   }();
-  return count;
+  return sm_count_override > 0 ? sm_count_override : count;
 }
 
 void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
@@ -193,10 +201,16 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
               "invalid grid for kernel ", kernel, ": (", grid.x, ", ", grid.y, ", ", grid.z, ")");
   TORCH_CHECK(shared_bytes <= 48 * 1024, "kernel ", kernel, " asks for ", shared_bytes,
               " bytes of dynamic shared memory (more than 48 KiB needs an opt-in)");
+  const std::string name = base_name(kernel);
   {
     std::lock_guard<std::mutex> lock(launched_mutex);
-    launched.insert(base_name(kernel));
+    launched.insert(name);
   }
+  struct CostScope {  // ends the launch's cost record, which only a completed launch keeps
+    bool completed = false;
+    ~CostScope() { cost_launch_end(completed); }
+  } cost;
+  cost_launch_begin(name.c_str(), grid, block_shape, shared_bytes);
   const FaultHandler handler;
   grid_dim = grid;
   block_dim = block_shape;
@@ -227,6 +241,11 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
           fault_target = nullptr;
           const dim3 t = block.current->index;
           thread_idx = nullptr;
+          TORCH_CHECK(!uncounted_access(fault_address),
+                      "uncounted global-memory access (not through the load / store helpers of "
+                      "csrc/cuda/utils.cuh) at ",
+                      fault_address, " in kernel ", kernel, ", block (", bx, ", ", by, ", ", bz,
+                      "), thread (", t.x, ", ", t.y, ", ", t.z, ")");
           TORCH_CHECK(false, "out-of-bounds access at ", fault_address, " in kernel ", kernel,
                       ", block (", bx, ", ", by, ", ", bz, "), thread (", t.x, ", ", t.y, ", ", t.z,
                       ")");
@@ -240,6 +259,7 @@ void run(const char* kernel, dim3 grid, dim3 block_shape, size_t shared_bytes,
       }
     }
   }
+  cost.completed = true;
 }
 
 // CPU allocations that end right before an inaccessible page. The data pointer is also the
@@ -261,6 +281,19 @@ class GuardedAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
+  static std::vector<TensorMapping> mappings() {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    std::lock_guard<std::mutex> lock(mutex());
+    std::vector<TensorMapping> result;
+    result.reserve(regions().size());
+    for (const auto& [data, region] : regions()) {
+      char* base = static_cast<char*>(region.base);
+      char* guard = base + region.mapped - page;
+      result.push_back({base, region.mapped - page, region.data, size_t(guard - region.data)});
+    }
+    return result;
+  }
+
  private:
   static std::mutex& mutex() {
     static std::mutex m;
@@ -280,12 +313,19 @@ class GuardedAllocator final : public c10::Allocator {
   }
 };
 
+bool guarded = false;
+
 void guard_allocations(bool on) {
-  static GuardedAllocator guarded;
+  static GuardedAllocator allocator;
   static c10::Allocator* original = c10::GetCPUAllocator();
   // The highest priority: set_allocator calls with a lower one would be ignored.
-  c10::SetCPUAllocator(on ? &guarded : original, /*priority=*/255);
+  c10::SetCPUAllocator(on ? &allocator : original, /*priority=*/255);
+  guarded = on;
 }
+
+std::vector<TensorMapping> guarded_tensor_mappings() { return GuardedAllocator::mappings(); }
+
+bool allocations_guarded() { return guarded; }
 
 std::vector<std::string> launched_kernels() {
   std::lock_guard<std::mutex> lock(launched_mutex);
@@ -296,7 +336,7 @@ std::vector<std::string> launched_kernels() {
 // thread copies x[i + 1] to out[i], so the last thread reads one element past x's end.
 __global__ void read_past_end_kernel(const float* x, float* out, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = x[i + 1];
+  if (i < n) cuda::store(out + i, cuda::load(x + i + 1));
 }
 
 at::Tensor read_past_end(const at::Tensor& x) {
@@ -308,8 +348,26 @@ at::Tensor read_past_end(const at::Tensor& x) {
   return out;
 }
 
+// Another, for the test that shows strict cost counting works: out = x, but x is read with a
+// plain dereference, not the counted helpers, so counting misses the read and strict counting
+// fails the launch.
+__global__ void uncounted_read_kernel(const float* x, float* out, int64_t n) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) cuda::store(out + i, x[i]);
+}
+
+at::Tensor uncounted_read(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "a contiguous float tensor");
+  at::Tensor out = at::empty_like(x);
+  const int64_t n = x.numel();
+  FUSEDRES_LAUNCH(static_cast<unsigned>((n + 63) / 64), 64, 0, nullptr, uncounted_read_kernel)(
+      x.const_data_ptr<float>(), out.data_ptr<float>(), n);
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(fusedres_emulated, m) {
-  m.def("read_past_end(Tensor x) -> Tensor", &read_past_end);  // test-only, see above
+  m.def("read_past_end(Tensor x) -> Tensor", &read_past_end);    // test-only, see above
+  m.def("uncounted_read(Tensor x) -> Tensor", &uncounted_read);  // test-only, see above
 }
 
 }  // namespace fusedres::emulation
@@ -329,12 +387,28 @@ PyObject* guard_allocations(PyObject*, PyObject* on) {
   Py_RETURN_NONE;
 }
 
+PyObject* set_emulated_sms(PyObject*, PyObject* n) {
+  const long value = PyLong_AsLong(n);
+  if (value == -1 && PyErr_Occurred()) return nullptr;
+  fusedres::emulation::sm_count_override = value > 0 ? static_cast<int>(value) : 0;
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"launched_kernels", launched_kernels, METH_NOARGS,
      "Names of the emulated CUDA kernels launched so far in this process."},
     {"guard_allocations", guard_allocations, METH_O,
      "guard_allocations(on): allocate CPU tensors before an inaccessible page (on) or as usual "
      "(off), so emulated kernels that access past a tensor's end fail with an error."},
+    {"set_emulated_sms", set_emulated_sms, METH_O,
+     "set_emulated_sms(n): the launchers size grids for n SMs (0: FUSEDRES_EMULATED_SMS, "
+     "default 2)."},
+    {"cost_start", fusedres::emulation::py_cost_start, METH_O,
+     "cost_start(strict): count each launch's global-memory bytes until cost_stop() "
+     "(fusedres._cost.count() calls it). strict: fail a launch whose kernel touches a tensor "
+     "without the counted helpers (needs guard_allocations(True))."},
+    {"cost_stop", fusedres::emulation::py_cost_stop, METH_NOARGS,
+     "cost_stop(): stop counting; the launches counted since cost_start, as dicts."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,0 +1,242 @@
+"""GPU cost counting without a GPU (fusedres._cost): the kernel launches of the fused ops and the
+global-memory bytes each kernel moves, counted in the CUDA emulation and in the Triton
+interpreter, plus the ATen ops of the ops' glue. Here: the counts equal the bytes worked out by
+hand for simple kernels on both targets (masked-off Triton elements excluded), strict counting
+shows that no CUDA kernel touches a tensor without the counted helpers, nothing is recorded
+outside a count, counts repeat exactly, and gpu_geometry sizes the grids of a bigger GPU."""
+import sys
+
+import pytest
+import torch
+import triton
+
+import fusedres.functional as FF
+from conftest import make, use
+from fusedres import _cost
+
+EMULATED = ("cuda-emulated", "cpu")
+TRITON = ("triton", "cpu")
+BOTH = [pytest.param(EMULATED, id="cuda-emulated", marks=pytest.mark.emulated),
+        pytest.param(TRITON, id="triton-interpreter", marks=pytest.mark.triton)]
+
+
+def ops(target):
+    return torch.ops.fusedres_emulated if target == EMULATED else torch.ops.fusedres_triton
+
+
+def channel_vectors(C, n):
+    return [torch.rand(C) + 0.5 for _ in range(n)]
+
+
+def apply_op(target, x, vectors, residual=None):
+    """batch_norm_apply + ReLU with vectors = (mean, scale, shift), float32."""
+    return ops(target).batch_norm_apply(x, *vectors, residual, None, None, None, True)
+
+
+@pytest.mark.parametrize("target", BOTH)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_apply_bytes_are_exact(target, layout, residual):
+    """The normalize kernel reads x (and the residual) once and its three per-channel vectors,
+    and writes y once: one launch, exactly those bytes, in bfloat16 and float32 (C = 40: the
+    Triton tiles of the last channel block are partly masked off, which moves nothing)."""
+    use(target)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = make((3, 40, 5, 7), dtype, "cpu", layout)
+        r = make((3, 40, 5, 7), dtype, "cpu", layout) if residual else None
+        vectors = channel_vectors(40, 3)
+        with _cost.count(strict=target == EMULATED) as c:
+            y = apply_op(target, x, vectors, r)
+        tensor = x.numel() * x.element_size()
+        (launch,) = c.launches
+        assert launch.kernel.startswith("normalize_channels" if target == EMULATED
+                                        else "_normalize_kernel")
+        assert launch.read_bytes == tensor * (2 if residual else 1) + 3 * 40 * 4
+        assert launch.write_bytes == tensor == y.numel() * y.element_size()
+        assert launch.write_requests == tensor  # each output element stored once
+        assert c.aten == []  # no glue: the op is one kernel
+        assert c.total_launches == 1
+        if target == TRITON:  # per tensor argument: x (and r) read once, y written once
+            touched = {t["names"][0]: (t["read_bytes"], t["write_bytes"])
+                       for t in launch.tensors}
+            assert touched["x_ptr"] == (tensor, 0) and touched["y_ptr"] == (0, tensor)
+            assert touched["mean_ptr"] == (40 * 4, 0)
+            if residual:
+                assert touched["r_ptr"] == (tensor, 0)
+
+
+@pytest.mark.emulated
+def test_emulated_requests_count_every_access():
+    """The requests are what the instructions move: the channels-first normalize kernel reads
+    its three coefficients for every element (scalar path: H * W = 35 is no multiple of 4), so
+    12 bytes more per element than the distinct bytes it reads."""
+    use(EMULATED)
+    x = make((3, 40, 5, 7), torch.float32, "cpu", "nchw")
+    vectors = channel_vectors(40, 3)
+    with _cost.count(strict=True) as c:
+        apply_op(EMULATED, x, vectors)
+    (launch,) = c.launches
+    assert launch.kernel == "normalize_channels_first_kernel"
+    assert launch.read_requests == x.numel() * (4 + 3 * 4)
+    assert launch.read_bytes == x.numel() * 4 + 3 * 40 * 4
+
+
+@pytest.mark.emulated
+def test_emulated_stats_bytes_are_exact():
+    """batch_norm_stats: the partial kernel reads x once and writes 3 doubles per channel and
+    block; the merge reads those and writes mean and var."""
+    use(EMULATED)
+    x = make((4, 64, 13, 11), torch.bfloat16, "cpu", "channels_last")
+    with _cost.count(strict=True) as c:
+        torch.ops.fusedres_emulated.batch_norm_stats(x)
+    partial, merge = c.launches
+    assert (partial.kernel, merge.kernel) == ("stats_channels_last_kernel",
+                                              "merge_partials_kernel")
+    blocks = partial.grid[1]
+    assert blocks > 1
+    assert partial.read_bytes == partial.read_requests == x.numel() * 2
+    assert partial.write_bytes == 3 * blocks * 64 * 8
+    assert merge.read_bytes == 3 * blocks * 64 * 8
+    assert merge.write_bytes == 2 * 64 * 4
+
+
+@pytest.mark.triton
+def test_triton_stats_partial_reads_the_input_once():
+    """The Triton statistics' partial kernel reads each value of x once (its shift, each
+    channel's first value, is one of them) and writes 3 floats per channel and program."""
+    use(TRITON)
+    x = make((4, 40, 13, 11), torch.float32, "cpu", "channels_last")
+    with _cost.count() as c:
+        torch.ops.fusedres_triton.batch_norm_stats(x)
+    partial = c.launches[0]
+    assert partial.kernel == "_stats_partial_kernel"
+    assert partial.read_bytes == x.numel() * 4
+    assert partial.write_bytes == 3 * partial.grid[1] * 40 * 4
+
+
+@pytest.mark.emulated
+def test_strict_counting_covers_every_kernel():
+    """Every kernel of csrc/cuda, launched once under strict counting: each of its tensors is
+    inaccessible but for the access a counted helper announces, so an access that bypasses the
+    helpers (a plain x[i]) would fail the launch. None does: the counts miss nothing."""
+    from test_cuda_emulation import every_op_once, kernels_in_sources
+
+    use(EMULATED)
+    with _cost.count(strict=True) as c:
+        every_op_once()
+    assert kernels_in_sources() <= {launch.kernel for launch in c.launches}
+    assert all(launch.read_bytes > 0 and launch.write_bytes > 0 for launch in c.launches)
+
+
+@pytest.mark.emulated
+def test_strict_counting_catches_an_uncounted_access():
+    """A test-only kernel reads its input with a plain dereference: plain counting misses the
+    read (only the writes show), strict counting fails the launch and names the kernel."""
+    use(EMULATED)
+    x = torch.randn(100)
+    with _cost.count() as c:
+        out = torch.ops.fusedres_emulated.uncounted_read(x)
+    assert torch.equal(out, x)
+    (launch,) = c.launches
+    assert (launch.read_bytes, launch.write_bytes) == (0, 400)
+    with pytest.raises(RuntimeError, match=r"uncounted global-memory access .* in kernel "
+                                           r"uncounted_read_kernel, block \(0, 0, 0\)"):
+        with _cost.count(strict=True):
+            torch.ops.fusedres_emulated.uncounted_read(x)
+    # The tensors are accessible again, and an out-of-bounds read is still reported as one.
+    assert torch.equal(x + 0, x)
+    with pytest.raises(RuntimeError, match="out-of-bounds access .* read_past_end_kernel"):
+        with _cost.count(strict=True):
+            torch.ops.fusedres_emulated.read_past_end(x)
+
+
+@pytest.mark.parametrize("target", BOTH)
+def test_nothing_is_recorded_outside_a_count(target):
+    """Ops run outside a count leave no trace in the next one, and a count leaves no hook
+    behind (the emulation's flag off, no Triton counter, the interpreter unpatched)."""
+    use(target)
+    x = make((2, 16, 4, 4), torch.float32, "cpu", "channels_last")
+    vectors = channel_vectors(16, 3)
+    apply_op(target, x, vectors)
+    with _cost.count() as c:
+        pass
+    apply_op(target, x, vectors)
+    assert c.launches == [] and c.aten == []
+    from fusedres.kernels import _common
+    from triton.runtime import interpreter
+
+    assert _common.cost_counter is None
+    assert "create_masked_load" not in vars(interpreter.interpreter_builder)
+    if target == EMULATED:
+        emulation = sys.modules["fusedres._C_emulated"]
+        emulation.cost_start(False)
+        assert emulation.cost_stop() == []  # the ops run outside were not recorded
+    with pytest.raises(RuntimeError, match="does not nest"):
+        with _cost.count(), _cost.count():
+            pass
+
+
+@pytest.mark.parametrize("target", BOTH)
+def test_counts_repeat_exactly(target):
+    """A training forward and backward counted twice: the same launches, grids and bytes, and
+    the same ATen ops."""
+    use(target)
+    x = make((2, 16, 6, 5), torch.float32, "cpu", "channels_last", requires_grad=True)
+    z = make((2, 16, 6, 5), torch.float32, "cpu", "channels_last", requires_grad=True)
+    w = torch.rand(16, requires_grad=True)
+    g = make((2, 16, 6, 5), torch.float32, "cpu", "channels_last")
+
+    def once():
+        with _cost.count() as c:
+            out = FF.batch_norm_add_relu(x, z, torch.zeros(16), torch.ones(16), w, None,
+                                         training=True)
+            torch.autograd.grad(out, [x, z, w], g)
+        return ([(launch.kernel, launch.grid, launch.read_bytes, launch.write_bytes,
+                  launch.read_requests, launch.write_requests) for launch in c.launches],
+                [(op.name, op.shapes, op.read_bytes, op.write_bytes) for op in c.aten])
+
+    first = once()
+    assert first[0] and first[1]
+    assert once() == first
+
+
+@pytest.mark.parametrize("target", BOTH)
+def test_glue_ops_are_listed(target):
+    """The ATen ops of a training forward besides its kernels: num_batches_tracked += 1 and the
+    running statistics' update are there (each a launch on a GPU); the allocations, views and
+    the interpreter's copies of the kernels' arguments are not."""
+    use(target)
+    x = make((2, 16, 4, 4), torch.float32, "cpu", "channels_last")
+    running_mean, running_var, tracked = torch.zeros(16), torch.ones(16), torch.tensor(0)
+    with _cost.count() as c:
+        FF.batch_norm_relu(x, running_mean, running_var, training=True,
+                           num_batches_tracked=tracked)
+    names = [op.name for op in c.aten]
+    assert names[0] == "aten::add_" and c.aten[0].shapes[0] == []  # the batch counter
+    assert names.count("aten::mul_") == 2 and names.count("aten::add_") == 3
+    assert all(not name.startswith(("aten::empty", "aten::view", "aten::as_strided"))
+               for name in names)
+    assert c.total_launches == len(c.launches) + len(c.aten)
+
+
+@pytest.mark.parametrize("target", BOTH)
+def test_gpu_geometry_sizes_grids_for_more_sms(target):
+    """gpu_geometry(): the reductions get the grid of a GPU with more SMs (more row blocks /
+    programs, as many as the rows allow here), and the default comes back afterwards."""
+    use(target)
+    x = make((8, 16, 16, 16), torch.float32, "cpu", "channels_last")
+
+    def row_blocks():
+        with _cost.count(aten=False) as c:
+            ops(target).batch_norm_stats(x)
+        return c.launches[0].grid[1]
+
+    default = row_blocks()
+    with _cost.gpu_geometry(132):
+        h100 = row_blocks()
+    assert row_blocks() == default
+    rows = x.numel() // 16
+    if target == EMULATED:  # 16 channels of float32 / 4 a vector: blocks of 4 x 64 threads
+        assert (default, h100) == (16, triton.cdiv(rows, 64))
+    else:  # 4 programs in the interpreter; 528 on an H100, at most one per 32 rows
+        assert (default, h100) == (4, triton.cdiv(rows, 32))
