@@ -306,11 +306,14 @@ def _setup_train(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # (no zero-filled gradients for mean and var)
     invstd = torch.rsqrt(var + eps)
     ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
 
 
 def _backward_train(ctx, grad, _grad_mean, _grad_var):
+    if grad is None:  # (grads are not materialised: nothing reached the output)
+        return (None,) * 6
     input, weight, bias, out, mean, invstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     if ctx.has_residual:
@@ -353,6 +356,7 @@ def _setup_dual(ctx, inputs, output):
     out, mean, var, residual_mean, residual_var = output
     ctx.relu = relu
     ctx.mark_non_differentiable(mean, var, residual_mean, residual_var)
+    ctx.set_materialize_grads(False)  # (no zero-filled gradients for the statistics)
     ctx.save_for_backward(
         input, weight, bias, mean, torch.rsqrt(var + eps),
         residual, residual_weight, residual_bias, residual_mean,
@@ -361,6 +365,8 @@ def _setup_dual(ctx, inputs, output):
 
 
 def _backward_dual(ctx, grad, *_grad_stats):
+    if grad is None:  # (grads are not materialised: nothing reached the output)
+        return (None,) * 9
     (input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
      residual_mean, residual_invstd, out) = ctx.saved_tensors
     need = ctx.needs_input_grad

@@ -184,9 +184,15 @@ def _update_running_stats(running_mean, running_var, mean, var, count, factor):
     if running_mean is None or count == 0:
         return
     with torch.no_grad():
-        unbiased = var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - factor).add_((mean * factor).to(running_mean.dtype))
-        running_var.mul_(1 - factor).add_((unbiased * factor).to(running_var.dtype))
+        # running += factor * (batch - running) for both buffers in one multi-tensor op (one
+        # launch on a GPU, not eight); the unbiased variance written in the buffers' dtype.
+        unbiased = torch.mul(var, count / max(count - 1, 1), out=torch.empty_like(running_var))
+        batch = [mean.to(running_mean.dtype), unbiased]
+        if isinstance(factor, Tensor):  # cumulative average: 1 / num_batches_tracked
+            for running, value in zip((running_mean, running_var), batch):
+                running.lerp_(value, factor.to(running.dtype))
+        else:
+            torch._foreach_lerp_([running_mean, running_var], batch, factor)
 
 
 def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):

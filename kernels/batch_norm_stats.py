@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fusedres._ops import check, dense
+from fusedres.reference import scale_shift
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, launch, row_split, tile_offsets, tl_acc)
@@ -77,28 +78,76 @@ def channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    return chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+
+
+# Partial rows a merge program combines at once, as a tree (tl.reduce): a serial merge of
+# hundreds of partials is a chain of dependent divisions per channel.
+MERGE_ROWS = 64
+
+
+@triton.jit
 def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, inner,
+                        weight_ptr, bias_ptr, scale_ptr, shift_ptr, eps,
                         SHIFTED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+                        AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
-    apart); SHIFTED: their means are offsets from x's first values."""
+    apart), BLOCK_P rows at a time as a tree; SHIFTED: their means are offsets from x's first
+    values. AFFINE: also writes the BN's scale = weight / sqrt(var + eps) and shift = bias
+    (reference.scale_shift), so no per-channel torch ops follow."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    for p in range(0, programs):
-        part = part_ptr + p * C + cols
-        n, mean, m2 = chan_merge(
-            n, mean, m2,
-            tl.load(part, mask=col_ok, other=0.0),
-            tl.load(part + plane, mask=col_ok, other=0.0),
-            tl.load(part + 2 * plane, mask=col_ok, other=0.0),
-        )
+    for p0 in range(0, programs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        ok = (p < programs)[:, None] & col_ok[None, :]
+        part = part_ptr + p[:, None] * C + cols[None, :]
+        # (absent rows: n = 0, which the merge ignores)
+        tile_n, tile_mean, tile_m2 = tl.reduce(
+            (tl.load(part, mask=ok, other=0.0), tl.load(part + plane, mask=ok, other=0.0),
+             tl.load(part + 2 * plane, mask=ok, other=0.0)), 0, _chan_combine)
+        n, mean, m2 = chan_merge(n, mean, m2, tile_n, tile_mean, tile_m2)
     if SHIFTED:
         mean += channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
+    var = tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
-    tl.store(var_ptr + cols, tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0), mask=col_ok)
+    tl.store(var_ptr + cols, var, mask=col_ok)
+    if AFFINE:
+        if ACC == tl.float64:
+            scale = 1.0 / tl.sqrt(var + eps)  # (IEEE-rounded in float64)
+        else:
+            scale = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var + eps))
+        if HAS_WEIGHT:
+            scale *= tl.load(weight_ptr + cols, mask=col_ok, other=1.0).to(ACC)
+        tl.store(scale_ptr + cols, scale, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(shift_ptr + cols, tl.load(bias_ptr + cols, mask=col_ok).to(ACC),
+                     mask=col_ok)
+
+
+def merge_stats(partials, programs, x, inner, affine=None, out=None):
+    """(mean, var) from the [3][rows][C] partials of x's statistics (x: the tensor whose first
+    values shifted them, or None if unshifted), written into `out` if given; with affine =
+    (weight, bias, eps) also (scale, shift) of reference.scale_shift (shift None without a
+    bias). One launch."""
+    _, rows, C = partials.shape
+    mean, var = out if out is not None else (
+        torch.empty(C, dtype=partials.dtype, device=partials.device) for _ in range(2))
+    weight, bias, eps = affine if affine is not None else (None, None, 0.0)
+    scale = torch.empty_like(mean) if affine is not None else None
+    shift = torch.empty_like(mean) if bias is not None else None
+    dummy = partials  # stands in for absent pointers; never read
+    launch(_stats_merge_kernel, (triton.cdiv(C, 32),), partials.device, partials, mean, var,
+           programs, rows * C, C, x if x is not None else dummy, inner,
+           *[t if t is not None else dummy for t in (weight, bias, scale, shift)], float(eps),
+           SHIFTED=x is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(partials.dtype),
+           AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+           BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+    return (mean, var) if affine is None else (mean, var, scale, shift)
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
@@ -107,21 +156,22 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_stats(input)
 
 
-def channel_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launches of batch_norm_stats, on arguments already checked (the training ops)."""
+def channel_stats(input: torch.Tensor, affine=None):
+    """The launches of batch_norm_stats, on arguments already checked (the training ops):
+    (mean, var), and with affine = (weight, bias, eps) also the BN's (scale, shift)."""
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
-    mean = torch.zeros(C, dtype=acc, device=x.device)
-    var = torch.zeros(C, dtype=acc, device=x.device)
     if x.numel() == 0:
-        return mean, var
+        mean, var = torch.zeros(C, dtype=acc, device=x.device), torch.zeros(C, dtype=acc,
+                                                                            device=x.device)
+        if affine is None:
+            return mean, var
+        weight, bias, eps = affine
+        return (mean, var, *scale_shift(var, weight, bias, eps))
     programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
     launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
            x.device, x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
            ACC=tl_acc(x.dtype))
-    launch(_stats_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, mean, var, programs,
-           programs * C, C, x, inner, SHIFTED=True, CHANNELS_LAST=inner == 1,
-           ACC=tl_acc(x.dtype), BLOCK_C=32)
-    return mean, var
+    return merge_stats(partials, programs, x, inner, affine)

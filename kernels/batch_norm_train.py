@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from fusedres._ops import check
-from fusedres.reference import scale_shift
 
 from .batch_norm_apply import normalize_act
 from .batch_norm_stats import channel_stats
@@ -19,8 +18,7 @@ def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
                          eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_act_train", input, weight, bias, residual, eps, relu)
-    mean, var = channel_stats(input)
-    scale, shift = scale_shift(var, weight, bias, eps)
+    mean, var, scale, shift = channel_stats(input, (weight, bias, eps))
     out = normalize_act(input, mean, scale, shift, residual, relu=relu)
     return out, mean, var
 
@@ -33,11 +31,9 @@ def dual_batch_norm_act_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check("dual_batch_norm_act_train", input, weight, bias, residual, residual_weight,
           residual_bias, eps, residual_eps, relu)
-    mean, var = channel_stats(input)
-    residual_mean, residual_var = channel_stats(residual)
-    scale, shift = scale_shift(var, weight, bias, eps)
-    residual_scale, residual_shift = scale_shift(residual_var, residual_weight, residual_bias,
-                                                  residual_eps)
+    mean, var, scale, shift = channel_stats(input, (weight, bias, eps))
+    residual_mean, residual_var, residual_scale, residual_shift = channel_stats(
+        residual, (residual_weight, residual_bias, residual_eps))
     out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                         residual_shift, relu)
     return out, mean, var, residual_mean, residual_var

@@ -28,7 +28,7 @@ from fusedres._ops import check, conv_output_format, match_layout
 from fusedres.reference import conv_output_shape
 
 from ._common import autotuned, config_for, fitting_configs, launch
-from .batch_norm_stats import _stats_merge_kernel
+from .batch_norm_stats import merge_stats
 
 CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -194,7 +194,5 @@ def fused_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         # Only the rows of the tile height that ran hold partials (autotuning may have tried
         # others and left stale rows behind them); that height is the launch's own.
         tiles = triton.cdiv(M, launched["BLOCK_M"])
-        launch(_stats_merge_kernel, (triton.cdiv(C_out, 32),), input.device, partials, mean, var,
-               tiles, part_rows * C_out, C_out, partials, 1, SHIFTED=False, CHANNELS_LAST=True,
-               ACC=tl.float64, BLOCK_C=32)
+        merge_stats(partials, tiles, None, 1, out=(mean, var))
     return out, mean, var
