@@ -1,9 +1,9 @@
-"""Whole-model speed: ResNet-18/50/101 inference (eval; fusedres with BN folded, torch.compile
+"""Whole-model speed: ResNet-18/50/101 and the pre-activation ResNet-50 (v2) inference (eval; fusedres with BN folded, torch.compile
 with freezing) and training steps (forward, backward, SGD), torchvision eager vs
 torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and fusedres-triton on a GPU),
-after checking each provider's output against eager on the same weights and inputs.
+after checking each provider's output against eager (v2: fusedres.preact's plain modules) on the same weights and inputs.
 GPU: N=256, 224x224, bf16; CPU (float32): ResNet-50 inference at batch 8, 224x224 and a training
-step at batch 8, 160x160, ResNet-18 at 32x32 and 224x224 with batch 1 and 32 (small sizes show
+step at batch 8, 160x160 (v1 and v2), ResNet-18 at 32x32 and 224x224 with batch 1 and 32 (small sizes show
 per-call overhead), plus the "convs-only" floor provider. Each provider's pytest-benchmark
 rounds are recorded, but the figure reported (extra_info["median_s"]) is the median of
 interleaved rounds of all providers of the case (fusedres.benchmark.run; CUDA events on a
@@ -18,10 +18,12 @@ TOLERANCE = 5e-2 if DTYPE == torch.bfloat16 else 1e-3
 PROVIDERS = B.providers(DEVICE) + ["convs-only"]  # the last: the floor, see fusedres.benchmark
 # (arch, mode, image size, batch)
 if GPU:
-    CASES = [(arch, mode, 224, BATCH) for arch in ["resnet18", "resnet50", "resnet101"]
+    CASES = [(arch, mode, 224, BATCH)
+             for arch in ["resnet18", "resnet50", "resnet101", "preact_resnet50"]
              for mode in B.MODES]
-else:  # the CPU goals: ResNet-50 at its usual sizes, ResNet-18 small and large, batch 1 and 32
-    CASES = [("resnet50", "inference", 224, 8), ("resnet50", "train", 160, 8)]
+else:  # the CPU goals: ResNet-50 (v1 and v2) at its usual sizes, ResNet-18 small and large, batch 1 and 32
+    CASES = [(arch, mode, size, 8) for arch in ("resnet50", "preact_resnet50")
+             for mode, size in (("inference", 224), ("train", 160))]
     # (No training step at 32x32, batch 1: the last stage's BN then sees one value per
     # channel, which training BN refuses in PyTorch as in fusedres.)
     CASES += [("resnet18", mode, size, batch) for mode in B.MODES for size in (32, 224)
@@ -48,7 +50,7 @@ def side_by_side(arch, mode, size, batch) -> dict:
 @pytest.mark.parametrize("arch, mode, size, batch", CASES,
                          ids=[f"{a}-{m}-{s}px-b{b}" for a, m, s, b in CASES])
 def test_model(benchmark, arch, mode, size, batch, provider):
-    reference = B.torchvision_model(arch, DEVICE, DTYPE, True, 1000)
+    reference = B.reference_model(arch, DEVICE, DTYPE, True, 1000)
     pool = [(torch.randn(batch, 3, size, size, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last), torch.randint(0, 1000, (batch,), device=DEVICE))
         for _ in range(POOL)]

@@ -65,9 +65,12 @@ def checks(device, dtype, shape):
            torch.relu(ref_conv + zd))
 
 
-# torchvision's ResNets, which fusedres.convert() fuses (any other model would check nothing).
+# torchvision's ResNets, which fusedres.convert() fuses (any other model would check nothing),
+# and the pre-activation ResNets of fusedres.preact (checked against their plain modules).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+         "preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101",
+         "preact_resnet152")
 CHECK_BACKENDS = ("cpp", "cuda", "triton", "cuda-emulated", "reference")
 
 
@@ -133,7 +136,8 @@ def main(argv=None) -> int:
                         help="check only this backend (default: every available compiled one)")
     gpu = torch.cuda.is_available()
     parser.add_argument("--arch", default="resnet50", choices=ARCHS,
-                        help="model to check and benchmark (a torchvision ResNet)")
+                        help="model to check and benchmark (a torchvision ResNet or a "
+                        "pre-activation ResNet)")
     parser.add_argument("--batch", type=positive_int, default=256 if gpu else 4)
     parser.add_argument("--size", type=positive_int, default=224 if gpu else 96,
                         help="image size")
@@ -191,12 +195,13 @@ def models(args) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    print(f"\n{args.arch}: fusedres and torchvision ({device}, {str(dtype)[6:]}, batch "
-          f"{min(args.batch, 8)}), each against torchvision in float64:")
+    reference = "plain" if args.arch.startswith("preact_") else "torchvision"
+    print(f"\n{args.arch}: fusedres and {reference} ({device}, {str(dtype)[6:]}, batch "
+          f"{min(args.batch, 8)}), each against {reference} in float64:")
     errors = benchmark.check_model(args.arch, device, dtype, batch=min(args.batch, 8),
                                    size=args.size)
     failed = 0
-    print(f"  {'':26} {'fusedres':>10} {'torchvision':>12}")
+    print(f"  {'':26} {'fusedres':>10} {reference:>12}")
     for name, (err, own) in errors.items():
         ok = err <= max(1e-4, 3 * own)  # as accurate as torchvision's own rounding
         failed += not ok

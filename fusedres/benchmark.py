@@ -70,12 +70,17 @@ def providers(device: str) -> list[str]:
     return names
 
 
-def torchvision_model(arch: str, device, dtype, channels_last, num_classes):
-    """torchvision's `arch` with seeded weights, on device / dtype / layout."""
+def reference_model(arch: str, device, dtype, channels_last, num_classes):
+    """The unfused `arch` with seeded weights, on device / dtype / layout: torchvision's
+    model, or for a pre-activation ResNet ("preact_resnet50", ...) fusedres.preact's plain
+    modules."""
     import torchvision
 
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    if arch in fusedres.preact.BUILDERS:
+        model = fusedres.unconvert(fusedres.get_model(arch, num_classes=num_classes))
+    else:
+        model = getattr(torchvision.models, arch)(num_classes=num_classes)
     model = model.to(device=device, dtype=dtype)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -170,7 +175,7 @@ def run(archs, modes=MODES, names=None, batch=4, size=96, device="cpu", dtype=to
     for n, (arch, mode) in enumerate(groups):
         if progress:
             _progress(n, len(groups), f"{arch} {mode}")
-        reference = torchvision_model(arch, device, dtype, channels_last, num_classes)
+        reference = reference_model(arch, device, dtype, channels_last, num_classes)
         expected = build("eager", reference, mode)[1](*pool[0])
         steps, errors, memory = {}, {}, {}
         for provider in names:
@@ -233,10 +238,10 @@ def markdown_table(results) -> str:
 
 def check_model(arch="resnet50", device="cpu", dtype=torch.float32, batch=4, size=96,
                 num_classes=1000):
-    """fusedres (a converted torchvision model) and torchvision itself, both against
-    torchvision in float64: eval output, and output, parameters and running statistics after
-    one SGD step. Returns {check: (fusedres error, torchvision error)}, relative errors."""
-    reference = torchvision_model(arch, device, dtype, True, num_classes)
+    """fusedres (a converted reference_model) and the unfused reference itself, both against
+    the reference in float64: eval output, and output, parameters and running statistics after
+    one SGD step. Returns {check: (fusedres error, reference error)}, relative errors."""
+    reference = reference_model(arch, device, dtype, True, num_classes)
     fused = fusedres.convert(copy.deepcopy(reference))
     reference64 = copy.deepcopy(reference).double()
     models = (fused, reference, reference64)

@@ -1,6 +1,6 @@
-"""convert() / unconvert(): torchvision and timm ResNets with a fused forward and back, in
-place; fold_bn(): an inference model with every BatchNorm folded into the convolution
-before it.
+"""convert() / unconvert(): torchvision and timm ResNets (v1, and the pre-activation v2 of
+fusedres.preact and timm's ResNetV2 with BatchNorm) with a fused forward and back, in place;
+fold_bn(): an inference model with every BatchNorm folded into the convolution before it.
 
 convert() and unconvert() only change the class of the blocks (and of torchvision's ResNet),
 as torch's own convert_sync_batchnorm changes modules in place: parameters, buffers,
@@ -17,15 +17,17 @@ from torch.nn.utils import parametrize
 
 from . import models
 from . import nn as fnn
+from . import preact
 from .functional import fold_conv_bn
 
-__all__ = ["convert", "unconvert", "fold_bn"]
+__all__ = ["convert", "unconvert", "fold_bn", "describe"]
 
-# torchvision class -> fused class with the same submodules and attributes
-_FUSED = {tv.BasicBlock: fnn.BasicBlock, tv.Bottleneck: fnn.Bottleneck, tv.ResNet: models.ResNet}
-_TIMM_BLOCKS = (("timm.models.resnet", "BasicBlock"), ("timm.models.resnet", "Bottleneck"))
-_TIMM_FUSED: dict = {}  # timm block class -> its fused subclass
+# torchvision / fusedres plain class -> fused class with the same submodules and attributes
+_FUSED = {tv.BasicBlock: fnn.BasicBlock, tv.Bottleneck: fnn.Bottleneck, tv.ResNet: models.ResNet,
+          **preact.FUSED}
+_TIMM_FUSED: dict = {}  # timm class -> its fused subclass
 _UNFUSED = {fused: plain for plain, fused in _FUSED.items()}
+_PREACT_BLOCKS = (preact.PlainPreActBasicBlock, preact.PlainPreActBottleneck)
 
 
 # ---- timm's ResNet blocks -----------------------------------------------------------------------
@@ -60,33 +62,128 @@ def _timm_fused_forward(self, x):
     return fnn.conv_bn_add_act(out, self.conv2, self.bn2, x, self.downsample, tail)
 
 
+# ---- timm's ResNetV2 (pre-activation) ----------------------------------------------------------
+
+
+def _is_timm_bn_act(norm: nn.Module) -> bool:
+    """timm's BatchNormAct2d (BN, then its `drop` and `act` modules; its forward is
+    nn.BatchNorm2d's, copied), not a subclass with a forward of its own."""
+    cls = type(norm)
+    return (cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+            and isinstance(norm, nn.BatchNorm2d))
+
+
+def _timm_bn_relu_reason(name: str, norm: nn.Module):
+    """Why timm's norm + act module `norm` cannot run as one fused BN + ReLU (None: it can)."""
+    if not _is_timm_bn_act(norm):
+        return f"{name} is {type(norm).__name__}, not a BatchNormAct2d the fused ops implement"
+    if type(norm.act) is not nn.ReLU:
+        return f"{name}.act is {type(norm.act).__name__}, not nn.ReLU"
+    if not isinstance(norm.drop, nn.Identity):
+        return f"{name}.drop is {type(norm.drop).__name__}, not nn.Identity"
+    for m, what in ((norm, name), (norm.act, f"{name}.act"), (norm.drop, f"{name}.drop")):
+        if fnn._hooked(m):
+            return f"{what} has a hook"
+    return None
+
+
+def _timm_v2_norms(module: nn.Module) -> list:
+    return [(name, m) for name, m in module._modules.items() if name.startswith("norm")]
+
+
+def _timm_v2_plain_reason(block):
+    """Why a timm ResNetV2 pre-activation block must run timm's forward right now (None: the
+    fused one runs). DropPath does not stop the fusion (it runs before the add, as a module)."""
+    reason = fnn.plain_reason([], [])  # tracing, global hooks
+    for name, norm in _timm_v2_norms(block):
+        reason = reason or _timm_bn_relu_reason(name, norm)
+    return reason
+
+
+def _timm_v2_fused_forward(self, x):
+    if _timm_v2_plain_reason(self) is not None:
+        return self._fusedres_original_forward(x)
+    fnn.check_input(self, x, self.conv1)
+    if hasattr(self, "conv3"):  # PreActBottleneck
+        norms, convs = (self.norm1, self.norm2, self.norm3), (self.conv1, self.conv2, self.conv3)
+    else:  # PreActBasic
+        norms, convs = (self.norm1, self.norm2), (self.conv1, self.conv2)
+    return preact.preact_forward(x, norms, convs, self.downsample, (self.drop_path,))
+
+
+def _timm_v2_forward_features(self, x):
+    """ResNetV2.forward_features with each BN + ReLU of the stem and the final norm fused
+    (the blocks are converted modules of their own)."""
+    if fnn.plain_reason([], []) is not None:
+        return self._fusedres_original_forward_features(x)
+    for name, m in self.stem.named_children():
+        x = preact.bn_relu(x, m) if _timm_bn_relu_reason(name, m) is None else m(x)
+    x = self.stages(x)
+    return preact.bn_relu(x, self.norm) if _timm_bn_relu_reason("norm", self.norm) is None \
+        else self.norm(x)
+
+
+# (module, class name) of a timm class -> the methods of its fused subclass
+_TIMM_FORWARDS = {
+    ("timm.models.resnet", "BasicBlock"): {"forward": _timm_fused_forward},
+    ("timm.models.resnet", "Bottleneck"): {"forward": _timm_fused_forward},
+    ("timm.models.resnetv2", "PreActBasic"): {"forward": _timm_v2_fused_forward},
+    ("timm.models.resnetv2", "PreActBottleneck"): {"forward": _timm_v2_fused_forward},
+    ("timm.models.resnetv2", "ResNetV2"): {"forward_features": _timm_v2_forward_features},
+}
+
+
+def _timm_key(cls):
+    return cls.__module__, cls.__name__
+
+
 def _timm_fused(cls):
-    """A subclass of a timm block class whose forward is fused (timm's own where it cannot be)."""
+    """A subclass of a timm class whose forward (ResNetV2: forward_features) is fused (timm's
+    own where it cannot be); the original stays as _fusedres_original_<name>."""
     if cls not in _TIMM_FUSED:
-        fused = type(f"Fused{cls.__name__}", (fnn._Fused, cls), {
-            "forward": _timm_fused_forward, "_fusedres_original_forward": cls.forward,
-            "__module__": __name__})
+        methods = _TIMM_FORWARDS[_timm_key(cls)]
+        namespace = {"__module__": __name__, **methods}
+        for method in methods:
+            namespace[f"_fusedres_original_{method}"] = getattr(cls, method)
+        fused = type(f"Fused{cls.__name__}", (fnn._Fused, cls), namespace)
         _TIMM_FUSED[cls] = fused
         _UNFUSED[fused] = cls
     return _TIMM_FUSED[cls]
 
 
 def __getattr__(name: str):
-    """fusedres.convert.FusedBottleneck / FusedBasicBlock: the fused timm classes are made on
-    demand, and pickle (torch.save of a whole model) finds them by name, also in a process
-    that has not converted anything yet."""
-    if name in ("FusedBasicBlock", "FusedBottleneck"):
-        import timm.models.resnet
+    """fusedres.convert.FusedBottleneck, FusedPreActBottleneck, FusedResNetV2, ...: the fused
+    timm classes are made on demand, and pickle (torch.save of a whole model) finds them by
+    name, also in a process that has not converted anything yet."""
+    for module_name, class_name in _TIMM_FORWARDS:
+        if name == f"Fused{class_name}":
+            import importlib
 
-        return _timm_fused(getattr(timm.models.resnet, name[len("Fused"):]))
+            return _timm_fused(getattr(importlib.import_module(module_name), class_name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _timm_v2_left_reason(module: nn.Module):
+    """Why convert() leaves a timm ResNetV2 module (block or model) as it is: a norm layer
+    that is not BatchNorm (the BiT models' GroupNorm, with weight-standardised convolutions).
+    None for any other module."""
+    key = _timm_key(type(module))
+    if key[0] != "timm.models.resnetv2" or key not in _TIMM_FORWARDS:
+        return None
+    norms = _timm_v2_norms(module) if key[1] != "ResNetV2" else [("norm", module.norm)]
+    for name, norm in norms:
+        if not isinstance(norm, nn.BatchNorm2d):
+            bit = ("; a BiT model: GroupNorm and weight-standardised convolutions"
+                   if "GroupNorm" in type(norm).__name__ else "")
+            return f"{name} is {type(norm).__name__}, not BatchNorm{bit}"
+    return None
 
 
 def _fused_class(module: nn.Module):
     cls = type(module)
     if cls in _FUSED:
         return _FUSED[cls]
-    if (cls.__module__, cls.__name__) in _TIMM_BLOCKS:
+    if _timm_key(cls) in _TIMM_FORWARDS and _timm_v2_left_reason(module) is None:
         return _timm_fused(cls)
     return None
 
@@ -94,11 +191,43 @@ def _fused_class(module: nn.Module):
 # ---- what runs fused ----------------------------------------------------------------------------
 
 
+def _is_model(module: nn.Module) -> bool:
+    """A whole ResNet (torchvision's, fusedres's pre-activation one, timm's ResNetV2), as
+    opposed to a block."""
+    plain = _UNFUSED.get(type(module), type(module))
+    return (isinstance(module, (tv.ResNet, preact.PlainPreActResNet))
+            or _timm_key(plain) == ("timm.models.resnetv2", "ResNetV2"))
+
+
 def describe(module: nn.Module) -> str:
-    """How a converted module runs in its current mode: fused, partly, or its own forward."""
+    """How a converted module runs in its current mode: fused, partly, or its own forward
+    (and, for a timm ResNetV2 module convert() leaves as it is, why)."""
+    left = _timm_v2_left_reason(module)
+    if left is not None:
+        return f"timm's own forward, not converted ({left})"
     if isinstance(module, tv.ResNet):
         reason = fnn.plain_reason([("bn1", module.bn1)], [("relu", module.relu)])
         return f"stem runs unfused ({reason})" if reason else "stem fused (conv1 + bn1 + relu)"
+    if isinstance(module, preact.PlainPreActResNet):
+        reason = preact.model_plain_reason(module)
+        return (f"final_bn + relu unfused ({reason})" if reason
+                else "final_bn + relu fused (the stem has no BN)")
+    if isinstance(module, _PREACT_BLOCKS):
+        reason = preact._block_plain_reason(module)
+        return f"its own forward, unfused ({reason})" if reason else "fused"
+    plain = _UNFUSED.get(type(module), type(module))
+    if _timm_key(plain) == ("timm.models.resnetv2", "ResNetV2"):
+        reason = fnn.plain_reason([], [])
+        if reason:
+            return f"timm's own forward_features ({reason})"
+        norms = [(f"stem.{n}", m) for n, m in module.stem.named_children()
+                 if isinstance(m, nn.BatchNorm2d)] + [("norm", module.norm)]
+        unfused = [r for r in (_timm_bn_relu_reason(n, m) for n, m in norms) if r]
+        fused = f"{len(norms) - len(unfused)} of the stem's and final BN + ReLU fused"
+        return f"{fused}; unfused: {'; '.join(unfused)}" if unfused else fused
+    if _timm_key(plain)[0] == "timm.models.resnetv2":
+        reason = _timm_v2_plain_reason(module)
+        return f"timm's own forward ({reason})" if reason else "fused"
     if type(module) in _TIMM_FUSED.values():
         reason = _timm_plain_reason(module)
         if reason:
@@ -117,31 +246,37 @@ def describe(module: nn.Module) -> str:
 
 
 def convert(model: nn.Module, inplace: bool = True, verbose: bool = False) -> nn.Module:
-    """Gives the torchvision ResNet blocks of `model` (and the ResNet around them) and timm's
-    ResNet blocks a fused forward, in place, and returns `model` itself. The modules keep
-    their parameters, buffers, state_dict keys and hooks: only their class (their forward)
-    changes, so an optimizer or EMA copy built before convert() keeps training the converted
-    model. Modules it does not recognise are left as they are. With verbose, prints each
-    converted module and how it runs (fused, partly fused, or its own forward, and why)."""
+    """Gives the torchvision ResNet blocks of `model` (and the ResNet around them), the
+    plain pre-activation modules of fusedres.preact, timm's ResNet blocks and timm's ResNetV2
+    (its pre-activation blocks and the model, for BN + ReLU in the stem and the final norm) a
+    fused forward, in place, and returns `model` itself. The modules keep their parameters,
+    buffers, state_dict keys and hooks: only their class (their forward) changes, so an
+    optimizer or EMA copy built before convert() keeps training the converted model. Modules
+    it does not recognise are left as they are, and so are timm's ResNetV2 modules whose norm
+    layers are not BatchNorm (the BiT models: GroupNorm, weight-standardised convolutions).
+    With verbose, prints each converted module and how it runs (fused, partly fused, or its
+    own forward, and why), and each ResNetV2 module left as it is and why."""
     _check_module(model, "convert")
     if inplace is not True:
         raise ValueError(
             "fusedres.convert works in place (as torch's convert_sync_batchnorm), so that "
             "optimizers and EMA copies built before it keep training the converted model; for a "
             "converted copy use fusedres.convert(copy.deepcopy(model))")
-    converted = []
+    converted, left = [], []
     for name, module in model.named_modules():
         fused = _fused_class(module)
         if fused is not None:
             module.__class__ = fused  # same attributes: only forward changes
             converted.append((name or "(model)", module))
+        elif _timm_v2_left_reason(module) is not None:
+            left.append((name or "(model)", module))
     if verbose:
-        _report(model, converted)
+        _report(model, converted, left)
     return model
 
 
-def _report(model, converted) -> None:
-    blocks = [describe(m) for _, m in converted if not isinstance(m, tv.ResNet)]
+def _report(model, converted, left=()) -> None:
+    blocks = [describe(m) for _, m in converted if not _is_model(m)]
     own = sum("own forward" in text for text in blocks)
     fused = sum(text == "fused" or text.startswith("fused (") for text in blocks)
     print(f"fusedres.convert: {len(converted)} module(s) converted; of {len(blocks)} block(s) "
@@ -149,12 +284,17 @@ def _report(model, converted) -> None:
           f"{len(blocks) - fused - own} partly fused, {own} running their own forward")
     for name, module in converted:
         print(f"  {name}: {type(module).__name__}, {describe(module)}")
-    inside = {id(m) for _, c in converted for m in c.modules()}
-    left = [n for n, m in model.named_modules()
-            if id(m) not in inside and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
-        print(f"  not fused (outside the converted modules): {len(left)} BN module(s): "
-              f"{', '.join(left[:4])}{', ...' if len(left) > 4 else ''}")
+        print(f"  left as they are: {len(left)} timm ResNetV2 module(s) whose norm layers are "
+              f"not BatchNorm")
+        for name, module in left:
+            print(f"  {name}: {type(module).__name__}, {describe(module)}")
+    inside = {id(m) for _, c in converted for m in c.modules()}
+    outside = [n for n, m in model.named_modules()
+               if id(m) not in inside and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if outside:
+        print(f"  not fused (outside the converted modules): {len(outside)} BN module(s): "
+              f"{', '.join(outside[:4])}{', ...' if len(outside) > 4 else ''}")
 
 
 def unconvert(model: nn.Module) -> nn.Module:
@@ -192,10 +332,15 @@ def _conv_bn_attributes(module: nn.Module):
         return [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
     if cls in (tv.ResNet, models.ResNet):
         return [("conv1", "bn1")]
+    if cls in (preact.PlainPreActBottleneck, preact.PreActBottleneck):
+        return [("conv1", "bn2"), ("conv2", "bn3")]  # bn1 precedes conv1, a ReLU between
+    if cls in (preact.PlainPreActBasicBlock, preact.PreActBasicBlock):
+        return [("conv1", "bn2")]
     plain = _UNFUSED.get(cls, cls)
-    if (plain.__module__, plain.__name__) in _TIMM_BLOCKS:
+    if _timm_key(plain) in (("timm.models.resnet", "BasicBlock"),
+                            ("timm.models.resnet", "Bottleneck")):
         return [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
-    if (plain.__module__, plain.__name__) == ("timm.models.resnet", "ResNet"):
+    if _timm_key(plain) == ("timm.models.resnet", "ResNet"):
         return [("conv1", "bn1")]  # the stem (conv1 may be a deep stem ending in a conv)
     return []
 
@@ -219,6 +364,19 @@ def _pairs(model: nn.Module):
     return pairs
 
 
+def _preactivation_bns(model: nn.Module) -> set:
+    """ids of the BNs of fusedres's pre-activation modules that no convolution precedes (each
+    block's bn1, the model's final_bn): nothing to fold them into (a ReLU separates them from
+    the convolution after them), and in eval they run as one fused affine + ReLU pass."""
+    ids = set()
+    for module in model.modules():
+        if type(module) in (*_PREACT_BLOCKS, preact.PreActBasicBlock, preact.PreActBottleneck):
+            ids.add(id(module.bn1))
+        elif type(module) in (preact.PlainPreActResNet, preact.PreActResNet):
+            ids.add(id(module.final_bn))
+    return ids
+
+
 def _fold_pair(conv: nn.Conv2d, bn: nn.Module) -> None:
     weight, bias = fold_conv_bn(conv.weight.detach(),
                                 None if conv.bias is None else conv.bias.detach(),
@@ -236,7 +394,9 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     eval mode. Returns a new model (the argument is left as it is) unless inplace=True; the
     result is a plain snapshot of the current weights, with nothing cached. BNs it cannot fold
     (not after a convolution in a module whose forward it knows, or with a hook or
-    parametrization in the way) stay, and a warning names them."""
+    parametrization in the way) stay, and a warning names them. In a pre-activation ResNet
+    (fusedres.preact) bn2 / bn3 fold into conv1 / conv2; each block's bn1 and the final_bn
+    follow no convolution and stay, without a warning (they run as fused affine + ReLU)."""
     _check_module(model, "fold_bn")
     if model.training:
         raise RuntimeError("fusedres.fold_bn: the model is in training mode, whose BatchNorm uses "
@@ -261,8 +421,10 @@ def fold_bn(model: nn.Module, inplace: bool = False) -> nn.Module:
     for module, conv, bn_name in pairs:
         _fold_pair(conv, getattr(module, bn_name))
         setattr(module, bn_name, nn.Identity())
+    preactivations = _preactivation_bns(model)
     left = [name for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) or fnn._is_frozen(m)]
+            if (isinstance(m, nn.modules.batchnorm._BatchNorm) or fnn._is_frozen(m))
+            and id(m) not in preactivations]
     if left:
         warnings.warn(
             f"fusedres.fold_bn: {len(left)} normalization layer(s) left unfolded (not a plain "

@@ -16,6 +16,7 @@ import torchvision
 import torchvision.models.resnet as tv
 from torch import Tensor, nn
 
+from . import preact
 from .nn import (BasicBlock, Bottleneck, _Fused, check_input, conv_bn_act, folded_on_cpu,
                  move_stride_to_1x1, plain_reason)
 
@@ -116,13 +117,18 @@ wide_resnet101_2 = WideResNet101_2 = _builder("wide_resnet101_2", "WideResNet101
 
 
 def list_models() -> list[str]:
-    """The torchvision model names fusedres builds (get_model's names)."""
-    return list(_BUILDERS)
+    """The model names fusedres builds (get_model's names): torchvision's ResNets, then the
+    pre-activation ResNets (v2) of fusedres.preact."""
+    return list(_BUILDERS) + list(preact.BUILDERS)
 
 
-def get_model(name: str, **kwargs) -> ResNet:
-    """torchvision.models.get_model(name, **kwargs) for a ResNet-family name, fused."""
-    if name.lower() not in _BUILDERS:
+def get_model(name: str, **kwargs) -> Union[ResNet, preact.PreActResNet]:
+    """torchvision.models.get_model(name, **kwargs) for a ResNet-family name, fused; or a
+    pre-activation ResNet ("preact_resnet50", ...: fusedres.preact_resnet50(**kwargs))."""
+    key = name.lower() if isinstance(name, str) else name
+    if key in preact.BUILDERS:
+        return getattr(preact, key)(**kwargs)
+    if key not in _BUILDERS:
         raise ValueError(f"fusedres.get_model: {name!r} is not a ResNet fusedres builds; choose "
-                         f"from {', '.join(_BUILDERS)}")
-    return _builder(name.lower(), _BUILDERS[name.lower()])(**kwargs)
+                         f"from {', '.join(list_models())}")
+    return _builder(key, _BUILDERS[key])(**kwargs)

@@ -461,8 +461,10 @@ def test_builders_and_weights(tmp_path, monkeypatch):
     model = fusedres.get_model("resnext50_32x4d", num_classes=7)
     assert type(model) is fusedres.ResNet and model.fc.out_features == 7
     assert isinstance(model.layer1[0], fusedres.nn.Bottleneck)
-    assert fusedres.list_models() == [n for n in fusedres.list_models() if
-                                      n in torchvision.models.list_models()]
+    names = fusedres.list_models()  # torchvision's ResNets, then the pre-activation ones
+    assert names == ([n for n in names if n in torchvision.models.list_models()]
+                     + list(fusedres.preact.BUILDERS))
+    assert type(fusedres.get_model("preact_resnet18", num_classes=3)) is fusedres.PreActResNet
     with pytest.raises(ValueError, match="'vgg16' is not a ResNet"):
         fusedres.get_model("vgg16")
     with pytest.raises(ValueError, match="stride_in_1x1 applies to Bottleneck"):
