@@ -341,7 +341,9 @@ def aten_launches(events) -> list:
             return 0  # a Triton kernel, counted by its launch; inside, the interpreter's copies
         is_aten = event.name.startswith("aten::")
         name = event.name.removeprefix("aten::")
-        if is_aten and name in _WHOLE_KERNELS:
+        # (a _foreach_ op: one multi-tensor launch on a GPU for tensors of one dtype and device;
+        # on the CPU it loops over per-tensor ops)
+        if is_aten and (name in _WHOLE_KERNELS or name.startswith("_foreach_")):
             found.append((event.time_range.start, _aten_op(event)))
             return 1
         below = sum(visit(child, inside_aten or is_aten) for child in event.cpu_children)
