@@ -81,8 +81,10 @@ def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, prog
 def _divide(a, b, ACC: tl.constexpr):
     """a / b rounded as torch rounds it (Triton's float32 `/` is approximate on a GPU)."""
     if ACC == tl.float64:
-        return a / b
-    return tl.math.div_rn(a, b)
+        q = a / b
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
 
 
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
