@@ -1,13 +1,14 @@
-"""Whole-model speed: ResNet-18/50/101 and the pre-activation ResNet-50 (v2) inference (eval; fusedres with BN folded, torch.compile
-with freezing) and training steps (forward, backward, SGD), torchvision eager vs
-torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and fusedres-triton on a GPU),
-after checking each provider's output against eager (v2: fusedres.preact's plain modules) on the same weights and inputs.
-GPU: N=256, 224x224, bf16; CPU (float32): ResNet-50 inference at batch 8, 224x224 and a training
-step at batch 8, 160x160 (v1 and v2), ResNet-18 at 32x32 and 224x224 with batch 1 and 32 (small sizes show
-per-call overhead), plus the "convs-only" floor provider. Each provider's pytest-benchmark
-rounds are recorded, but the figure reported (extra_info["median_s"]) is the median of
-interleaved rounds of all providers of the case (fusedres.benchmark.run; CUDA events on a
-GPU)."""
+"""Whole-model speed: ResNet-18/50/101 and the pre-activation ResNet-50 (v2) inference (eval;
+fusedres with BN folded, torch.compile with freezing) and training steps (forward, backward,
+SGD), torchvision eager vs torch.compile vs fusedres (fusedres-cpp on the CPU; fusedres-cuda and
+fusedres-triton on a GPU), after checking each provider's output against eager (v2: eager is
+fusedres.preact's plain modules) on the same weights and inputs.
+GPU: N=256, 224x224, bf16; CPU (float32): ResNet-50 (v1 and v2) inference at batch 8, 224x224
+and a training step at batch 8, 160x160, ResNet-18 at 32x32 and 224x224 with batch 1 and 32
+(small sizes show per-call overhead), plus the "convs-only" floor provider. Each provider's
+pytest-benchmark rounds are recorded, but the figure reported (extra_info["median_s"]) is the
+median of interleaved rounds of all providers of the case (fusedres.benchmark.run; CUDA events
+on a GPU)."""
 import pytest
 import torch
 from conftest import BATCH, DEVICE, DTYPE, GPU, POOL

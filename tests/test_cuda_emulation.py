@@ -21,7 +21,8 @@ CUDA_SOURCES = Path(__file__).parent.parent / "csrc" / "cuda"
 def kernels_in_sources():
     names = set()
     for path in list(CUDA_SOURCES.glob("*.cu")) + list(CUDA_SOURCES.glob("*.cuh")):
-        names |= set(re.findall(r"__global__\s+void\s+(\w+)", path.read_text()))
+        names |= set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)",
+                                path.read_text()))
     return names
 
 

@@ -203,21 +203,40 @@ CATALOG = [
 
     # ---- csrc/cuda/ (CUDA, run in the emulation build; one rebuild each) --------------------
     Mutation("cuda-missing-barrier", "csrc/cuda/utils.cuh",
-             "block merge reads the other threads' shared memory without a barrier",
-             "smem[slot + j * K + k] = state[j][k];\n  __syncthreads();",
-             "smem[slot + j * K + k] = state[j][k];", OPS),
+             "tree merge reads the other threads' shared memory without a barrier",
+             "  for (; half > 0; half /= 2) {\n    __syncthreads();\n",
+             "  for (; half > 0; half /= 2) {\n", OPS),
     Mutation("cuda-misplaced-barrier", "csrc/cuda/utils.cuh",
-             "partials merge: the barrier before the shared-memory writes instead of after",
-             "  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];\n"
-             "  __syncthreads();",
-             "  __syncthreads();\n"
-             "  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];", OPS),
+             "tree merge: each level's barrier after its merge instead of before (the first "
+             "level reads before the others have written)",
+             "  for (; half > 0; half /= 2) {\n"
+             "    __syncthreads();\n"
+             "    if (index < half && index + half < count) {\n"
+             "      const acc_t* theirs = mine + half * lanes;\n"
+             "#pragma unroll 1\n"
+             "      for (int j = 0; j < N; ++j) Op::merge(mine + j * K * plane, theirs + j * K * plane, "
+             "plane);\n"
+             "    }\n"
+             "  }\n",
+             "  for (; half > 0; half /= 2) {\n"
+             "    if (index < half && index + half < count) {\n"
+             "      const acc_t* theirs = mine + half * lanes;\n"
+             "#pragma unroll 1\n"
+             "      for (int j = 0; j < N; ++j) Op::merge(mine + j * K * plane, theirs + j * K * plane, "
+             "plane);\n"
+             "    }\n"
+             "    __syncthreads();\n"
+             "  }\n", OPS),
+    Mutation("cuda-merge-pass-drops-loads", "csrc/cuda/utils.cuh",
+             "partials merge: a pass merges its loads one level deep only (half are lost)",
+             "Op::merge(part[i], part[i + s]);", "if (s == 1) Op::merge(part[i], part[i + s]);",
+             OPS + ["tests/test_cuda_merge.py"]),
     Mutation("cuda-grid-floor", "csrc/cuda/utils.cuh",
              "channels_last grid rounds the channel blocks down (the last channels get no block)",
              "const int64_t gx = ceil_div(vectors, bx);", "const int64_t gx = vectors / bx;", OPS),
     Mutation("cuda-elementwise-grid-floor", "csrc/cuda/utils.cuh",
              "elementwise grid rounds the blocks down",
-             "ceil_div(units, 256)", "units / 256", OPS,
+             "ceil_div(units, kBlockThreads)", "units / kBlockThreads", OPS,
              equivalent="the kernels loop over their work with a grid stride and the grid is "
                         "at least one block, so any grid size covers every element"),
     Mutation("cuda-chan-merge-weight", "csrc/cuda/batch_norm_stats.cu",

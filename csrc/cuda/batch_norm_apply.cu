@@ -50,11 +50,26 @@ struct Coefficients {
   }
 };
 
-template <typename scalar_t, typename acc_t, int VEC>
-__global__ void normalize_channels_last_kernel(const scalar_t* __restrict__ x,
-                                               const scalar_t* __restrict__ residual,
-                                               scalar_t* __restrict__ out, NormalizeParams<acc_t> p,
-                                               int64_t rows, int64_t C) {
+// The residual term, a template argument of the channels_last kernel: each thread keeps 3
+// coefficients a channel in registers without a residual or with a plain one (the 16-byte
+// half / bf16 kernel then fits 64 registers), 6 when the residual has its own (80 registers:
+// 3 blocks an SM; on sm_80 float / double spill at 5).
+enum ResidualKind { kNoResidual, kPlainResidual, kAffineResidual };
+
+template <typename scalar_t, int VEC, int RESIDUAL>
+constexpr int normalize_min_blocks =
+    RESIDUAL == kAffineResidual ? min_blocks_per_sm<scalar_t, VEC, 3, 8, 4>
+                                : min_blocks_per_sm<scalar_t, VEC, 4, 8, 5>;
+
+template <typename scalar_t, typename acc_t, int VEC, int RESIDUAL>
+__global__ void __launch_bounds__(kBlockThreads, normalize_min_blocks<scalar_t, VEC, RESIDUAL>)
+    normalize_channels_last_kernel(const scalar_t* __restrict__ x,
+                                   const scalar_t* __restrict__ residual,
+                                   scalar_t* __restrict__ out, NormalizeParams<acc_t> p,
+                                   int64_t rows, int64_t C) {
+  constexpr bool has_residual = RESIDUAL != kNoResidual;
+  if (RESIDUAL != kAffineResidual)  // (null: the compiler folds the constants 0, 1, 0 in)
+    p.residual_mean = p.residual_scale = p.residual_shift = nullptr;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   Coefficients<acc_t> k[VEC];
@@ -66,13 +81,12 @@ __global__ void normalize_channels_last_kernel(const scalar_t* __restrict__ x,
     const int64_t i = row * C + c0;
     const auto xv = load_vec<scalar_t, VEC>(x + i);
     Vec<scalar_t, VEC> rv;
-    if (residual != nullptr) rv = load_vec<scalar_t, VEC>(residual + i);
+    if (has_residual) rv = load_vec<scalar_t, VEC>(residual + i);
     Vec<scalar_t, VEC> yv;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
-      yv.v[j] = k[j].template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r,
-                                              p.relu);
+      const acc_t r = has_residual ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+      yv.v[j] = k[j].template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), has_residual, r, p.relu);
     }
     store_vec<scalar_t, VEC>(out + i, yv);
   }
@@ -108,12 +122,21 @@ void launch_normalize(const ChannelView& v, const scalar_t* x, const scalar_t* r
                       cudaStream_t stream) {
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
-    FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
-                    normalize_channels_last_kernel<scalar_t, acc_t, VEC>)(x, residual, out, p,
-                                                                          v.outer, v.channels);
+    if (residual == nullptr)
+      FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
+                      normalize_channels_last_kernel<scalar_t, acc_t, VEC, kNoResidual>)(
+          x, residual, out, p, v.outer, v.channels);
+    else if (p.residual_mean || p.residual_scale || p.residual_shift)
+      FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
+                      normalize_channels_last_kernel<scalar_t, acc_t, VEC, kAffineResidual>)(
+          x, residual, out, p, v.outer, v.channels);
+    else
+      FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
+                      normalize_channels_last_kernel<scalar_t, acc_t, VEC, kPlainResidual>)(
+          x, residual, out, p, v.outer, v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
-    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
+    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), kBlockThreads, 0, stream,
                     normalize_channels_first_kernel<scalar_t, acc_t, VEC>)(
         x, residual, out, p, vectors, v.channels, v.inner);
   }

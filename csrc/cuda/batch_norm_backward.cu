@@ -22,9 +22,10 @@ using at::Tensor;
 template <typename acc_t>
 struct SumsOp {
   static __device__ void init(acc_t* s) { s[0] = s[1] = acc_t(0); }
-  static __device__ void merge(acc_t* a, const acc_t* b) {
+  // a[k * stride], b[k * stride]: the k-th value (stride > 1 in shared memory).
+  static __device__ void merge(acc_t* a, const acc_t* b, int stride = 1) {
     a[0] += b[0];
-    a[1] += b[1];
+    a[stride] += b[stride];
   }
   static __device__ void finish(const acc_t* s, acc_t* sum_dy, acc_t* sum_dy_xhat) {
     store(sum_dy, s[0]);
@@ -57,8 +58,9 @@ __device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, ac
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t rows,
-                                            int64_t C, acc_t* __restrict__ partials) {
+__global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 6, 4>)
+    reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int64_t rows, int64_t C,
+                                acc_t* __restrict__ partials) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -83,12 +85,9 @@ __global__ void reduce_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, int
       }
     }
   }
-  block_merge_rows<SumsOp<acc_t>, 2, VEC>(state, smem);
-  if (threadIdx.y == 0 && active) {
-    for (int j = 0; j < VEC; ++j)
-      for (int k = 0; k < 2; ++k)
-        store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, state[j][k]);
-  }
+  block_merge_rows<SumsOp<acc_t>, 2, VEC>(state, smem, [&](int j, int k, acc_t value) {
+    if (active) store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, value);
+  });
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -114,9 +113,9 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
       state[1] += g[j] * (x[j] - mu) * is;
     }
   }
-  block_merge_all<SumsOp<acc_t>, 2>(state, smem);
-  if (threadIdx.x == 0)
-    for (int k = 0; k < 2; ++k) store(partials + (k * gridDim.y + blockIdx.y) * C + c, state[k]);
+  block_merge_all<SumsOp<acc_t>, 2>(state, smem, [&](int k, acc_t value) {
+    store(partials + (k * gridDim.y + blockIdx.y) * C + c, value);
+  });
 }
 
 // grad_input = k[c] * (g - mean_dy[c] - (x - mean[c]) * proj[c])
@@ -141,9 +140,9 @@ __device__ __forceinline__ void channel_coefficients(const acc_t* mean, const ac
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void input_grad_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a,
-                                                InputGradParams<acc_t> p, scalar_t* __restrict__ dx,
-                                                int64_t rows, int64_t C) {
+__global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 8, 4>)
+    input_grad_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, InputGradParams<acc_t> p,
+                                    scalar_t* __restrict__ dx, int64_t rows, int64_t C) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
@@ -231,8 +230,9 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
     partials = at::empty({2, blocks, v.channels}, acc_options);
-    const size_t smem = size_t(256) * 2 * sizeof(acc_t);
-    FUSEDRES_LAUNCH(grid, 256, smem, stream, reduce_channels_first_kernel<scalar_t, acc_t, VEC>)(
+    const size_t smem = size_t(kBlockThreads) * 2 * sizeof(acc_t);
+    FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
+                    reduce_channels_first_kernel<scalar_t, acc_t, VEC>)(
         a, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -251,7 +251,7 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
                                                                            v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
-    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), 256, 0, stream,
+    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), kBlockThreads, 0, stream,
                     input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(a, p, dx, vectors,
                                                                             v.channels, v.inner);
   }

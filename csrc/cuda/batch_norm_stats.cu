@@ -26,26 +26,30 @@ using moment_t = double;
 template <typename acc_t>
 struct MomentsOp {
   static __device__ void init(moment_t* s) { s[0] = s[1] = s[2] = 0; }
-  static __device__ void merge(moment_t* a, const moment_t* b) {
+  // a[k * stride], b[k * stride]: the k-th value (stride > 1 in shared memory).
+  static __device__ void merge(moment_t* a, const moment_t* b, int stride = 1) {
+    moment_t* const a1 = a + stride;
+    moment_t* const a2 = a1 + stride;
     const moment_t nb = b[0];
     if (nb == 0) return;
     if (a[0] == 0) {
-      a[0] = b[0], a[1] = b[1], a[2] = b[2];
+      a[0] = b[0], *a1 = b[stride], *a2 = b[2 * stride];
       return;
     }
-    if (!isfinite(a[1]) || !isfinite(b[1])) {
+    const moment_t mb = b[stride];
+    if (!isfinite(*a1) || !isfinite(mb)) {
       // An Inf or NaN among the values: the mean as a sum would have it (Inf + x = Inf,
       // Inf - Inf = NaN) and the variance NaN, as PyTorch's batch norm gives.
       a[0] += nb;
-      a[1] += b[1];
-      a[2] = NAN;
+      *a1 += mb;
+      *a2 = NAN;
       return;
     }
     const moment_t n = a[0] + nb;
-    const moment_t delta = b[1] - a[1];
+    const moment_t delta = mb - *a1;
     const moment_t wb = nb / n;
-    a[2] += b[2] + delta * delta * a[0] * wb;
-    a[1] += delta * wb;
+    *a2 += b[2 * stride] + delta * delta * a[0] * wb;
+    *a1 += delta * wb;
     a[0] = n;
   }
   static __device__ void finish(const moment_t* s, acc_t* mean, acc_t* var) {
@@ -78,8 +82,9 @@ struct ShiftedSums {
 };
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
-                                           moment_t* __restrict__ partials) {
+__global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 6, 5>)
+    stats_channels_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
+                               moment_t* __restrict__ partials) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -99,12 +104,9 @@ __global__ void stats_channels_last_kernel(const scalar_t* __restrict__ x, int64
   moment_t state[VEC][3];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) sums[j].to_moments(static_cast<acc_t>(count), state[j]);
-  block_merge_rows<MomentsOp<acc_t>, 3, VEC>(state, smem);
-  if (threadIdx.y == 0 && active) {
-    for (int j = 0; j < VEC; ++j)
-      for (int k = 0; k < 3; ++k)
-        store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, state[j][k]);
-  }
+  block_merge_rows<MomentsOp<acc_t>, 3, VEC>(state, smem, [&](int j, int k, moment_t value) {
+    if (active) store(partials + (k * gridDim.y + blockIdx.y) * C + c0 + j, value);
+  });
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -129,9 +131,9 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
   }
   moment_t state[3];
   sums.to_moments(static_cast<acc_t>(count), state);
-  block_merge_all<MomentsOp<acc_t>, 3>(state, smem);
-  if (threadIdx.x == 0)
-    for (int k = 0; k < 3; ++k) store(partials + (k * gridDim.y + blockIdx.y) * C + c, state[k]);
+  block_merge_all<MomentsOp<acc_t>, 3>(state, smem, [&](int k, moment_t value) {
+    store(partials + (k * gridDim.y + blockIdx.y) * C + c, value);
+  });
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -152,8 +154,9 @@ void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* v
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
     partials = at::empty({3, blocks, v.channels}, partial_options);
-    const size_t smem = size_t(256) * 3 * sizeof(moment_t);
-    FUSEDRES_LAUNCH(grid, 256, smem, stream, stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
+    const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);
+    FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
+                    stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
         x, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

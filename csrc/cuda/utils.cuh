@@ -6,6 +6,9 @@
 #include <ATen/core/Tensor.h>
 #ifdef FUSEDRES_CUDA_EMULATION
 #include "../emulation/cuda_runtime.h"  // host stand-ins: the kernels run on the CPU
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)  // an occupancy hint: nothing to the host compiler
+#endif
 #else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -93,17 +96,31 @@ inline int sm_count(int device) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks for a grid-stride elementwise loop over `units` work items of 256 threads.
+// Threads per block of the per-channel and elementwise kernels (channels_last_grid,
+// elementwise_blocks, the channels-first reductions); their __launch_bounds__ rely on it.
+constexpr int kBlockThreads = 256;
+// __launch_bounds__'s resident blocks per SM for a kernel of kBlockThreads threads: `wide`
+// for the 16-byte half / bf16 instantiations (8 channels' coefficients or sums a thread: 71-80
+// registers unbounded, 3 blocks an SM; 4 blocks cap them at 64), `scalar` (VEC = 1) and
+// `other` for the rest, chosen per kernel to keep at least their unbounded occupancy without
+// spills where one value allows (ptxas allocates differently as soon as a template has a
+// bound, so they cannot simply stay unbounded).
+template <typename scalar_t, int VEC, int wide, int scalar, int other>
+constexpr int min_blocks_per_sm = sizeof(scalar_t) == 2 && VEC == 8 ? wide
+                                  : VEC == 1                        ? scalar
+                                                                    : other;
+
+// Blocks for a grid-stride elementwise loop over `units` work items of kBlockThreads threads.
 inline int elementwise_blocks(int64_t units, int device) {
   return static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(ceil_div(units, 256), int64_t(sm_count(device)) * 16)));
+      1, std::min<int64_t>(ceil_div(units, kBlockThreads), int64_t(sm_count(device)) * 16)));
 }
 
 // ---- per-channel reductions ------------------------------------------------------------
 // A reduction keeps K values per channel. Each block reduces its share of the rows to one
 // partial per channel (layout [K][blocks][C]); merge_partials_kernel then combines those.
-// Op provides init(acc_t* s), merge(acc_t* a, const acc_t* b) and finish(s, out0, out1) over
-// K values.
+// Op provides init(acc_t* s), merge(acc_t* a, const acc_t* b, int stride = 1) (the k-th
+// value at [k * stride]) and finish(s, out0, out1) over K values.
 
 // Launch shape of a channels_last kernel: threads along x cover channel vectors (so each
 // thread keeps its channels' parameters in registers), along y rows; the grid's y dimension
@@ -117,7 +134,7 @@ inline ChannelsLastGrid channels_last_grid(const ChannelView& v, int vec, int de
   const int64_t vectors = ceil_div(v.channels, vec);
   int bx = 1;
   while (bx < 32 && bx < vectors) bx *= 2;
-  const int by = 256 / bx;
+  const int by = kBlockThreads / bx;
   const int64_t gx = ceil_div(vectors, bx);
   const int64_t target = int64_t(sm_count(device)) * blocks_per_sm;
   const int64_t gy =
@@ -128,70 +145,104 @@ inline ChannelsLastGrid channels_last_grid(const ChannelView& v, int vec, int de
 // Channels-first: one block column per channel, the grid's y dimension splits its values.
 inline dim3 channels_first_grid(const ChannelView& v, int device) {
   const int64_t target = int64_t(sm_count(device)) * 8;
-  const int64_t per_channel_blocks = ceil_div(v.per_channel(), 256 * 4);
+  const int64_t per_channel_blocks = ceil_div(v.per_channel(), kBlockThreads * 4);
   const int64_t gy = std::clamp<int64_t>(ceil_div(target, v.channels), 1,
                                          std::min<int64_t>(per_channel_blocks, 65535));
   return dim3(static_cast<unsigned>(v.channels), static_cast<unsigned>(gy));
 }
 
-// Merges the K-value states of all threads of a block that hold the same channel(s)
-// (threads (x, 0..blockDim.y)) into thread (x, 0). `state` holds VEC channels' K values.
-// smem must hold blockDim.x * blockDim.y * VEC * K values.
-template <class Op, int K, int VEC, typename acc_t>
-__device__ void block_merge_rows(acc_t (&state)[VEC][K], acc_t* smem) {
-  const int slot = (threadIdx.y * blockDim.x + threadIdx.x) * VEC * K;
-  for (int j = 0; j < VEC; ++j)
-    for (int k = 0; k < K; ++k) smem[slot + j * K + k] = state[j][k];
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    for (unsigned row = 1; row < blockDim.y; ++row) {
-      const acc_t* other = smem + (row * blockDim.x + threadIdx.x) * VEC * K;
-      for (int j = 0; j < VEC; ++j) Op::merge(state[j], other + j * K);
+// Tree merge over a block's threads (lane, index): the `count` threads of each lane (index
+// 0..count-1) merge their N x K states pairwise, log2(count) levels deep, in an order fixed
+// by the shape alone (deterministic); index 0 then gets result(j, k, value) for each value.
+// smem holds N * K * count * lanes values, laid out [N * K][count][lanes]: consecutive lanes
+// touch consecutive words (no bank conflicts). Every thread of the block must call it (it
+// synchronizes). The levels merge shared memory in place, one of the N states at a time, and
+// the result goes out from there: a thread's N states are never held twice in registers (the
+// kernels' register count is set by their worst point).
+template <class Op, int K, int N, typename acc_t, typename Result>
+__device__ void tree_merge(const acc_t (&state)[N][K], acc_t* smem, unsigned lane, unsigned lanes,
+                           unsigned index, unsigned count, Result&& result) {
+  const int plane = static_cast<int>(count * lanes);
+  acc_t* mine = smem + index * lanes + lane;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int k = 0; k < K; ++k) mine[(j * K + k) * plane] = state[j][k];
+  unsigned half = 1;
+  while (half * 2 < count) half *= 2;
+  for (; half > 0; half /= 2) {
+    __syncthreads();
+    if (index < half && index + half < count) {
+      const acc_t* theirs = mine + half * lanes;
+#pragma unroll 1
+      for (int j = 0; j < N; ++j) Op::merge(mine + j * K * plane, theirs + j * K * plane, plane);
     }
   }
+  if (index == 0)  // (its own writes: no barrier needed)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+      for (int k = 0; k < K; ++k) result(j, k, mine[(j * K + k) * plane]);
 }
 
-// Merges the K-value states of all threads of a 1-D block into thread 0.
-template <class Op, int K, typename acc_t>
-__device__ void block_merge_all(acc_t (&state)[K], acc_t* smem) {
-  for (int k = 0; k < K; ++k) smem[threadIdx.x * K + k] = state[k];
-  __syncthreads();
-  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) Op::merge(smem + threadIdx.x * K, smem + (threadIdx.x + stride) * K);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0)
-    for (int k = 0; k < K; ++k) state[k] = smem[k];
+// Merges the K-value states of all threads of a block that hold the same channel(s)
+// (threads (x, 0..blockDim.y)); thread (x, 0) gets the result as result(j, k, value) for
+// each of its VEC channels j. smem must hold blockDim.x * blockDim.y * VEC * K values.
+template <class Op, int K, int VEC, typename acc_t, typename Result>
+__device__ void block_merge_rows(const acc_t (&state)[VEC][K], acc_t* smem, Result&& result) {
+  tree_merge<Op, K, VEC>(state, smem, threadIdx.x, blockDim.x, threadIdx.y, blockDim.y, result);
 }
 
-// partials: [K][blocks][C] -> Op::finish(merge over the blocks) for each channel. A 32 x 8
-// thread block serves 32 consecutive channels (coalesced reads); its 8 rows of threads
-// split the partials, then row 0 merges the 8 results. state_t: the partials' type, out_t
-// the outputs'.
-constexpr int kMergeRows = 8;
+// Merges the K-value states of all threads of a 1-D block; thread 0 gets the result as
+// result(k, value). smem must hold blockDim.x * K values.
+template <class Op, int K, typename acc_t, typename Result>
+__device__ void block_merge_all(const acc_t (&state)[K], acc_t* smem, Result&& result) {
+  tree_merge<Op, K, 1>(reinterpret_cast<const acc_t(&)[1][K]>(state), smem, 0, 1, threadIdx.x,
+                       blockDim.x, [&](int, int k, acc_t value) { result(k, value); });
+}
+
+// partials: [K][blocks][C] -> Op::finish(merge over the blocks) for each channel. A
+// 32 x kMergeRows thread block serves 32 consecutive channels (coalesced reads); each row
+// of threads takes every kMergeRows-th partial, kMergeLoads of them per pass: their loads
+// are all issued before any merge and merged pairwise, so a pass waits for memory once.
+// Then the rows merge in a tree. With the ~1056 partials of a small-C channels_last
+// reduction, a thread's chain is ~9 passes plus log2(kMergeRows) levels, not 1056 / 8 + 7
+// dependent load-merge steps. state_t: the partials' type, out_t the outputs'.
+constexpr int kMergeRows = 32;
+constexpr int kMergeLoads = 4;
 
 template <class Op, int K, typename state_t, typename out_t>
-__global__ void merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks,
-                                      int64_t C, out_t* __restrict__ out0,
-                                      out_t* __restrict__ out1) {
-  FUSEDRES_DYNAMIC_SHARED(smem_bytes);  // [kMergeRows][32][K]
-  auto smem = reinterpret_cast<state_t(*)[32][K]>(smem_bytes);
+__global__ void __launch_bounds__(32 * kMergeRows)
+    merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks, int64_t C,
+                          out_t* __restrict__ out0, out_t* __restrict__ out1) {
+  FUSEDRES_DYNAMIC_SHARED(smem_bytes);  // [K][kMergeRows][32]
+  state_t* smem = reinterpret_cast<state_t*>(smem_bytes);
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  state_t state[K];
-  Op::init(state);
+  state_t state[1][K];
+  Op::init(state[0]);
   if (c < C) {
-    for (int64_t b = threadIdx.y; b < blocks; b += kMergeRows) {
-      state_t other[K];
-      for (int k = 0; k < K; ++k) other[k] = load(partials + (k * blocks + b) * C + c);
-      Op::merge(state, other);
+    for (int64_t b0 = threadIdx.y; b0 < blocks; b0 += kMergeRows * kMergeLoads) {
+      state_t part[kMergeLoads][K];
+#pragma unroll
+      for (int i = 0; i < kMergeLoads; ++i) {
+        const int64_t b = b0 + int64_t(i) * kMergeRows;
+        if (b < blocks) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) part[i][k] = load(partials + (k * blocks + b) * C + c);
+        } else {
+          Op::init(part[i]);
+        }
+      }
+#pragma unroll
+      for (int s = 1; s < kMergeLoads; s *= 2)
+#pragma unroll
+        for (int i = 0; i + s < kMergeLoads; i += 2 * s) Op::merge(part[i], part[i + s]);
+      Op::merge(state[0], part[0]);
     }
   }
-  for (int k = 0; k < K; ++k) smem[threadIdx.y][threadIdx.x][k] = state[k];
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int row = 1; row < kMergeRows; ++row) Op::merge(state, smem[row][threadIdx.x]);
-    Op::finish(state, out0 + c, out1 + c);
-  }
+  tree_merge<Op, K, 1>(state, smem, threadIdx.x, 32, threadIdx.y, kMergeRows,
+                       [&](int, int k, state_t value) { state[0][k] = value; });
+  if (threadIdx.y == 0 && c < C) Op::finish(state[0], out0 + c, out1 + c);
 }
 
 template <class Op, int K, typename state_t, typename out_t>
