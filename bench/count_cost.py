@@ -502,8 +502,9 @@ def main(argv=None):
     parser.add_argument("--no-check", action="store_true", help="skip the Triton scaling check")
     parser.add_argument("--state", help="what was counted, for the report (default: the git "
                         "commit and the files changed since)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"
-                                             / "2026-11-24_gpu-cost-counted.md"))
+    parser.add_argument("--out", default=str(
+        ROOT / "bench" / "results" / f"{datetime.date.today()}_gpu-cost-counted.md"),
+        help="the report (default: bench/results/<today>_gpu-cost-counted.md)")
     args = parser.parse_args(argv)
     shapes = QUICK if args.quick else RESNET50
     targets = [t for t in args.targets.split(",") if t]
