@@ -78,12 +78,24 @@ def channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    return chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+def tile_moments(n, mean, m2, ok):
+    """(count, mean, M2) of the union of a tile's rows of moments (rows where `ok` is off
+    count nothing), in closed form: every row at once, no chain of merges. With an Inf or NaN
+    among the means, the mean is what a sum would give and M2 NaN, as chan_merge."""
+    n = tl.where(ok, n, 0.0)
+    total = tl.sum(n, axis=0)
+    weighted = tl.where(ok, n * mean, 0.0)
+    tile_mean = tl.sum(weighted, axis=0) / tl.where(total > 0, total, 1.0)
+    d = tl.where(ok, mean - tile_mean[None, :], 0.0)
+    tile_m2 = tl.sum(tl.where(ok, m2, 0.0) + n * d * d, axis=0)
+    # (a NaN mean is not < inf either)
+    bad = tl.where(ok & (tl.abs(mean) < float("inf")), 0, tl.where(ok, 1, 0))
+    finite = tl.sum(bad, axis=0) == 0
+    return total, tile_mean, tl.where(finite, tile_m2, float("nan"))
 
 
-# Partial rows a merge program combines at once, as a tree (tl.reduce): a serial merge of
-# hundreds of partials is a chain of dependent divisions per channel.
+# Partial rows a merge program combines at once (tile_moments): a serial merge of hundreds of
+# partials is a chain of dependent divisions per channel.
 MERGE_ROWS = 64
 
 
@@ -94,7 +106,7 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
                         AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
-    apart), BLOCK_P rows at a time as a tree; SHIFTED: their means are offsets from x's first
+    apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's first
     values. AFFINE: also writes the BN's scale = weight / sqrt(var + eps) and shift = bias
     (reference.scale_shift), so no per-channel torch ops follow."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -106,10 +118,9 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         ok = (p < programs)[:, None] & col_ok[None, :]
         part = part_ptr + p[:, None] * C + cols[None, :]
-        # (absent rows: n = 0, which the merge ignores)
-        tile_n, tile_mean, tile_m2 = tl.reduce(
-            (tl.load(part, mask=ok, other=0.0), tl.load(part + plane, mask=ok, other=0.0),
-             tl.load(part + 2 * plane, mask=ok, other=0.0)), 0, _chan_combine)
+        tile_n, tile_mean, tile_m2 = tile_moments(
+            tl.load(part, mask=ok, other=0.0), tl.load(part + plane, mask=ok, other=0.0),
+            tl.load(part + 2 * plane, mask=ok, other=0.0), ok)
         n, mean, m2 = chan_merge(n, mean, m2, tile_n, tile_mean, tile_m2)
     if SHIFTED:
         mean += channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)

@@ -140,6 +140,19 @@ def assert_close(out, ref, dtype, tolerance=TOLERANCE):
     assert err <= tolerance[dtype], f"relative error {err:.3g} > {tolerance[dtype]:.0e} ({dtype})"
 
 
+
+def randomize_bn(model):
+    """model with non-trivial BN affine and statistics (uniform draws from torch's RNG: seed
+    before calling); returns it."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
 def has_layout(t, layout):
     """True if t is dense in `layout` ("nchw" or "channels_last"; both hold when C or H*W is 1)."""
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format

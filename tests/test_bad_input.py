@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import has_layout, make
+from conftest import has_layout, make, randomize_bn
 from torch import nn
 
 import fusedres
@@ -204,13 +204,7 @@ def _torchvision_resnet18():
     import torchvision  # a dependency of fusedres
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    with torch.no_grad():  # non-trivial BN affine and statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_bn(model)
     return model
 
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 import fusedres
-from conftest import assert_as_accurate, use
+from conftest import assert_as_accurate, randomize_bn, use
 from fusedres import frozen as F
 
 pytestmark = pytest.mark.skipif(not F.available(), reason="this torch has no oneDNN")
@@ -20,13 +20,7 @@ def eval_model(arch="resnet18", **kwargs):
     """A torchvision model in eval mode with non-trivial BN statistics and affine."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(**kwargs)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_bn(model)
     return model.eval()
 
 

@@ -12,7 +12,7 @@ import torchvision  # a dependency of fusedres
 
 import fusedres  # noqa: E402
 from conftest import (assert_as_accurate, assert_close, assert_state_as_accurate,  # noqa: E402
-                      rel_err, use)
+                      randomize_bn, rel_err, use)
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
          "wide_resnet50_2"]
@@ -25,13 +25,7 @@ def pair(arch, **kwargs):
     """(torchvision model, fusedres model) with the same weights."""
     torch.manual_seed(0)
     reference = getattr(torchvision.models, arch)(**kwargs)
-    with torch.no_grad():  # non-trivial BN affine and statistics
-        for m in reference.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_bn(reference)
     fused = getattr(fusedres, arch)(**kwargs)
     fused.load_state_dict(reference.state_dict(), strict=True)
     return reference, fused

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedres
-from conftest import (TARGETS_AND_REFERENCE, assert_as_accurate, assert_close, rel_err,
-                      use)
+from conftest import (TARGETS_AND_REFERENCE, assert_as_accurate, assert_close, randomize_bn,
+                      rel_err, use)
 from fusedres.convert import describe
 from fusedres.preact import (PlainPreActBasicBlock, PlainPreActBottleneck, PlainPreActResNet,
                              PreActBasicBlock, PreActBottleneck, PreActResNet)
@@ -83,24 +83,18 @@ ARCHS = {"basic": (PreActBasicBlock, False), "bottleneck": (PreActBottleneck, Tr
 TINY = (4, 8, 8, 16)  # the stages' planes: small enough for the Triton interpreter
 
 
-def randomize_bn(model):
+def randomized(model):
+    """model with non-trivial BN affine and statistics, always the same (seeded)."""
     torch.manual_seed(1)
-    with torch.no_grad():  # non-trivial BN affine and statistics
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomize_bn(model)
 
 
 def pair(arch="bottleneck", layers=(2, 1, 1, 1), widths=TINY, norm=nn.BatchNorm2d, **kwargs):
     """(reference, fused PreActResNet) with the same weights (loaded strictly both ways)."""
     block, bottleneck = ARCHS[arch]
     torch.manual_seed(0)
-    fused = randomize_bn(PreActResNet(block, list(layers), num_classes=10, widths=widths,
-                                      norm_layer=norm, **kwargs))
+    fused = randomized(PreActResNet(block, list(layers), num_classes=10, widths=widths,
+                                    norm_layer=norm, **kwargs))
     reference = RefPreActResNet(bottleneck, layers, widths, 10, norm, **kwargs)
     reference.load_state_dict(fused.state_dict(), strict=True)
     fused.load_state_dict(reference.state_dict(), strict=True)
@@ -474,8 +468,8 @@ def test_layout_is_timms_resnetv2(arch):
     name, widths = {"basic": ("resnetv2_18", (8, 16, 16, 32)),
                     "bottleneck": ("resnetv2_50", (32, 64, 64, 128))}[arch]
     torch.manual_seed(0)
-    theirs = randomize_bn(timm.create_model(name, num_classes=10, stem_chs=8,
-                                            channels=widths).double())
+    theirs = randomized(timm.create_model(name, num_classes=10, stem_chs=8,
+                                          channels=widths).double())
     ours = PreActResNet(ARCHS[arch][0], [2, 2, 2, 2] if arch == "basic" else [3, 4, 6, 3],
                         num_classes=10, widths=(8, 16, 16, 32)).double()
     state = {timm_key(k): v.reshape(10, -1) if k == "head.fc.weight" else v
@@ -504,7 +498,7 @@ def test_convert_timm_resnetv2(arch, capsys):
     timm = pytest.importorskip("timm")
     use(("cpp", "cpu"))
     torch.manual_seed(0)
-    reference = randomize_bn(timm.create_model(arch, pretrained=False, num_classes=10)).double()
+    reference = randomized(timm.create_model(arch, pretrained=False, num_classes=10)).double()
     converted = fusedres.convert(copy.deepcopy(reference), verbose=True)
     report = capsys.readouterr().out
     assert "17 module(s) converted; of 16 block(s) (training mode): 16 fused" in report
@@ -543,8 +537,8 @@ def test_convert_timm_resnetv2(arch, capsys):
 def tiny_timm(name="resnetv2_18", **kwargs):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    return randomize_bn(timm.create_model(name, num_classes=10, stem_chs=8,
-                                          channels=(8, 16, 16, 32), **kwargs))
+    return randomized(timm.create_model(name, num_classes=10, stem_chs=8,
+                                        channels=(8, 16, 16, 32), **kwargs))
 
 
 def test_timm_resnetv2_drop_path_and_other_activations():
