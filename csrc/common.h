@@ -130,15 +130,24 @@ inline void check_apply_args(const at::Tensor& input, const at::Tensor& mean,
 }
 
 // Arguments shared by the two BN backward passes.
+// The backward's ReLU mask comes from the saved output, or (scale given) is recomputed from
+// input as the forward computed that output: relu((input - mean) * scale + shift).
 inline void check_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& output,
                                 const at::Tensor& input, const at::Tensor& mean,
-                                const at::Tensor& invstd) {
+                                const at::Tensor& invstd,
+                                const std::optional<at::Tensor>& scale = std::nullopt,
+                                const std::optional<at::Tensor>& shift = std::nullopt) {
   check_input(input, "input");
   check_same(grad_out, input, "grad_out");
   if (output) check_same(*output, input, "output");
   const auto acc = accumulate_type(input.scalar_type());
   check_channel_vector(mean, input, acc, "mean");
   check_channel_vector(invstd, input, acc, "invstd");
+  TORCH_CHECK(!(output && scale),
+              "fusedres: give output or scale (the ReLU mask's source), not both");
+  TORCH_CHECK(scale || !shift, "fusedres: shift needs scale (the ReLU mask's recomputation)");
+  if (scale) check_channel_vector(*scale, input, acc, "scale");
+  if (shift) check_channel_vector(*shift, input, acc, "shift");
 }
 
 // Operands of the folded conv + bias (+ residual) + ReLU ops, checked and brought into the

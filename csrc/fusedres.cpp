@@ -78,10 +78,13 @@ FUSEDRES_LIBRARY_DEF(m) {
       "bool relu) -> Tensor");
 
   // Training forward: batch statistics of input, then one normalize (+ residual) (+ ReLU)
-  // pass. Returns the output and the batch mean and biased variance.
+  // pass. Returns the output, the batch mean and biased variance, and the coefficients the
+  // normalize pass used, for the backward: invstd = 1 / sqrt(var + eps), scale = weight *
+  // invstd, shift = bias (0 without one), all float (double for double inputs).
   m.def(
       "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "float eps, bool relu) -> (Tensor out, Tensor mean, Tensor var)");
+      "float eps, bool relu) -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, "
+      "Tensor scale, Tensor shift)");
 
   // Training forward of relu(bn1(input) + bn2(residual)): a projection shortcut.
   m.def(
@@ -89,16 +92,22 @@ FUSEDRES_LIBRARY_DEF(m) {
       "Tensor? residual_weight, Tensor? residual_bias, float eps, float residual_eps, bool relu)"
       " -> (Tensor out, Tensor mean, Tensor var, Tensor residual_mean, Tensor residual_var)");
 
-  // Backward of training BN. g = grad_out, masked by (output > 0) when output is given (the
-  // ReLU mask, read from the saved output). Returns sum(g) and sum(g * xhat) per channel,
-  // i.e. grad_bias and grad_weight.
+  // Backward of training BN. g = grad_out, masked by the forward's ReLU: where output > 0 when
+  // output is given; or, with scale instead, where the forward's output is > 0 as recomputed
+  // from input: relu((input - mean) * scale + shift) rounded to input's dtype (no shift: 0),
+  // so that the output is not read. Returns sum(g) and sum(g * xhat) per channel, i.e.
+  // grad_bias and grad_weight, and with write_grad g itself in grad_out's dtype and input's
+  // layout, written by the same pass (the gradient of a residual added before the ReLU, which
+  // batch_norm_backward_input then reads unmasked); without it an empty tensor.
   m.def(
       "batch_norm_backward_reduce(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
-      "Tensor invstd) -> (Tensor sum_dy, Tensor sum_dy_xhat)");
+      "Tensor invstd, bool write_grad=False, Tensor? scale=None, Tensor? shift=None) -> "
+      "(Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
   // grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M), M values a channel.
   m.def(
       "batch_norm_backward_input(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
-      "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat) -> Tensor");
+      "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? scale=None, "
+      "Tensor? shift=None) -> Tensor");
 
   // out = relu(input + residual): the residual epilogue on its own.
   m.def("add_relu(Tensor input, Tensor residual) -> Tensor");

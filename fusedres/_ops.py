@@ -253,7 +253,7 @@ def _affine_grads(ops, g, x, mean, scale, need):
         channels = x.shape[1]
         center = mean if mean is not None else x.new_zeros(channels, dtype=acc)
         # sum(g) and sum(g * (x - mean)): the reduce kernel with invstd 1.
-        sum_g, sum_gx = ops.batch_norm_backward_reduce(
+        sum_g, sum_gx, _ = ops.batch_norm_backward_reduce(
             g, None, x, center, x.new_ones(channels, dtype=acc))
         if need[1]:
             dmean = -sum_g if scale is None else -sum_g * scale
@@ -286,49 +286,59 @@ def check_batch_norm_act_train(input, weight, bias, residual, eps, relu):
 
 
 def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
-    return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
+    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(5))
 
 
-def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input):
-    """Training BN backward: (grad_input or None, grad_weight, grad_bias) in float."""
-    sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
+def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input,
+                    write_grad=False, mask_coefficients=(None, None)):
+    """Training BN backward: (grad_input or None, grad_weight, grad_bias in float, and with
+    write_grad the masked gradient, written by the reduce pass). The ReLU mask: from the
+    output masked_by, or recomputed from input with mask_coefficients = (scale, shift)."""
+    sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
+        g, masked_by, input, mean, invstd, write_grad, *mask_coefficients)
+    if write_grad:  # the input's gradient reads the masked gradient: no second mask
+        g, masked_by, mask_coefficients = masked_grad, None, (None, None)
     grad_input = None
     if needs_input:
         grad_input = ops.batch_norm_backward_input(
-            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat
+            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat, *mask_coefficients
         )
-    return grad_input, sum_dy_xhat, sum_dy
+    return grad_input, sum_dy_xhat, sum_dy, masked_grad if write_grad else None
 
 
 def _setup_train(ctx, inputs, output):
     input, weight, bias, residual, eps, relu = inputs
-    out, mean, var = output
+    out, mean, var, invstd, scale, shift = output
     ctx.relu = relu
     ctx.has_residual = residual is not None
-    ctx.mark_non_differentiable(mean, var)
-    ctx.set_materialize_grads(False)  # (no zero-filled gradients for mean and var)
-    invstd = torch.rsqrt(var + eps)
-    ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
+    ctx.mark_non_differentiable(mean, var, invstd, scale, shift)
+    ctx.set_materialize_grads(False)  # (no zero-filled gradients for the statistics)
+    # The ReLU mask: without a residual it is recomputed from input with the forward's scale
+    # and shift (two passes fewer than reading the output twice); with one, from the output.
+    masked_by = out if relu and ctx.has_residual else None
+    coefficients = (scale, shift) if relu and not ctx.has_residual else (None, None)
+    ctx.save_for_backward(input, weight, bias, masked_by, mean, invstd, *coefficients)
 
 
-def _backward_train(ctx, grad, _grad_mean, _grad_var):
+def _backward_train(ctx, grad, *_grad_stats):
     if grad is None:  # (grads are not materialised: nothing reached the output)
         return (None,) * 6
-    input, weight, bias, out, mean, invstd = ctx.saved_tensors
+    input, weight, bias, out, mean, invstd, scale, shift = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if ctx.has_residual:
-        # The residual's gradient is the masked gradient itself: materialise it once.
-        g, masked_by = _relu_grad(grad, out, ctx.relu), None
-    else:
-        g, masked_by = grad, out  # the kernels apply the ReLU mask on the fly
-    grad_input, grad_weight, grad_bias = _bn_train_grads(
-        ctx.ops, g, masked_by, input, mean, invstd, weight, need[0]
+    # With a residual before the ReLU, the residual's gradient is the masked gradient: the
+    # reduce pass writes it (one write instead of a threshold_backward pass).
+    write_grad = ctx.has_residual and ctx.relu
+    grad_input, grad_weight, grad_bias, masked_grad = _bn_train_grads(
+        ctx.ops, grad, out, input, mean, invstd, weight, need[0], write_grad, (scale, shift)
     )
+    grad_residual = None
+    if ctx.has_residual and need[3]:
+        grad_residual = masked_grad if write_grad else grad
     return (
         grad_input,
         _cast(grad_weight, weight) if need[1] else None,
         _cast(grad_bias, bias) if need[2] else None,
-        g if ctx.has_residual and need[3] else None,
+        grad_residual,
         None,
         None,
     )
@@ -370,9 +380,12 @@ def _backward_dual(ctx, grad, *_grad_stats):
     (input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
      residual_mean, residual_invstd, out) = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = _relu_grad(grad, out, ctx.relu)
-    gi, gw, gb = _bn_train_grads(ctx.ops, g, None, input, mean, invstd, weight, need[0])
-    gr, grw, grb = _bn_train_grads(
+    # The first reduce applies the ReLU mask and writes the masked gradient, which the other
+    # three passes read.
+    gi, gw, gb, g = _bn_train_grads(ctx.ops, grad, out, input, mean, invstd, weight, need[0],
+                                    write_grad=ctx.relu)
+    g = grad if g is None else g
+    gr, grw, grb, _ = _bn_train_grads(
         ctx.ops, g, None, residual, residual_mean, residual_invstd, residual_weight, need[3]
     )
     return (
@@ -391,7 +404,8 @@ def _backward_dual(ctx, grad, *_grad_stats):
 # ---- batch_norm_backward_reduce ----------------------------------------------------------
 
 
-def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
+def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
+                                     scale=None, shift=None):
     check_input(input)
     check_same(grad_out, input, "grad_out")
     if output is not None:
@@ -399,18 +413,28 @@ def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
     acc = accumulate_dtype(input.dtype)
     check_channel_vector(mean, input, acc, "mean")
     check_channel_vector(invstd, input, acc, "invstd")
+    torch._check(output is None or scale is None,
+                 lambda: "fusedres: give output or scale (the ReLU mask's source), not both")
+    torch._check(scale is not None or shift is None,
+                 lambda: "fusedres: shift needs scale (the ReLU mask's recomputation)")
+    if scale is not None:
+        check_channel_vector(scale, input, acc, "scale")
+    if shift is not None:
+        check_channel_vector(shift, input, acc, "shift")
 
 
-def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
-    return torch.empty_like(mean), torch.empty_like(mean)
+def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
+                                     scale=None, shift=None):
+    masked_grad = empty_like_kernel_output(input) if write_grad else input.new_empty(0)
+    return torch.empty_like(mean), torch.empty_like(mean), masked_grad
 
 
 # ---- batch_norm_backward_input -----------------------------------------------------------
 
 
 def check_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                                    sum_dy_xhat):
-    check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd)
+                                    sum_dy_xhat, scale=None, shift=None):
+    check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, False, scale, shift)
     acc = accumulate_dtype(input.dtype)
     check_channel_vector(sum_dy, input, acc, "sum_dy")
     check_channel_vector(sum_dy_xhat, input, acc, "sum_dy_xhat")
@@ -418,7 +442,7 @@ def check_batch_norm_backward_input(grad_out, output, input, mean, invstd, weigh
 
 
 def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                                    sum_dy_xhat):
+                                    sum_dy_xhat, scale=None, shift=None):
     return empty_like_kernel_output(input)
 
 

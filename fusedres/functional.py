@@ -222,7 +222,7 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
                                                 eps)
         return _call(ops.batch_norm_apply, input, mean, scale, shift, residual, None, None, None,
                      relu)
-    out, mean, var = ops.batch_norm_act_train(
+    out, mean, var, *_ = ops.batch_norm_act_train(
         input, weight, bias, residual, float(eps), relu)
     count = input.numel() // input.shape[1] if input.numel() else 0
     _update_running_stats(running_mean, running_var, mean, var, count, factor)

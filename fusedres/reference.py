@@ -127,8 +127,9 @@ def scale_shift(var, weight, bias, eps):
 def batch_norm_act_train(input, weight, bias, residual, eps, relu):
     mean, var = batch_norm_stats(input)
     scale, shift = scale_shift(var, weight, bias, eps)
+    shift = torch.zeros_like(var) if shift is None else shift
     out = batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
-    return out, mean, var
+    return out, mean, var, torch.rsqrt(var + eps), scale, shift
 
 
 def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps,
@@ -142,22 +143,28 @@ def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, re
     return out, mean, var, residual_mean, residual_var
 
 
-def _masked(grad_out, output):
+def _masked(grad_out, output, input, mean, scale, shift):
+    """grad_out where the forward's output > 0: output, or recomputed from input (scale)."""
     acc = _accumulate(grad_out.dtype)
     g = grad_out.to(acc)
+    if output is None and scale is not None:
+        output = batch_norm_apply(input, mean, scale, shift, None, None, None, None, True)
     return g if output is None else torch.where(output <= 0, torch.zeros_like(g), g)
 
 
-def batch_norm_backward_reduce(grad_out, output, input, mean, invstd):
-    """(sum(g), sum(g * xhat)) per channel, g masked by output > 0 when output is given."""
-    g = _masked(grad_out, output)
+def batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
+                               scale=None, shift=None):
+    """(sum(g), sum(g * xhat), g or an empty tensor) per channel, g masked by the forward's
+    ReLU (output > 0 from output, or from the output recomputed with scale and shift)."""
+    g = _masked(grad_out, output, input, mean, scale, shift)
     xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
-    return g.sum(_dims(input)), (g * xhat).sum(_dims(input))
+    masked_grad = g.to(input.dtype) if write_grad else input.new_empty(0)
+    return g.sum(_dims(input)), (g * xhat).sum(_dims(input)), masked_grad
 
 
 def batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                              sum_dy_xhat):
-    g = _masked(grad_out, output)
+                              sum_dy_xhat, scale=None, shift=None):
+    g = _masked(grad_out, output, input, mean, scale, shift)
     count = input.numel() // input.shape[1] if input.numel() else 1
     xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
     k = invstd if weight is None else invstd * weight.to(invstd.dtype)

@@ -70,7 +70,11 @@ class _SyncBatchNormAct(torch.autograd.Function):
         scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
         shift = bias.to(invstd.dtype) if bias is not None else None
         out = ops.batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
-        ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
+        # The ReLU mask: recomputed from input with scale / shift without a residual, else read
+        # from the output (as fusedres/_ops.py's training ops).
+        recompute = relu and residual is None
+        ctx.save_for_backward(input, weight, bias, out if relu and not recompute else None, mean,
+                              invstd, scale if recompute else None, shift if recompute else None)
         ctx.relu, ctx.has_residual, ctx.group = relu, residual is not None, group
         ctx.local_share = count / total  # local count / group count
         ctx.mark_non_differentiable(mean, var)
@@ -78,22 +82,24 @@ class _SyncBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var, _grad_total):
-        input, weight, bias, out, mean, invstd = ctx.saved_tensors
+        input, weight, bias, out, mean, invstd, scale, shift = ctx.saved_tensors
         ops = _ops(input.device)
-        if ctx.has_residual or not ctx.relu:
-            g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
-            masked_by = None
-        else:
-            g, masked_by = grad, out
-        sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, masked_by, input, mean, invstd)
+        # With a residual before the ReLU, the reduce pass also writes the masked gradient
+        # (the residual's), which the input pass then reads unmasked.
+        write_grad = ctx.has_residual and ctx.relu
+        sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
+            grad, out, input, mean, invstd, write_grad, scale, shift)
+        g = grad
+        if write_grad:
+            g, out = masked_grad, None
         grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
         grad_bias = sum_dy.to(bias.dtype) if bias is not None else None
         group_sums = torch.stack([sum_dy, sum_dy_xhat])
         dist.all_reduce(group_sums, group=ctx.group)
         # The kernel divides by the local count: scale the group sums to divide by the group's.
         group_sums = group_sums * ctx.local_share
-        grad_input = ops.batch_norm_backward_input(g, masked_by, input, mean, invstd, weight,
-                                                   group_sums[0], group_sums[1])
+        grad_input = ops.batch_norm_backward_input(g, out, input, mean, invstd, weight,
+                                                   group_sums[0], group_sums[1], scale, shift)
         return (grad_input, grad_weight, grad_bias, g if ctx.has_residual else None, None, None,
                 None)
 

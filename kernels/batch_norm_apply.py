@@ -28,6 +28,13 @@ def _channel_values(ptr, cols, col_ok, PRESENT: tl.constexpr, NEUTRAL: tl.conste
     return tl.full(cols.shape, NEUTRAL, ACC)
 
 
+@triton.jit
+def affine_value(x, m, s, b):
+    """(x - m) * s + b: one expression for the normalize pass and the backward's ReLU mask
+    recomputation, so that both round it alike (one fused multiply-add on a GPU)."""
+    return (x - m) * s + b
+
+
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mean_ptr,
@@ -45,7 +52,7 @@ def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mea
     s = _channel_values(scale_ptr, cols, col_ok, HAS_SCALE, 1.0, ACC)
     b = _channel_values(shift_ptr, cols, col_ok, HAS_SHIFT, 0.0, ACC)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
-    y = (x - m[None, :]) * s[None, :] + b[None, :]
+    y = affine_value(x, m[None, :], s[None, :], b[None, :])
     if HAS_RESIDUAL:
         rm = _channel_values(r_mean_ptr, cols, col_ok, HAS_R_MEAN, 0.0, ACC)
         rs = _channel_values(r_scale_ptr, cols, col_ok, HAS_R_SCALE, 1.0, ACC)

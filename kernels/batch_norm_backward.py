@@ -1,8 +1,10 @@
 """Triton: the training BN backward in two passes over (grad_out, output, input):
-  reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+  reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel (and g itself, written
+          in the same pass, with write_grad)
   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
-g = grad_out, zeroed where the saved output is <= 0 (the ReLU mask) when output is given;
-xhat = (input - mean) * invstd. The reduce pass writes one partial per program, summed by a
+g = grad_out, zeroed where the forward's output is <= 0 (the ReLU mask: read from the saved
+output, or recomputed from input with the forward's scale and shift); xhat = (input - mean) *
+invstd. The reduce pass writes one partial per program, summed by a
 second kernel in a fixed order (deterministic, no atomics).
 """
 from __future__ import annotations
@@ -18,28 +20,58 @@ from fusedres._ops import check, dense, match_layout
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, launch, row_split, tile_grid, tile_of_program, tile_offsets,
                       tl_acc)
+from .batch_norm_apply import affine_value
 from .batch_norm_stats import MERGE_ROWS
+
+# Where the ReLU mask comes from (the MASK constexpr): none, the saved output, or the forward's
+# output recomputed from x with its mean, scale and shift.
+NO_MASK = tl.constexpr(0)
+OUTPUT_MASK = tl.constexpr(1)
+RECOMPUTED_MASK = tl.constexpr(2)
 
 
 @triton.jit
-def _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED: tl.constexpr, ACC: tl.constexpr):
+def _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK: tl.constexpr,
+                 ACC: tl.constexpr):
+    """g passes where !(y <= 0), as threshold_backward; y the saved output or the forward's
+    output recomputed from x as _normalize_kernel computed and stored it."""
     g = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(ACC)
-    if MASKED:  # passes where !(y <= 0), as threshold_backward
+    if MASK == OUTPUT_MASK:
         y = tl.load(y_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        g = tl.where(y <= 0.0, 0.0, g)
+    elif MASK == RECOMPUTED_MASK:
+        v = affine_value(x, mean[None, :], scale[None, :], shift[None, :])
+        v = tl.where(v < 0.0, 0.0, v)
+        y = v.to(dy_ptr.dtype.element_ty).to(ACC)  # the stored output's rounding
         g = tl.where(y <= 0.0, 0.0, g)
     return g
 
 
+@triton.jit
+def _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK: tl.constexpr,
+                       HAS_SHIFT: tl.constexpr, ACC: tl.constexpr):
+    scale = tl.full(cols.shape, 1.0, ACC)
+    shift = tl.zeros(cols.shape, ACC)
+    if MASK == RECOMPUTED_MASK:
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=1.0).to(ACC)
+        if HAS_SHIFT:
+            shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    return scale, shift
+
+
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
-def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, inner,
-                           rows_per_program, MASKED: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr, g_ptr,
+                           rows, C, inner, rows_per_program, MASK: tl.constexpr,
+                           HAS_SHIFT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid: (channel blocks, row programs), as _stats_partial_kernel
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_r = tl.program_id(1).to(tl.int64)
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    scale, shift = _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK, HAS_SHIFT, ACC)
     sum_g = tl.zeros([BLOCK_C], ACC)
     sum_gx = tl.zeros([BLOCK_C], ACC)
     start = pid_r * rows_per_program
@@ -48,8 +80,10 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, part_ptr, rows, C, in
         r = r0 + tl.arange(0, BLOCK_R)
         ok = (r < end)[:, None] & col_ok[None, :]
         offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
-        g = _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED, ACC)
         x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
+        if WRITE_GRAD:  # exact: g is grad_out's value or 0
+            tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0)
     out = part_ptr + pid_r * C + cols
@@ -90,8 +124,9 @@ def _divide(a, b, ACC: tl.constexpr):
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr,
-                       sum_dy_ptr, sum_dy_xhat_ptr, count, rows, C, inner, MASKED: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                       sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, count, rows, C, inner,
+                       MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = k * (g - mean_dy - (x - mean) * proj), the per-channel k = weight * invstd,
     mean_dy = sum_dy / count, proj = sum_dy_xhat * invstd / count computed here for the
@@ -109,8 +144,9 @@ def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weigh
     mean_dy = _divide(tl.load(sum_dy_ptr + cols, mask=col_ok, other=0.0).to(ACC), n, ACC)
     proj = _divide(tl.load(sum_dy_xhat_ptr + cols, mask=col_ok, other=0.0).to(ACC) * invstd, n,
                    ACC)
-    g = _masked_grad(dy_ptr, y_ptr, offsets, ok, MASKED, ACC)
+    scale, shift = _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK, HAS_SHIFT, ACC)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
+    g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
     dx = k[None, :] * (g - mean_dy[None, :] - (x - mean[None, :]) * proj[None, :])
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
@@ -120,47 +156,63 @@ def _prepare(grad_out, output, input):
     return match_layout(grad_out, x), match_layout(output, x), x
 
 
+def _mask_args(y, scale, shift, dy):
+    """The kernels' (y, scale, shift) pointers and MASK / HAS_SHIFT constexprs."""
+    mask = OUTPUT_MASK if y is not None else RECOMPUTED_MASK if scale is not None else NO_MASK
+    mask = mask.value
+    pointers = [y if y is not None else dy] + [
+        t.contiguous() if t is not None else dy for t in (scale, shift)]
+    return pointers, dict(MASK=mask, HAS_SHIFT=shift is not None)
+
+
 @torch.library.custom_op("fusedres_triton::batch_norm_backward_reduce", mutates_args=())
 def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Tensor],
-                               input: torch.Tensor, mean: torch.Tensor,
-                               invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    check("batch_norm_backward_reduce", grad_out, output, input, mean, invstd)
+                               input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               write_grad: bool = False, scale: Optional[torch.Tensor] = None,
+                               shift: Optional[torch.Tensor] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("batch_norm_backward_reduce", grad_out, output, input, mean, invstd, write_grad, scale,
+          shift)
     dy, y, x = _prepare(grad_out, output, input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
+    masked_grad = torch.empty_like(x) if write_grad else x.new_empty(0)
     if x.numel() == 0:
         return (torch.zeros(C, dtype=acc, device=x.device),
-                torch.zeros(C, dtype=acc, device=x.device))
+                torch.zeros(C, dtype=acc, device=x.device), masked_grad)
     sum_dy = torch.empty(C, dtype=acc, device=x.device)
     sum_dy_xhat = torch.empty(C, dtype=acc, device=x.device)
     programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(2, programs, C, dtype=acc, device=x.device)
+    (y, scale, shift), mask = _mask_args(y, scale, shift, dy)
     launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
-           x.device, dy, y if y is not None else dy, x, mean.contiguous(), partials, rows, C,
-           inner, rows_per_program, MASKED=y is not None, CHANNELS_LAST=inner == 1,
-           ACC=tl_acc(x.dtype))
+           x.device, dy, y, x, mean.contiguous(), scale, shift, partials,
+           masked_grad if write_grad else dy, rows, C, inner, rows_per_program, **mask,
+           WRITE_GRAD=write_grad, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd.contiguous(),
            sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype), BLOCK_P=MERGE_ROWS,
            BLOCK_C=32)
-    return sum_dy, sum_dy_xhat
+    return sum_dy, sum_dy_xhat, masked_grad
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_backward_input", mutates_args=())
 def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Tensor],
                               input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                               weight: Optional[torch.Tensor], sum_dy: torch.Tensor,
-                              sum_dy_xhat: torch.Tensor) -> torch.Tensor:
+                              sum_dy_xhat: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     check("batch_norm_backward_input", grad_out, output, input, mean, invstd, weight, sum_dy,
-          sum_dy_xhat)
+          sum_dy_xhat, scale, shift)
     dy, y, x = _prepare(grad_out, output, input)
     grad_input = torch.empty_like(x)
     if x.numel() == 0:
         return grad_input
     rows, C, inner = channel_view(x)
+    (y, scale, shift), mask = _mask_args(y, scale, shift, dy)
     launch(
         _input_grad_kernel, tile_grid(rows, C), x.device,
-        dy, y if y is not None else dy, x, grad_input, mean.contiguous(), invstd.contiguous(),
+        dy, y, x, grad_input, mean.contiguous(), invstd.contiguous(),
         weight.contiguous() if weight is not None else invstd, sum_dy.contiguous(),
-        sum_dy_xhat.contiguous(), x.numel() // C, rows, C, inner, MASKED=y is not None,
+        sum_dy_xhat.contiguous(), scale, shift, x.numel() // C, rows, C, inner, **mask,
         HAS_WEIGHT=weight is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     return grad_input

@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from fusedres._ops import check, dense
-from fusedres.reference import scale_shift
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, launch, row_split, tile_offsets, tl_acc)
@@ -101,14 +100,14 @@ MERGE_ROWS = 64
 
 @triton.jit
 def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, inner,
-                        weight_ptr, bias_ptr, scale_ptr, shift_ptr, eps,
+                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, eps,
                         SHIFTED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                         AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
     apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's first
-    values. AFFINE: also writes the BN's scale = weight / sqrt(var + eps) and shift = bias
-    (reference.scale_shift), so no per-channel torch ops follow."""
+    values. AFFINE: also writes the BN's invstd = 1 / sqrt(var + eps), scale = weight * invstd
+    and shift = bias (0 without one), so no per-channel torch ops follow."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -129,36 +128,40 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
     tl.store(var_ptr + cols, var, mask=col_ok)
     if AFFINE:
         if ACC == tl.float64:
-            scale = 1.0 / tl.sqrt(var + eps)  # (IEEE-rounded in float64)
+            invstd = 1.0 / tl.sqrt(var + eps)  # (IEEE-rounded in float64)
         else:
-            scale = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var + eps))
+            invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var + eps))
+        tl.store(invstd_ptr + cols, invstd, mask=col_ok)
+        scale = invstd
         if HAS_WEIGHT:
-            scale *= tl.load(weight_ptr + cols, mask=col_ok, other=1.0).to(ACC)
+            scale = invstd * tl.load(weight_ptr + cols, mask=col_ok, other=1.0).to(ACC)
         tl.store(scale_ptr + cols, scale, mask=col_ok)
+        shift = tl.zeros([BLOCK_C], ACC)
         if HAS_BIAS:
-            tl.store(shift_ptr + cols, tl.load(bias_ptr + cols, mask=col_ok).to(ACC),
-                     mask=col_ok)
+            shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+        tl.store(shift_ptr + cols, shift, mask=col_ok)
 
 
 def merge_stats(partials, programs, x, inner, affine=None, out=None):
     """(mean, var) from the [3][rows][C] partials of x's statistics (x: the tensor whose first
     values shifted them, or None if unshifted), written into `out` if given; with affine =
-    (weight, bias, eps) also (scale, shift) of reference.scale_shift (shift None without a
-    bias). One launch."""
+    (weight, bias, eps) also (invstd, scale, shift) as batch_norm_act_train returns them. One
+    launch."""
     _, rows, C = partials.shape
     mean, var = out if out is not None else (
         torch.empty(C, dtype=partials.dtype, device=partials.device) for _ in range(2))
     weight, bias, eps = affine if affine is not None else (None, None, 0.0)
-    scale = torch.empty_like(mean) if affine is not None else None
-    shift = torch.empty_like(mean) if bias is not None else None
+    invstd, scale, shift = (torch.empty_like(mean) for _ in range(3)) if affine is not None \
+        else (None, None, None)
     dummy = partials  # stands in for absent pointers; never read
     launch(_stats_merge_kernel, (triton.cdiv(C, 32),), partials.device, partials, mean, var,
            programs, rows * C, C, x if x is not None else dummy, inner,
-           *[t if t is not None else dummy for t in (weight, bias, scale, shift)], float(eps),
+           *[t if t is not None else dummy for t in (weight, bias, invstd, scale, shift)],
+           float(eps),
            SHIFTED=x is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(partials.dtype),
            AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
            BLOCK_P=MERGE_ROWS, BLOCK_C=32)
-    return (mean, var) if affine is None else (mean, var, scale, shift)
+    return (mean, var) if affine is None else (mean, var, invstd, scale, shift)
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
@@ -169,7 +172,7 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def channel_stats(input: torch.Tensor, affine=None):
     """The launches of batch_norm_stats, on arguments already checked (the training ops):
-    (mean, var), and with affine = (weight, bias, eps) also the BN's (scale, shift)."""
+    (mean, var), and with affine = (weight, bias, eps) also the BN's (invstd, scale, shift)."""
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
@@ -179,7 +182,10 @@ def channel_stats(input: torch.Tensor, affine=None):
         if affine is None:
             return mean, var
         weight, bias, eps = affine
-        return (mean, var, *scale_shift(var, weight, bias, eps))
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd * weight.to(acc) if weight is not None else invstd.clone()
+        shift = bias.to(acc, copy=True) if bias is not None else torch.zeros_like(var)
+        return mean, var, invstd, scale, shift
     programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
     launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),

@@ -16,11 +16,12 @@ from .batch_norm_stats import channel_stats
 @torch.library.custom_op("fusedres_triton::batch_norm_act_train", mutates_args=())
 def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
                          bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-                         eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     check("batch_norm_act_train", input, weight, bias, residual, eps, relu)
-    mean, var, scale, shift = channel_stats(input, (weight, bias, eps))
+    mean, var, invstd, scale, shift = channel_stats(input, (weight, bias, eps))
     out = normalize_act(input, mean, scale, shift, residual, relu=relu)
-    return out, mean, var
+    return out, mean, var, invstd, scale, shift
 
 
 @torch.library.custom_op("fusedres_triton::dual_batch_norm_act_train", mutates_args=())
@@ -31,8 +32,8 @@ def dual_batch_norm_act_train(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check("dual_batch_norm_act_train", input, weight, bias, residual, residual_weight,
           residual_bias, eps, residual_eps, relu)
-    mean, var, scale, shift = channel_stats(input, (weight, bias, eps))
-    residual_mean, residual_var, residual_scale, residual_shift = channel_stats(
+    mean, var, _, scale, shift = channel_stats(input, (weight, bias, eps))
+    residual_mean, residual_var, _, residual_scale, residual_shift = channel_stats(
         residual, (residual_weight, residual_bias, residual_eps))
     out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                         residual_shift, relu)

@@ -60,14 +60,15 @@ def bn_workload(dtype, layouts=("channels_last", "nchw"), batch=16):
                 x = torch.empty(batch, C, size, size, dtype=dtype).contiguous(memory_format=fmt)
                 acc = torch.float64 if dtype == torch.float64 else torch.float32
                 w, b = torch.ones(C, dtype=acc), torch.zeros(C, dtype=acc)
-                out, mean, var = ops.batch_norm_act_train(x, w, b, None, 1e-5, True)
+                out, mean, var, invstd, scale, shift = ops.batch_norm_act_train(
+                    x, w, b, None, 1e-5, True)
                 ops.batch_norm_act_train(x, w, b, x, 1e-5, True)
                 ops.dual_batch_norm_act_train(x, w, b, x, w, b, 1e-5, 1e-5, True)
                 ops.batch_norm_apply(x, mean, w, b, None, None, None, None, True)
-                invstd = torch.rsqrt(var + 1e-5)
-                for y in (out, None):
-                    s = ops.batch_norm_backward_reduce(x, y, x, mean, invstd)
-                    ops.batch_norm_backward_input(x, y, x, mean, invstd, w, *s)
+                for y, mask in ((out, ()), (None, ()), (None, (scale, shift))):
+                    s = ops.batch_norm_backward_reduce(x, y, x, mean, invstd, y is not None,
+                                                       *mask)
+                    ops.batch_norm_backward_input(x, y, x, mean, invstd, w, *s[:2], *mask)
                 ops.add_relu(x, x)
     return work
 

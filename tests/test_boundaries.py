@@ -109,14 +109,15 @@ def test_backward_kernels_across_blocks(target, layout):
         var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
         invstd = torch.rsqrt(var + 1e-5)
         weight = torch.rand(C, dtype=torch.float64, device=device) + 0.5
-        sum_dy, sum_dy_xhat = ops.batch_norm_backward_reduce(g, y, x, mean.float(),
-                                                             invstd.float())
+        sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
+            g, y, x, mean.float(), invstd.float(), True)
         masked = torch.where(y.double() > 0, g.double(), 0.0)
         xhat = (x.double() - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
         ref_sum_dy = masked.sum((0, 2, 3))
         ref_sum_dy_xhat = (masked * xhat).sum((0, 2, 3))
         assert_close(sum_dy, ref_sum_dy, torch.float32)
         assert_close(sum_dy_xhat, ref_sum_dy_xhat, torch.float32)
+        assert has_layout(masked_grad, layout) and torch.equal(masked_grad, masked.float())
         grad_input = ops.batch_norm_backward_input(g, y, x, mean.float(), invstd.float(),
                                                    weight.float(), ref_sum_dy.float(),
                                                    ref_sum_dy_xhat.float())
@@ -126,6 +127,41 @@ def test_backward_kernels_across_blocks(target, layout):
                          - xhat * ref_sum_dy_xhat.view(1, -1, 1, 1) / M)
         assert has_layout(grad_input, layout)
         assert_close(grad_input, ref_input, torch.float32, {torch.float32: 1e-4})
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_recomputed_relu_mask_is_the_outputs(target, layout, dtype):
+    """The backward kernels recompute the ReLU mask from input with the forward's scale and
+    shift: bit for bit the mask of the output the training forward wrote, where values sit
+    at zero, round to zero in the output's dtype, or are NaN / Inf."""
+    device = use(target)
+    ops = fusedres._backend.op_library(target[0])
+    for shape in SHAPES:
+        C = shape[1]
+        x = make(shape, dtype, device)
+        flat = x.view(-1)
+        flat[::7] = 0.0
+        flat[5], flat[11], flat[13] = float("nan"), float("inf"), float("-inf")
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight = torch.rand(C, device=device) + 0.5
+        bias = torch.randn(C, device=device) * 0.1
+        # channel 1: float subnormal outputs, some of which round to zero in bfloat16
+        weight[1], bias[1] = 1e-40, 0.0
+        out, mean, _, invstd, scale, shift = ops.batch_norm_act_train(x, weight, bias, None,
+                                                                      1e-5, True)
+        g = make(shape, dtype, device, layout)
+        by_output = ops.batch_norm_backward_reduce(g, out, x, mean, invstd, True)
+        recomputed = ops.batch_norm_backward_reduce(g, None, x, mean, invstd, True, scale, shift)
+        assert torch.equal(by_output[2], recomputed[2])  # the masked gradient: the mask itself
+        for a, b in zip(by_output[:2], recomputed[:2]):  # (NaN in the channels with NaN / Inf)
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        args = (mean, invstd, weight, *by_output[:2])
+        torch.testing.assert_close(ops.batch_norm_backward_input(g, out, x, *args),
+                                   ops.batch_norm_backward_input(g, None, x, *args, scale, shift),
+                                   rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -71,10 +71,11 @@ dual = call_of("dual_batch_norm_act_train", lambda: dict(
     input=x(), weight=vec(), bias=vec(), residual=x(), residual_weight=vec(), residual_bias=vec(),
     eps=1e-5, residual_eps=1e-3, relu=True))
 reduce = call_of("batch_norm_backward_reduce", lambda: dict(
-    grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec()))
+    grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), write_grad=False, scale=None,
+    shift=None))
 grad_input = call_of("batch_norm_backward_input", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), sum_dy=vec(),
-    sum_dy_xhat=vec()))
+    sum_dy_xhat=vec(), scale=None, shift=None))
 
 
 # (id, call, the error's first line); each call is (op name, *args).
@@ -119,6 +120,14 @@ CASES = [
     ("reduce-mean-length", reduce(mean=vec(8)), "fusedres: mean must have shape (4,), got [8]"),
     ("reduce-invstd-dtype", reduce(invstd=vec(dtype=F64)),
      "fusedres: invstd must be Float, got Double"),
+    ("reduce-output-and-scale", reduce(scale=vec()),
+     "fusedres: give output or scale (the ReLU mask's source), not both"),
+    ("reduce-shift-without-scale", reduce(output=None, shift=vec()),
+     "fusedres: shift needs scale (the ReLU mask's recomputation)"),
+    ("reduce-scale-dtype", reduce(output=None, scale=vec(dtype=F64)),
+     "fusedres: scale must be Float, got Double"),
+    ("input-shift-length", grad_input(output=None, scale=vec(), shift=vec(5)),
+     "fusedres: shift must have shape (4,), got [5]"),
     ("input-sum-dy-length", grad_input(sum_dy=vec(3)),
      "fusedres: sum_dy must have shape (4,), got [3]"),
     ("input-sum-dy-xhat-dtype", grad_input(sum_dy_xhat=vec(dtype=F64)),

@@ -3,6 +3,7 @@
 // in cpu/ and cuda/; the autograd formula lives in fusedres/_ops.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -54,20 +55,23 @@ std::tuple<Tensor, OptTensor> scale_shift(const Tensor& var, const OptTensor& we
   return {scale, shift};
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_train(const Tensor& input,
-                                                        const std::optional<Tensor>& weight,
-                                                        const std::optional<Tensor>& bias,
-                                                        const std::optional<Tensor>& residual,
-                                                        double eps, bool relu) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
+    const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& residual, double eps, bool relu) {
   check_train_input(input, "input");
   check_affine(weight, input, "weight");
   check_affine(bias, input, "bias");
   if (residual.has_value()) check_same(*residual, input, "residual");
   auto [mean, var] = call_batch_norm_stats(input);
-  auto [scale, shift] = scale_shift(var, weight, bias, eps);
+  // The backward reuses these exact coefficients (the ReLU mask is recomputed with them).
+  const Tensor invstd = var.add(eps).rsqrt();
+  // (copies where they would alias: an op's outputs are fresh tensors)
+  const Tensor scale = weight ? invstd.mul(weight->to(invstd.scalar_type())) : invstd.clone();
+  const Tensor shift = bias ? bias->to(var.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
+                            : at::zeros_like(var);
   Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, std::nullopt,
                                      std::nullopt, std::nullopt, relu);
-  return {out, mean, var};
+  return {out, mean, var, invstd, scale, shift};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(

@@ -34,16 +34,6 @@ struct ChannelValues {
   }
 };
 
-template <typename acc_t, bool kResidual, bool kRelu>
-inline acc_t normalize_value(acc_t x, acc_t r, acc_t m, acc_t s, acc_t b, acc_t rm, acc_t rs,
-                             acc_t rb) {
-  acc_t value = (x - m) * s + b;
-  if constexpr (kResidual) value += (r - rm) * rs + rb;
-  // (value < 0) keeps NaN, as torch.relu does.
-  if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
-  return value;
-}
-
 // Restrict-qualified pointers let the compiler vectorise (out never aliases an input).
 template <typename scalar_t, typename acc_t, bool kResidual, bool kRelu>
 void normalize_kernel(const ChannelView& v, const scalar_t* __restrict__ x,

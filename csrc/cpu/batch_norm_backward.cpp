@@ -1,8 +1,10 @@
 // CPU: the training BN backward in two passes over (grad_out, output, input):
-//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel (and g itself, written
+//           in the same pass, with write_grad)
 //   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
-// where g = grad_out, zeroed where the saved output is <= 0 (the ReLU mask) when output is
-// given, and xhat = (input - mean) * invstd.
+// where g = grad_out, zeroed where the forward's output is <= 0 (the ReLU mask: read from the
+// saved output, or recomputed from input with the forward's scale and shift), and xhat =
+// (input - mean) * invstd.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -24,65 +26,112 @@ using at::Tensor;
 // Checks the arguments both passes share and brings grad_out / output into input's layout.
 struct BackwardArgs {
   Tensor grad_out, input;
-  std::optional<Tensor> output;
+  std::optional<Tensor> output, scale, shift;
 };
 
 BackwardArgs prepare(const Tensor& grad_out, const std::optional<Tensor>& output,
-                     const Tensor& input_, const Tensor& mean, const Tensor& invstd) {
-  check_backward_args(grad_out, output, input_, mean, invstd);
+                     const Tensor& input_, const Tensor& mean, const Tensor& invstd,
+                     const std::optional<Tensor>& scale, const std::optional<Tensor>& shift) {
+  check_backward_args(grad_out, output, input_, mean, invstd, scale, shift);
   const Tensor input = dense_for_kernels(input_);
-  return {match_layout(grad_out, input), input, match_layout(output, input)};
+  return {match_layout(grad_out, input), input, match_layout(output, input), contiguous(scale),
+          contiguous(shift)};
 }
 
-// g: grad_out, with the ReLU mask of the saved output when kMasked. The gradient passes
-// where !(y <= 0), as threshold_backward.
-template <bool kMasked, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-inline acc_t masked(const scalar_t* dy, const scalar_t* y, int64_t i) {
+// Where the ReLU mask comes from: none, the saved output, or the output recomputed from x.
+enum MaskKind { kNoMask, kOutputMask, kRecomputedMask };
+
+// One channel's mask coefficients (kRecomputedMask): the forward's mean, scale, shift.
+template <typename acc_t>
+struct MaskCoefficients {
+  acc_t m, s, b;
+};
+
+// g: grad_out, passing where !(y <= 0) as threshold_backward, y the saved output or the
+// forward's output recomputed from x by the forward's own expression, rounded to scalar_t as
+// it was stored.
+template <int kMask, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+inline acc_t masked(const scalar_t* dy, const scalar_t* y, int64_t i, acc_t x,
+                    MaskCoefficients<acc_t> k) {
   const acc_t g = static_cast<acc_t>(dy[i]);
-  if constexpr (kMasked) return static_cast<acc_t>(y[i]) <= acc_t(0) ? acc_t(0) : g;
+  if constexpr (kMask == kOutputMask) return static_cast<acc_t>(y[i]) <= acc_t(0) ? acc_t(0) : g;
+  if constexpr (kMask == kRecomputedMask) {
+    const acc_t out = static_cast<acc_t>(static_cast<scalar_t>(
+        normalize_value<acc_t, false, true>(x, acc_t(0), k.m, k.s, k.b, 0, 1, 0)));
+    return out <= acc_t(0) ? acc_t(0) : g;
+  }
   return g;
 }
 
+// Per-channel mask coefficients (mean, scale, shift; only read for kRecomputedMask).
+template <typename acc_t>
+struct MaskVectors {
+  const acc_t* mean;
+  std::vector<acc_t> scale, shift;
+  MaskVectors(const acc_t* mean_, const std::optional<Tensor>& s, const std::optional<Tensor>& b,
+              int64_t C)
+      : mean(mean_), scale(C, acc_t(1)), shift(C, acc_t(0)) {
+    if (s) std::copy_n(s->const_data_ptr<acc_t>(), C, scale.begin());
+    if (b) std::copy_n(b->const_data_ptr<acc_t>(), C, shift.begin());
+  }
+  MaskCoefficients<acc_t> operator[](int64_t c) const { return {mean[c], scale[c], shift[c]}; }
+};
+
 // The reduce's sums over one channel's plane of n values. `omp simd` lets the compiler
 // reorder the two sums into vector lanes; without it the ReLU mask's select kept this loop
-// scalar (7x slower than unmasked on NCHW inputs).
-template <bool kMasked, typename scalar_t, typename acc_t>
+// scalar (7x slower than unmasked on NCHW inputs). With kWrite, g is also stored to `out`
+// (exact: g is grad_out's value or 0).
+template <int kMask, bool kWrite, typename scalar_t, typename acc_t>
 inline void reduce_plane(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ y,
-                         const scalar_t* __restrict__ x, acc_t m, int64_t n, acc_t& sum0,
-                         acc_t& sum1) {
+                         const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                         MaskCoefficients<acc_t> k, int64_t n, acc_t& sum0, acc_t& sum1) {
   acc_t s0 = 0, s1 = 0;
 #pragma omp simd reduction(+ : s0, s1)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t g = masked<kMasked>(dy, y, i);
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t g = masked<kMask>(dy, y, i, xi, k);
+    if constexpr (kWrite) out[i] = static_cast<scalar_t>(g);
     s0 += g;
-    s1 += g * (static_cast<acc_t>(x[i]) - m);
+    s1 += g * (xi - k.m);
   }
   sum0 += s0;
   sum1 += s1;
 }
 
-// Calls fn(std::bool_constant<masked>) for the runtime choice, so loops are branch-free.
+// Calls fn(std::bool_constant<flag>) for the runtime choice, so loops are branch-free.
 template <typename Fn>
-void with_mask(bool masked, const Fn& fn) {
-  if (masked)
+void with_flag(bool flag, const Fn& fn) {
+  if (flag)
     fn(std::true_type{});
   else
     fn(std::false_type{});
 }
 
-std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
-                                                      const std::optional<Tensor>& output_,
-                                                      const Tensor& input_, const Tensor& mean_,
-                                                      const Tensor& invstd_) {
-  auto a = prepare(grad_out_, output_, input_, mean_, invstd_);
+// Calls fn(std::integral_constant<int, MaskKind>) for the arguments' mask.
+template <typename Fn>
+void with_mask(const BackwardArgs& a, const Fn& fn) {
+  if (a.output)
+    fn(std::integral_constant<int, kOutputMask>{});
+  else if (a.scale)
+    fn(std::integral_constant<int, kRecomputedMask>{});
+  else
+    fn(std::integral_constant<int, kNoMask>{});
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
+    const Tensor& grad_out_, const std::optional<Tensor>& output_, const Tensor& input_,
+    const Tensor& mean_, const Tensor& invstd_, bool write_grad,
+    const std::optional<Tensor>& scale_, const std::optional<Tensor>& shift_) {
+  auto a = prepare(grad_out_, output_, input_, mean_, invstd_, scale_, shift_);
   const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const int64_t C = a.input.size(1);
   Tensor sum_dy = at::empty({C}, mean.options());
   Tensor sum_dy_xhat = at::empty({C}, mean.options());
+  Tensor masked_grad = write_grad ? at::empty_like(a.input) : at::empty({0}, a.input.options());
   if (a.input.numel() == 0) {
     sum_dy.zero_();
     sum_dy_xhat.zero_();
-    return {sum_dy, sum_dy_xhat};
+    return {sum_dy, sum_dy_xhat, masked_grad};
   }
   const ChannelView v = channel_view(a.input);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -91,37 +140,45 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out_,
         const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
         const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-        const acc_t* mu = mean.const_data_ptr<acc_t>();
-        with_mask(y != nullptr, [&](auto mask) {
-          constexpr bool kMasked = decltype(mask)::value;
-          // sum(g) and sum(g * (x - mean)); the latter is scaled by invstd once at the end.
-          auto row = [&](int64_t offset, acc_t* acc0, acc_t* acc1) {
+        const MaskVectors<acc_t> k(mean.const_data_ptr<acc_t>(), a.scale, a.shift, C);
+        scalar_t* out = write_grad ? masked_grad.data_ptr<scalar_t>() : nullptr;
+        with_mask(a, [&](auto mask) {
+          with_flag(write_grad, [&](auto write) {
+            constexpr int kMask = decltype(mask)::value;
+            constexpr bool kWrite = decltype(write)::value;
+            // sum(g) and sum(g * (x - mean)); the latter is scaled by invstd once at the end.
+            auto row = [&](int64_t offset, acc_t* acc0, acc_t* acc1) {
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t xi = static_cast<acc_t>(x[offset + c]);
+                const acc_t g = masked<kMask>(dy, y, offset + c, xi, k[c]);
+                if constexpr (kWrite) out[offset + c] = static_cast<scalar_t>(g);
+                acc0[c] += g;
+                acc1[c] += g * (xi - k.mean[c]);
+              }
+            };
+            auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
+              reduce_plane<kMask, kWrite>(dy + offset, kMask == kOutputMask ? y + offset : y,
+                                          x + offset, kWrite ? out + offset : out, k[c], n, acc0,
+                                          acc1);
+            };
+            auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
+            const acc_t* is = invstd.const_data_ptr<acc_t>();
             for (int64_t c = 0; c < C; ++c) {
-              const acc_t g = masked<kMasked>(dy, y, offset + c);
-              acc0[c] += g;
-              acc1[c] += g * (static_cast<acc_t>(x[offset + c]) - mu[c]);
+              sum_dy.data_ptr<acc_t>()[c] = s0[c];
+              sum_dy_xhat.data_ptr<acc_t>()[c] = s1[c] * is[c];
             }
-          };
-          auto plane = [&](int64_t offset, int64_t n, int64_t c, acc_t& acc0, acc_t& acc1) {
-            reduce_plane<kMasked>(dy + offset, kMasked ? y + offset : y, x + offset, mu[c], n, acc0,
-                                  acc1);
-          };
-          auto [s0, s1] = per_channel_sums<acc_t>(v, row, plane);
-          const acc_t* is = invstd.const_data_ptr<acc_t>();
-          for (int64_t c = 0; c < C; ++c) {
-            sum_dy.data_ptr<acc_t>()[c] = s0[c];
-            sum_dy_xhat.data_ptr<acc_t>()[c] = s1[c] * is[c];
-          }
+          });
         });
       });
-  return {sum_dy, sum_dy_xhat};
+  return {sum_dy, sum_dy_xhat, masked_grad};
 }
 
 Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Tensor>& output_,
                                  const Tensor& input_, const Tensor& mean_, const Tensor& invstd_,
                                  const std::optional<Tensor>& weight_, const Tensor& sum_dy_,
-                                 const Tensor& sum_dy_xhat_) {
-  auto a = prepare(grad_out_, output_, input_, mean_, invstd_);
+                                 const Tensor& sum_dy_xhat_, const std::optional<Tensor>& scale_,
+                                 const std::optional<Tensor>& shift_) {
+  auto a = prepare(grad_out_, output_, input_, mean_, invstd_, scale_, shift_);
   const auto acc = accumulate_type(a.input.scalar_type());
   check_channel_vector(sum_dy_, a.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat_, a.input, acc, "sum_dy_xhat");
@@ -150,23 +207,26 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
         const scalar_t* dy = a.grad_out.const_data_ptr<scalar_t>();
         const scalar_t* y = a.output ? a.output->const_data_ptr<scalar_t>() : nullptr;
         const scalar_t* x = a.input.const_data_ptr<scalar_t>();
-        const acc_t* mu = mean.const_data_ptr<acc_t>();
+        const MaskVectors<acc_t> mk(mean.const_data_ptr<acc_t>(), a.scale, a.shift, C);
+        const acc_t* mu = mk.mean;
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        with_mask(y != nullptr, [&](auto mask) {
-          constexpr bool kMasked = decltype(mask)::value;
+        with_mask(a, [&](auto mask) {
+          constexpr int kMask = decltype(mask)::value;
           auto row = [&](int64_t offset) {
             for (int64_t c = 0; c < C; ++c) {
               const int64_t i = offset + c;
-              const acc_t g = masked<kMasked>(dy, y, i);
-              const acc_t centered = static_cast<acc_t>(x[i]) - mu[c];
-              dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - centered * proj[c]));
+              const acc_t xi = static_cast<acc_t>(x[i]);
+              const acc_t g = masked<kMask>(dy, y, i, xi, mk[c]);
+              dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - (xi - mu[c]) * proj[c]));
             }
           };
           auto plane = [&](int64_t offset, int64_t n, int64_t c) {
             const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
+            const MaskCoefficients<acc_t> mkc = mk[c];
             for (int64_t i = offset; i < offset + n; ++i) {
-              const acc_t g = masked<kMasked>(dy, y, i);
-              dx[i] = static_cast<scalar_t>(kc * (g - mdc - (static_cast<acc_t>(x[i]) - mc) * pc));
+              const acc_t xi = static_cast<acc_t>(x[i]);
+              const acc_t g = masked<kMask>(dy, y, i, xi, mkc);
+              dx[i] = static_cast<scalar_t>(kc * (g - mdc - (xi - mc) * pc));
             }
           };
           for_each_run(v, row, plane);

@@ -10,6 +10,18 @@
 
 namespace fusedres::cpu {
 
+// One value of the normalize pass (batch_norm_apply.cpp). The backward recomputes the ReLU
+// mask with this same function, so it sees the output the forward wrote.
+template <typename acc_t, bool kResidual, bool kRelu>
+inline acc_t normalize_value(acc_t x, acc_t r, acc_t m, acc_t s, acc_t b, acc_t rm, acc_t rs,
+                             acc_t rb) {
+  acc_t value = (x - m) * s + b;
+  if constexpr (kResidual) value += (r - rm) * rs + rb;
+  // (value < 0) keeps NaN, as torch.relu does.
+  if constexpr (kRelu) value = value < acc_t(0) ? acc_t(0) : value;
+  return value;
+}
+
 // Visits the tensor in contiguous runs, in parallel:
 //   channels_last:  row(offset), a row of C values whose j-th value has channel j;
 //   channels-first: plane(offset, n, c), n values of channel c.

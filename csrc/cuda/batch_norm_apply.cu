@@ -42,7 +42,7 @@ struct Coefficients {
 
   template <typename scalar_t>
   __device__ __forceinline__ scalar_t apply(acc_t x, bool has_residual, acc_t r, bool relu) const {
-    acc_t value = (x - m) * s + b;
+    acc_t value = affine_value(x, m, s, b);
     if (has_residual) value += (r - rm) * rs + rb;
     // (value < 0) keeps NaN, as torch.relu does.
     if (relu && value < acc_t(0)) value = acc_t(0);

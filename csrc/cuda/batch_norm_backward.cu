@@ -1,9 +1,10 @@
 // CUDA: the training BN backward in two passes over (grad_out, output, input):
-//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel
+//   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel (and g itself, written
+//           in the same pass, with write_grad)
 //   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
-// g = grad_out masked by the saved output's ReLU (when output is given), xhat = (x - mean) *
-// invstd. The reduce pass follows batch_norm_stats.cu: per-thread sums, a block merge, then
-// a merge of the blocks' partials.
+// g = grad_out masked by the forward's ReLU (read from the saved output, or recomputed from x
+// with the forward's scale and shift), xhat = (x - mean) * invstd. The reduce pass follows
+// batch_norm_stats.cu: per-thread sums, a block merge, then a merge of the blocks' partials.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -40,10 +41,49 @@ struct BackwardArgs {
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ invstd;
+  // The forward's scale / shift (shift nullptr: 0); with y nullptr and scale given, the ReLU
+  // mask is recomputed from x.
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;
+  scalar_t* __restrict__ masked_out;  // the reduce writes g here; nullptr: not written
 };
 
+// One channel's coefficients of the recomputed mask (with the mean): the forward's scale and
+// shift.
+template <typename acc_t>
+struct MaskCoefficients {
+  acc_t s = 1, b = 0;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ MaskCoefficients<acc_t> mask_coefficients(
+    const BackwardArgs<scalar_t, acc_t>& a, int64_t c) {
+  MaskCoefficients<acc_t> k;
+  if (a.scale != nullptr) {
+    k.s = load(a.scale + c);
+    if (a.shift != nullptr) k.b = load(a.shift + c);
+  }
+  return k;
+}
+
+// Stores g (exact: grad_out's value or 0) when the reduce was asked to write it.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void store_masked_grad(const BackwardArgs<scalar_t, acc_t>& a, int64_t i,
+                                                  const acc_t (&g)[VEC]) {
+  if (a.masked_out == nullptr) return;
+  Vec<scalar_t, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out.v[j] = static_cast<scalar_t>(g[j]);
+  store_vec<scalar_t, VEC>(a.masked_out + i, out);
+}
+
+// g: grad_out, passing where !(y <= 0) as threshold_backward, y the saved output or (scale
+// given) the forward's output recomputed from x as the apply kernel computed and stored it.
+// mu[j], k[j]: element j's mean and mask coefficients (only read when recomputing).
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, acc_t>& a, int64_t i,
+                                                 const acc_t (&mu)[VEC],
+                                                 const MaskCoefficients<acc_t> (&k)[VEC],
                                                  acc_t (&g)[VEC], acc_t (&x)[VEC]) {
   const auto dyv = load_vec<scalar_t, VEC>(a.dy + i);
   const auto xv = load_vec<scalar_t, VEC>(a.x + i);
@@ -51,9 +91,16 @@ __device__ __forceinline__ void load_masked_grad(const BackwardArgs<scalar_t, ac
   if (a.y != nullptr) yv = load_vec<scalar_t, VEC>(a.y + i);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const bool pass = a.y == nullptr || !(static_cast<acc_t>(yv.v[j]) <= acc_t(0));
-    g[j] = pass ? static_cast<acc_t>(dyv.v[j]) : acc_t(0);
     x[j] = static_cast<acc_t>(xv.v[j]);
+    bool pass = true;
+    if (a.y != nullptr) {
+      pass = !(static_cast<acc_t>(yv.v[j]) <= acc_t(0));
+    } else if (a.scale != nullptr) {
+      acc_t value = affine_value(x[j], mu[j], k[j].s, k[j].b);
+      if (value < acc_t(0)) value = acc_t(0);
+      pass = !(static_cast<acc_t>(static_cast<scalar_t>(value)) <= acc_t(0));
+    }
+    g[j] = pass ? static_cast<acc_t>(dyv.v[j]) : acc_t(0);
   }
 }
 
@@ -68,16 +115,19 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
   acc_t state[VEC][2] = {};
   if (active) {
     acc_t mu[VEC], is[VEC];
+    MaskCoefficients<acc_t> k[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       mu[j] = load(a.mean + c0 + j);
       is[j] = load(a.invstd + c0 + j);
+      k[j] = mask_coefficients(a, c0 + j);
     }
     const int64_t stride = int64_t(gridDim.y) * blockDim.y;
 #pragma unroll 2
     for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
       acc_t g[VEC], x[VEC];
-      load_masked_grad<scalar_t, acc_t, VEC>(a, row * C + c0, g, x);
+      load_masked_grad<scalar_t, acc_t, VEC>(a, row * C + c0, mu, k, g, x);
+      store_masked_grad<scalar_t, acc_t, VEC>(a, row * C + c0, g);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         state[j][0] += g[j];
@@ -98,6 +148,11 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
   const acc_t mu = load(a.mean + c), is = load(a.invstd + c);
+  const MaskCoefficients<acc_t> kc = mask_coefficients(a, c);
+  acc_t mus[VEC];
+  MaskCoefficients<acc_t> k[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) mus[j] = mu, k[j] = kc;
   const int64_t run_vectors = inner / VEC;
   const int64_t vectors = outer * run_vectors;
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
@@ -106,7 +161,8 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
     const int64_t o = u / run_vectors;
     const int64_t i = (o * C + c) * inner + (u - o * run_vectors) * VEC;
     acc_t g[VEC], x[VEC];
-    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, mus, k, g, x);
+    store_masked_grad<scalar_t, acc_t, VEC>(a, i, g);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       state[0] += g[j];
@@ -146,15 +202,18 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
+  MaskCoefficients<acc_t> mk[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j)
+  for (int j = 0; j < VEC; ++j) {
     channel_coefficients(a.mean, a.invstd, p, c0 + j, mu[j], k[j], mean_dy[j], proj[j]);
+    mk[j] = mask_coefficients(a, c0 + j);
+  }
   const int64_t stride = int64_t(gridDim.y) * blockDim.y;
 #pragma unroll 2
   for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
     const int64_t i = row * C + c0;
     acc_t g[VEC], x[VEC];
-    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, mu, mk, g, x);
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -171,10 +230,16 @@ __global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
     const int64_t i = u * VEC;
+    const int64_t c = (i / inner) % C;
     acc_t mu, k, mean_dy, proj;
-    channel_coefficients(a.mean, a.invstd, p, (i / inner) % C, mu, k, mean_dy, proj);
+    channel_coefficients(a.mean, a.invstd, p, c, mu, k, mean_dy, proj);
+    const MaskCoefficients<acc_t> kc = mask_coefficients(a, c);
+    acc_t mus[VEC];
+    MaskCoefficients<acc_t> mk[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) mus[j] = mu, mk[j] = kc;
     acc_t g[VEC], x[VEC];
-    load_masked_grad<scalar_t, acc_t, VEC>(a, i, g, x);
+    load_masked_grad<scalar_t, acc_t, VEC>(a, i, mus, mk, g, x);
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -187,29 +252,40 @@ struct Prepared {
   Tensor grad_out, input;
   std::optional<Tensor> output;
   Tensor mean, invstd;
+  std::optional<Tensor> scale, shift;
 };
 
 Prepared prepare(const Tensor& grad_out, const std::optional<Tensor>& output, const Tensor& input_,
-                 const Tensor& mean, const Tensor& invstd) {
-  check_backward_args(grad_out, output, input_, mean, invstd);
+                 const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& scale,
+                 const std::optional<Tensor>& shift) {
+  check_backward_args(grad_out, output, input_, mean, invstd, scale, shift);
   const Tensor input = dense_for_kernels(input_);
-  return {match_layout(grad_out, input), input, match_layout(output, input), mean.contiguous(),
-          invstd.contiguous()};
+  return {match_layout(grad_out, input),
+          input,
+          match_layout(output, input),
+          mean.contiguous(),
+          invstd.contiguous(),
+          contiguous(scale),
+          contiguous(shift)};
 }
 
 template <typename scalar_t, typename acc_t>
-BackwardArgs<scalar_t, acc_t> kernel_args(const Prepared& t) {
+BackwardArgs<scalar_t, acc_t> kernel_args(const Prepared& t, const Tensor& masked_out = {}) {
   return {t.grad_out.const_data_ptr<scalar_t>(),
           t.output ? t.output->const_data_ptr<scalar_t>() : nullptr,
-          t.input.const_data_ptr<scalar_t>(), t.mean.const_data_ptr<acc_t>(),
-          t.invstd.const_data_ptr<acc_t>()};
+          t.input.const_data_ptr<scalar_t>(),
+          t.mean.const_data_ptr<acc_t>(),
+          t.invstd.const_data_ptr<acc_t>(),
+          t.scale ? t.scale->const_data_ptr<acc_t>() : nullptr,
+          t.shift ? t.shift->const_data_ptr<acc_t>() : nullptr,
+          masked_out.defined() ? masked_out.data_ptr<scalar_t>() : nullptr};
 }
 
 template <typename scalar_t, typename acc_t>
 bool vectorizable(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
                   const void* out = nullptr) {
   return can_vectorize(v, kVec16<scalar_t>) && aligned16(a.dy) && aligned16(a.y) &&
-         aligned16(a.x) && aligned16(out);
+         aligned16(a.x) && aligned16(a.masked_out) && aligned16(out);
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -258,18 +334,19 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out,
-                                                      const std::optional<Tensor>& output,
-                                                      const Tensor& input, const Tensor& mean,
-                                                      const Tensor& invstd) {
-  const Prepared t = prepare(grad_out, output, input, mean, invstd);
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
+    const Tensor& grad_out, const std::optional<Tensor>& output, const Tensor& input,
+    const Tensor& mean, const Tensor& invstd, bool write_grad, const std::optional<Tensor>& scale,
+    const std::optional<Tensor>& shift) {
+  const Prepared t = prepare(grad_out, output, input, mean, invstd, scale, shift);
   const int64_t C = t.input.size(1);
   Tensor sum_dy = at::empty({C}, t.mean.options());
   Tensor sum_dy_xhat = at::empty({C}, t.mean.options());
+  Tensor masked_grad = write_grad ? at::empty_like(t.input) : at::empty({0}, t.input.options());
   if (t.input.numel() == 0) {
     sum_dy.zero_();
     sum_dy_xhat.zero_();
-    return {sum_dy, sum_dy_xhat};
+    return {sum_dy, sum_dy_xhat, masked_grad};
   }
   const c10::cuda::CUDAGuard guard(t.input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -277,7 +354,7 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_reduce", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const auto a = kernel_args<scalar_t, acc_t>(t);
+        const auto a = kernel_args<scalar_t, acc_t>(t, write_grad ? masked_grad : Tensor());
         if (vectorizable(v, a))
           launch_reduce<scalar_t, acc_t, kVec16<scalar_t>>(
               v, a, sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
@@ -287,14 +364,15 @@ std::tuple<Tensor, Tensor> batch_norm_backward_reduce(const Tensor& grad_out,
                                             sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
                                             t.input.get_device(), stream);
       });
-  return {sum_dy, sum_dy_xhat};
+  return {sum_dy, sum_dy_xhat, masked_grad};
 }
 
 Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Tensor>& output,
                                  const Tensor& input, const Tensor& mean, const Tensor& invstd,
                                  const std::optional<Tensor>& weight, const Tensor& sum_dy,
-                                 const Tensor& sum_dy_xhat) {
-  const Prepared t = prepare(grad_out, output, input, mean, invstd);
+                                 const Tensor& sum_dy_xhat, const std::optional<Tensor>& scale,
+                                 const std::optional<Tensor>& shift) {
+  const Prepared t = prepare(grad_out, output, input, mean, invstd, scale, shift);
   const auto acc = accumulate_type(t.input.scalar_type());
   check_channel_vector(sum_dy, t.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat, t.input, acc, "sum_dy_xhat");

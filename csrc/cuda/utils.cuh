@@ -73,6 +73,13 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, VEC>& v) {
   store(reinterpret_cast<Vec<T, VEC>*>(p), v);
 }
 
+// The normalize pass's term (x - m) * s + b: one expression for the apply kernels and the
+// backward's ReLU mask recomputation, so that both round it alike (one fused multiply-add).
+template <typename acc_t>
+__device__ __forceinline__ acc_t affine_value(acc_t x, acc_t m, acc_t s, acc_t b) {
+  return (x - m) * s + b;
+}
+
 // Values per 16-byte access.
 template <typename T>
 constexpr int kVec16 = 16 / sizeof(T);
