@@ -86,11 +86,13 @@ FUSEDRES_LIBRARY_DEF(m) {
       "float eps, bool relu) -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, "
       "Tensor scale, Tensor shift)");
 
-  // Training forward of relu(bn1(input) + bn2(residual)): a projection shortcut.
+  // Training forward of relu(bn1(input) + bn2(residual)): a projection shortcut. Returns the
+  // output and each BN's batch mean, biased variance and invstd = 1 / sqrt(var + eps).
   m.def(
       "dual_batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor residual, "
       "Tensor? residual_weight, Tensor? residual_bias, float eps, float residual_eps, bool relu)"
-      " -> (Tensor out, Tensor mean, Tensor var, Tensor residual_mean, Tensor residual_var)");
+      " -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor residual_mean, "
+      "Tensor residual_var, Tensor residual_invstd)");
 
   // Backward of training BN. g = grad_out, masked by the forward's ReLU: where output > 0 when
   // output is given; or, with scale instead, where the forward's output is > 0 as recomputed

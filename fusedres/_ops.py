@@ -358,19 +358,18 @@ def check_dual_batch_norm_act_train(input, weight, bias, residual, residual_weig
 
 def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
                                     residual_bias, eps, residual_eps, relu):
-    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(4))
+    return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(6))
 
 
 def _setup_dual(ctx, inputs, output):
     input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu = inputs
-    out, mean, var, residual_mean, residual_var = output
+    out, mean, var, invstd, residual_mean, residual_var, residual_invstd = output
     ctx.relu = relu
-    ctx.mark_non_differentiable(mean, var, residual_mean, residual_var)
+    ctx.mark_non_differentiable(mean, var, invstd, residual_mean, residual_var, residual_invstd)
     ctx.set_materialize_grads(False)  # (no zero-filled gradients for the statistics)
     ctx.save_for_backward(
-        input, weight, bias, mean, torch.rsqrt(var + eps),
-        residual, residual_weight, residual_bias, residual_mean,
-        torch.rsqrt(residual_var + residual_eps), out if relu else None,
+        input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
+        residual_mean, residual_invstd, out if relu else None,
     )
 
 

@@ -326,9 +326,9 @@ def dual_batch_norm_add_relu(
             residual_bias, residual_eps)
         return _call(_fused_ops(backend).batch_norm_apply, input, mean, scale, shift, residual,
                      *residual_coefficients, relu)
-    out, mean, var, residual_mean, residual_var = _fused_ops(backend).dual_batch_norm_act_train(
-        input, weight, bias, residual, residual_weight, residual_bias, float(eps),
-        float(residual_eps), relu)
+    out, mean, var, _, residual_mean, residual_var, _ = _fused_ops(
+        backend).dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
+                                           residual_bias, float(eps), float(residual_eps), relu)
     count = input.numel() // input.shape[1] if input.numel() else 0
     _update_running_stats(running_mean, running_var, mean, var, count, factor)
     _update_running_stats(residual_running_mean, residual_running_var, residual_mean,

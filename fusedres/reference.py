@@ -140,7 +140,8 @@ def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, re
     r_scale, r_shift = scale_shift(residual_var, residual_weight, residual_bias, residual_eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, residual_mean, r_scale, r_shift,
                            relu)
-    return out, mean, var, residual_mean, residual_var
+    return (out, mean, var, torch.rsqrt(var + eps), residual_mean, residual_var,
+            torch.rsqrt(residual_var + residual_eps))
 
 
 def _masked(grad_out, output, input, mean, scale, shift):

@@ -29,12 +29,13 @@ def dual_batch_norm_act_train(
     input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     residual: torch.Tensor, residual_weight: Optional[torch.Tensor],
     residual_bias: Optional[torch.Tensor], eps: float, residual_eps: float, relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     check("dual_batch_norm_act_train", input, weight, bias, residual, residual_weight,
           residual_bias, eps, residual_eps, relu)
-    mean, var, _, scale, shift = channel_stats(input, (weight, bias, eps))
-    residual_mean, residual_var, _, residual_scale, residual_shift = channel_stats(
+    mean, var, invstd, scale, shift = channel_stats(input, (weight, bias, eps))
+    residual_mean, residual_var, residual_invstd, residual_scale, residual_shift = channel_stats(
         residual, (residual_weight, residual_bias, residual_eps))
     out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                         residual_shift, relu)
-    return out, mean, var, residual_mean, residual_var
+    return out, mean, var, invstd, residual_mean, residual_var, residual_invstd

@@ -44,15 +44,21 @@ void check_train_input(const Tensor& input, const char* name) {
               input.sizes());
 }
 
-// out = (x - mean) * scale + shift with scale = weight / sqrt(var + eps), shift = bias, in
-// the statistics' dtype.
-std::tuple<Tensor, OptTensor> scale_shift(const Tensor& var, const OptTensor& weight,
-                                          const OptTensor& bias, double eps) {
-  Tensor scale = var.add(eps).rsqrt();
-  if (weight.has_value()) scale = scale.mul(weight->to(scale.scalar_type()));
+// out = (x - mean) * scale + shift with invstd = 1 / sqrt(var + eps), scale = weight * invstd
+// (invstd itself without a weight), shift = bias (absent without one), in the statistics'
+// dtype.
+struct Coefficients {
+  Tensor invstd, scale;
   OptTensor shift;
-  if (bias.has_value()) shift = bias->to(var.scalar_type());
-  return {scale, shift};
+};
+
+Coefficients coefficients(const Tensor& var, const OptTensor& weight, const OptTensor& bias,
+                          double eps) {
+  Tensor invstd = var.add(eps).rsqrt();
+  Tensor scale = weight ? invstd.mul(weight->to(invstd.scalar_type())) : invstd;
+  OptTensor shift;
+  if (bias) shift = bias->to(var.scalar_type());
+  return {invstd, scale, shift};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
@@ -63,18 +69,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   check_affine(bias, input, "bias");
   if (residual.has_value()) check_same(*residual, input, "residual");
   auto [mean, var] = call_batch_norm_stats(input);
-  // The backward reuses these exact coefficients (the ReLU mask is recomputed with them).
-  const Tensor invstd = var.add(eps).rsqrt();
-  // (copies where they would alias: an op's outputs are fresh tensors)
-  const Tensor scale = weight ? invstd.mul(weight->to(invstd.scalar_type())) : invstd.clone();
-  const Tensor shift = bias ? bias->to(var.scalar_type(), /*non_blocking=*/false, /*copy=*/true)
-                            : at::zeros_like(var);
+  // The backward reuses these exact coefficients (the ReLU mask is recomputed with them);
+  // copies where an output would alias another or the bias (an op's outputs are fresh).
+  const Coefficients c = coefficients(var, weight, bias, eps);
+  const Tensor scale = weight ? c.scale : c.invstd.clone();
+  const Tensor shift =
+      bias ? (c.shift->is_same(*bias) ? bias->clone() : *c.shift) : at::zeros_like(var);
   Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, std::nullopt,
                                      std::nullopt, std::nullopt, relu);
-  return {out, mean, var, invstd, scale, shift};
+  return {out, mean, var, c.invstd, scale, shift};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& residual, const std::optional<Tensor>& residual_weight,
     const std::optional<Tensor>& residual_bias, double eps, double residual_eps, bool relu) {
@@ -86,12 +92,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
   check_affine(residual_bias, input, "residual_bias");
   auto [mean, var] = call_batch_norm_stats(input);
   auto [residual_mean, residual_var] = call_batch_norm_stats(residual);
-  auto [scale, shift] = scale_shift(var, weight, bias, eps);
-  auto [residual_scale, residual_shift] =
-      scale_shift(residual_var, residual_weight, residual_bias, residual_eps);
-  Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, residual_mean,
-                                     residual_scale, residual_shift, relu);
-  return {out, mean, var, residual_mean, residual_var};
+  const Coefficients c = coefficients(var, weight, bias, eps);
+  const Coefficients r = coefficients(residual_var, residual_weight, residual_bias, residual_eps);
+  Tensor out = call_batch_norm_apply(input, mean, c.scale, c.shift, residual, residual_mean,
+                                     r.scale, r.shift, relu);
+  return {out, mean, var, c.invstd, residual_mean, residual_var, r.invstd};
 }
 
 }  // namespace
