@@ -35,11 +35,13 @@ def bn_state(C):
 
 def bn_bytes(x, residual, backward):
     """The least a training BN(+add)+ReLU must move when x does not fit in cache: forward reads
-    x twice (statistics, then normalize) and z once, writes y; backward reads dy, y (ReLU mask)
-    and x in the reduction pass and again in the input pass, writes dx (and dz)."""
+    x twice (statistics, then normalize) and z once, writes y; backward reads dy and x in the
+    reduction pass (the ReLU mask recomputed from x) and again in the input pass, writes dx;
+    with a residual the mask needs y: the reduction reads dy, y, x and writes dz (the masked
+    gradient), the input pass reads dz and x and writes dx."""
     passes = 3 + residual
     if backward:
-        passes += 7 + residual
+        passes += 7 if residual else 5
     return passes * x.numel() * x.element_size()
 
 
