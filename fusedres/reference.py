@@ -117,19 +117,27 @@ def batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residua
 
 def scale_shift(var, weight, bias, eps):
     """BN as (x - mean) * scale + shift: scale = weight / sqrt(var + eps), shift = bias, in
-    var's dtype (also the Triton training forward and the functional eval path)."""
+    var's dtype (also the functional eval path)."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(var.dtype)
     return scale, bias.to(var.dtype) if bias is not None else None
 
 
+def train_coefficients(var, weight, bias, eps):
+    """(invstd, scale, shift) as batch_norm_act_train returns them: fresh tensors in var's
+    dtype, shift 0 without a bias (also the Triton training forward of an empty batch)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight.to(var.dtype) if weight is not None else invstd.clone()
+    shift = bias.to(var.dtype, copy=True) if bias is not None else torch.zeros_like(var)
+    return invstd, scale, shift
+
+
 def batch_norm_act_train(input, weight, bias, residual, eps, relu):
     mean, var = batch_norm_stats(input)
-    scale, shift = scale_shift(var, weight, bias, eps)
-    shift = torch.zeros_like(var) if shift is None else shift
+    invstd, scale, shift = train_coefficients(var, weight, bias, eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
-    return out, mean, var, torch.rsqrt(var + eps), scale, shift
+    return out, mean, var, invstd, scale, shift
 
 
 def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps,

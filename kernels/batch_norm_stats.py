@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fusedres._ops import check, dense
+from fusedres.reference import train_coefficients
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
                       channel_view, launch, row_split, tile_offsets, tl_acc)
@@ -181,11 +182,7 @@ def channel_stats(input: torch.Tensor, affine=None):
                                                                             device=x.device)
         if affine is None:
             return mean, var
-        weight, bias, eps = affine
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd * weight.to(acc) if weight is not None else invstd.clone()
-        shift = bias.to(acc, copy=True) if bias is not None else torch.zeros_like(var)
-        return mean, var, invstd, scale, shift
+        return (mean, var, *train_coefficients(var, *affine))
     programs, rows_per_program = row_split(rows, C, x.device)
     partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
     launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),

@@ -46,18 +46,19 @@ void check_train_input(const Tensor& input, const char* name) {
 
 // out = (x - mean) * scale + shift with invstd = 1 / sqrt(var + eps), scale = weight * invstd
 // (invstd itself without a weight), shift = bias (absent without one), in the statistics'
-// dtype.
+// dtype. fresh: scale and shift never alias invstd or the bias (for an op's outputs).
 struct Coefficients {
   Tensor invstd, scale;
   OptTensor shift;
 };
 
 Coefficients coefficients(const Tensor& var, const OptTensor& weight, const OptTensor& bias,
-                          double eps) {
+                          double eps, bool fresh = false) {
   Tensor invstd = var.add(eps).rsqrt();
-  Tensor scale = weight ? invstd.mul(weight->to(invstd.scalar_type())) : invstd;
+  Tensor scale =
+      weight ? invstd.mul(weight->to(invstd.scalar_type())) : (fresh ? invstd.clone() : invstd);
   OptTensor shift;
-  if (bias) shift = bias->to(var.scalar_type());
+  if (bias) shift = bias->to(var.scalar_type(), /*non_blocking=*/false, /*copy=*/fresh);
   return {invstd, scale, shift};
 }
 
@@ -69,15 +70,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   check_affine(bias, input, "bias");
   if (residual.has_value()) check_same(*residual, input, "residual");
   auto [mean, var] = call_batch_norm_stats(input);
-  // The backward reuses these exact coefficients (the ReLU mask is recomputed with them);
-  // copies where an output would alias another or the bias (an op's outputs are fresh).
-  const Coefficients c = coefficients(var, weight, bias, eps);
-  const Tensor scale = weight ? c.scale : c.invstd.clone();
-  const Tensor shift =
-      bias ? (c.shift->is_same(*bias) ? bias->clone() : *c.shift) : at::zeros_like(var);
-  Tensor out = call_batch_norm_apply(input, mean, scale, shift, residual, std::nullopt,
+  // The backward reuses these exact coefficients (the ReLU mask is recomputed with them).
+  const Coefficients c = coefficients(var, weight, bias, eps, /*fresh=*/true);
+  const Tensor shift = c.shift ? *c.shift : at::zeros_like(var);
+  Tensor out = call_batch_norm_apply(input, mean, c.scale, shift, residual, std::nullopt,
                                      std::nullopt, std::nullopt, relu);
-  return {out, mean, var, c.invstd, scale, shift};
+  return {out, mean, var, c.invstd, c.scale, shift};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
