@@ -107,6 +107,46 @@ def test_bn_act_train_forward_backward(timed, provider, residual, shape):
     timed(step, pool, bn_bytes(pool[0][0], residual, backward=True))
 
 
+def _eager_add_bn_act(x, z, rm, rv, w, b):
+    total = x + z
+    return total, torch.relu(F.batch_norm(total, rm, rv, w, b, True))
+
+
+_compiled_add_bn_act = torch.compile(_eager_add_bn_act)
+
+
+def add_bn_act(provider, x, z, state):
+    """(x + z, relu(bn(x + z))) in training mode, by provider: the pre-activation block's add
+    and the next BN + ReLU."""
+    if provider in ("eager", "compile"):
+        fn = _eager_add_bn_act if provider == "eager" else _compiled_add_bn_act
+        return fn(x, z, *state)
+    with fusedres.backend(BACKEND[provider]):
+        return FF.add_batch_norm_relu(x, z, *state, True)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=lambda s: f"C{s[0]}xH{s[1]}")
+def test_add_bn_act_train_forward_backward(timed, provider, shape):
+    """Both outputs carry a gradient (the sum: the next shortcut's). The floor: forward reads
+    x and z and writes the sum, reads it and writes y (5 passes); backward reads dy and the
+    sum (reduce), then dy, the sum and the sum's own gradient and writes dx (6)."""
+    C, H = shape
+    full = (BN_BATCH, C, H, H)
+    pool = [inputs + grads for inputs, grads in zip(
+        pool_of(full, full, requires_grad=True), pool_of(full, full))]
+    state = bn_state(C)
+
+    def step(x, z, grad, grad_sum, provider=provider):
+        total, out = add_bn_act(provider, x, z, state)
+        return torch.autograd.grad((out, total), (x, z, state[2], state[3]), (grad, grad_sum))
+
+    for got, expected in zip(step(*pool[0]), step(*pool[0], provider="eager")):
+        assert_close_but_relu_ties(got, expected)
+    x = pool[0][0]
+    timed(step, pool, 11 * x.numel() * x.element_size())
+
+
 def assert_close_but_relu_ties(got, expected):
     """Close everywhere but at a few ReLU ties: where the pre-activation is within rounding of
     0, the two float32 computations may put it on either side and pass the gradient or not

@@ -10,6 +10,10 @@
 //                             cuda: csrc/cuda/batch_norm_stats.cu
 //                             triton: kernels/batch_norm_stats.py
 //                             used by: fusedres/sync_batchnorm.py
+// add_batch_norm_stats        cpu: csrc/cpu/batch_norm_stats.cpp
+//                             cuda: csrc/cuda/batch_norm_stats.cu
+//                             triton: kernels/batch_norm_stats.py
+//                             used by: add_batch_norm_act_train
 // batch_norm_apply            cpu: csrc/cpu/batch_norm_apply.cpp (host code: csrc/normalize_act.h)
 //                             cuda: csrc/cuda/batch_norm_apply.cu
 //                             triton: kernels/batch_norm_apply.py
@@ -22,6 +26,10 @@
 // dual_batch_norm_act_train   cpu, cuda: csrc/composite/batch_norm_train.cpp
 //                             triton: kernels/batch_norm_train.py
 //                             used by: fusedres/functional.py (training dual_batch_norm_add_relu)
+// add_batch_norm_act_train    cpu, cuda: csrc/composite/batch_norm_train.cpp
+//                             triton: kernels/batch_norm_train.py
+//                             used by: fusedres/functional.py (training add_batch_norm_relu:
+//                             the pre-activation ResNet's block-ending add + next BN + ReLU)
 // batch_norm_backward_reduce  cpu: csrc/cpu/batch_norm_backward.cpp
 //                             cuda: csrc/cuda/batch_norm_backward.cu
 //                             triton: kernels/batch_norm_backward.py
@@ -66,6 +74,11 @@ FUSEDRES_LIBRARY_DEF(m) {
   // Per-channel mean and biased variance over every dim but 1, accumulated stably (Chan
   // merge of partial two-pass moments) in float (double for double inputs).
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // sum = input + residual (rounded to input's dtype, as the add would be) and the statistics
+  // of sum as batch_norm_stats, in one pass over input and residual.
+  m.def(
+      "add_batch_norm_stats(Tensor input, Tensor residual) -> (Tensor sum, Tensor mean, "
+      "Tensor var)");
 
   // out = act((input - mean[c]) * scale[c] + shift[c] + r), where r is 0 without a residual,
   // the residual itself, or (residual - residual_mean[c]) * residual_scale[c] +
@@ -94,6 +107,15 @@ FUSEDRES_LIBRARY_DEF(m) {
       " -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor residual_mean, "
       "Tensor residual_var, Tensor residual_invstd)");
 
+  // Training forward of relu(bn(input + residual)) that also returns the sum (a
+  // pre-activation block's output, which the next shortcut reads): sum, then the statistics
+  // and the coefficients of batch_norm_act_train, for sum. Backward: the gradient of sum is
+  // the one it gets directly plus the BN + ReLU's; input and residual both receive it.
+  m.def(
+      "add_batch_norm_act_train(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
+      "float eps, bool relu) -> (Tensor out, Tensor sum, Tensor mean, Tensor var, "
+      "Tensor invstd, Tensor scale, Tensor shift)");
+
   // Backward of training BN. g = grad_out, masked by the forward's ReLU: where output > 0 when
   // output is given; or, with scale instead, where the forward's output is > 0 as recomputed
   // from input: relu((input - mean) * scale + shift) rounded to input's dtype (no shift: 0),
@@ -105,11 +127,13 @@ FUSEDRES_LIBRARY_DEF(m) {
       "batch_norm_backward_reduce(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
       "Tensor invstd, bool write_grad=False, Tensor? scale=None, Tensor? shift=None) -> "
       "(Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
-  // grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M), M values a channel.
+  // grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M), M values a channel,
+  // plus extra_grad where given (a gradient the input also receives, e.g. the sum's own in
+  // add_batch_norm_act_train's backward), added before the result is rounded to its dtype.
   m.def(
       "batch_norm_backward_input(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
       "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? scale=None, "
-      "Tensor? shift=None) -> Tensor");
+      "Tensor? shift=None, Tensor? extra_grad=None) -> Tensor");
 
   // out = relu(input + residual): the residual epilogue on its own.
   m.def("add_relu(Tensor input, Tensor residual) -> Tensor");

@@ -207,6 +207,18 @@ def _fake_batch_norm_stats(input):
     return channel_vector(input), channel_vector(input)
 
 
+# ---- add_batch_norm_stats ----------------------------------------------------------------
+
+
+def check_add_batch_norm_stats(input, residual):
+    check_input(input)
+    check_same(residual, input, "residual")
+
+
+def _fake_add_batch_norm_stats(input, residual):
+    return empty_like_kernel_output(input), channel_vector(input), channel_vector(input)
+
+
 # ---- batch_norm_apply --------------------------------------------------------------------
 
 
@@ -290,10 +302,11 @@ def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
 
 
 def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input,
-                    write_grad=False, mask_coefficients=(None, None)):
+                    write_grad=False, mask_coefficients=(None, None), extra_grad=None):
     """Training BN backward: (grad_input or None, grad_weight, grad_bias in float, and with
     write_grad the masked gradient, written by the reduce pass). The ReLU mask: from the
-    output masked_by, or recomputed from input with mask_coefficients = (scale, shift)."""
+    output masked_by, or recomputed from input with mask_coefficients = (scale, shift).
+    extra_grad: added to grad_input by the same pass."""
     sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
         g, masked_by, input, mean, invstd, write_grad, *mask_coefficients)
     if write_grad:  # the input's gradient reads the masked gradient: no second mask
@@ -301,8 +314,8 @@ def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input,
     grad_input = None
     if needs_input:
         grad_input = ops.batch_norm_backward_input(
-            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat, *mask_coefficients
-        )
+            g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat, *mask_coefficients,
+            extra_grad)
     return grad_input, sum_dy_xhat, sum_dy, masked_grad if write_grad else None
 
 
@@ -339,6 +352,51 @@ def _backward_train(ctx, grad, *_grad_stats):
         _cast(grad_weight, weight) if need[1] else None,
         _cast(grad_bias, bias) if need[2] else None,
         grad_residual,
+        None,
+        None,
+    )
+
+
+# ---- add_batch_norm_act_train ------------------------------------------------------------
+
+
+def check_add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+    check_train_input(input)
+    check_same(residual, input, "residual")
+    check_affine(weight, input, "weight")
+    check_affine(bias, input, "bias")
+
+
+def _fake_add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+    return ((empty_like_kernel_output(input), empty_like_kernel_output(input))
+            + tuple(channel_vector(input) for _ in range(5)))
+
+
+def _setup_add_train(ctx, inputs, output):
+    input, residual, weight, bias, eps, relu = inputs
+    out, total, mean, var, invstd, scale, shift = output
+    ctx.mark_non_differentiable(mean, var, invstd, scale, shift)
+    ctx.set_materialize_grads(False)  # (the sum's gradient is often absent)
+    # The ReLU mask is recomputed from the sum with the forward's coefficients.
+    coefficients = (scale, shift) if relu else (None, None)
+    ctx.save_for_backward(total, weight, bias, mean, invstd, *coefficients)
+
+
+def _backward_add_train(ctx, grad, grad_sum, *_grad_stats):
+    total, weight, bias, mean, invstd, scale, shift = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    # The sum's gradient: the BN + ReLU's, plus what the sum gets directly (the next
+    # shortcut), added by the input-gradient pass; input and residual both receive it.
+    grad_total, grad_weight, grad_bias = grad_sum, None, None
+    if grad is not None:
+        grad_total, grad_weight, grad_bias, _ = _bn_train_grads(
+            ctx.ops, grad, None, total, mean, invstd, weight, need[0] or need[1],
+            mask_coefficients=(scale, shift), extra_grad=grad_sum)
+    return (
+        grad_total if need[0] else None,
+        grad_total if need[1] else None,
+        _cast(grad_weight, weight) if need[2] else None,
+        _cast(grad_bias, bias) if need[3] else None,
         None,
         None,
     )
@@ -432,16 +490,18 @@ def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, writ
 
 
 def check_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                                    sum_dy_xhat, scale=None, shift=None):
+                                    sum_dy_xhat, scale=None, shift=None, extra_grad=None):
     check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, False, scale, shift)
     acc = accumulate_dtype(input.dtype)
     check_channel_vector(sum_dy, input, acc, "sum_dy")
     check_channel_vector(sum_dy_xhat, input, acc, "sum_dy_xhat")
     check_affine(weight, input, "weight")
+    if extra_grad is not None:
+        check_same(extra_grad, input, "extra_grad")
 
 
 def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                                    sum_dy_xhat, scale=None, shift=None):
+                                    sum_dy_xhat, scale=None, shift=None, extra_grad=None):
     return empty_like_kernel_output(input)
 
 
@@ -597,10 +657,14 @@ class Op:
 
 OPS = {
     "batch_norm_stats": Op(check_batch_norm_stats, _fake_batch_norm_stats),
+    "add_batch_norm_stats": Op(check_add_batch_norm_stats, _fake_add_batch_norm_stats),
     "batch_norm_apply": Op(check_batch_norm_apply, _fake_batch_norm_apply, _setup_apply,
                            _backward_apply),
     "batch_norm_act_train": Op(check_batch_norm_act_train, _fake_batch_norm_act_train,
                                _setup_train, _backward_train),
+    "add_batch_norm_act_train": Op(check_add_batch_norm_act_train,
+                                   _fake_add_batch_norm_act_train, _setup_add_train,
+                                   _backward_add_train),
     "dual_batch_norm_act_train": Op(check_dual_batch_norm_act_train,
                                     _fake_dual_batch_norm_act_train, _setup_dual, _backward_dual),
     "batch_norm_backward_reduce": Op(check_batch_norm_backward_reduce,
@@ -615,8 +679,9 @@ OPS = {
                          _backward_fused_conv2d),
 }
 
-_BN_OPS = ["batch_norm_stats", "batch_norm_apply", "batch_norm_act_train",
-           "dual_batch_norm_act_train", "batch_norm_backward_reduce", "batch_norm_backward_input",
+_BN_OPS = ["batch_norm_stats", "add_batch_norm_stats", "batch_norm_apply",
+           "batch_norm_act_train", "add_batch_norm_act_train", "dual_batch_norm_act_train",
+           "batch_norm_backward_reduce", "batch_norm_backward_input",
            "add_relu"]
 # The ops each namespace must define (fold_conv_bn, a CompositeImplicitAutograd C++ op, needs
 # neither a fake kernel nor autograd).

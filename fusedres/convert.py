@@ -9,6 +9,7 @@ state_dict keys, hooks, and any optimizer or EMA copy built beforehand stay vali
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torchvision.models.resnet as tv
@@ -100,24 +101,65 @@ def _timm_v2_plain_reason(block):
     return reason
 
 
+def _timm_v2_parts(block):
+    """(norms, convs) of a timm pre-activation block."""
+    if hasattr(block, "conv3"):  # PreActBottleneck
+        return (block.norm1, block.norm2, block.norm3), (block.conv1, block.conv2, block.conv3)
+    return (block.norm1, block.norm2), (block.conv1, block.conv2)  # PreActBasic
+
+
 def _timm_v2_fused_forward(self, x):
     if _timm_v2_plain_reason(self) is not None:
         return self._fusedres_original_forward(x)
     fnn.check_input(self, x, self.conv1)
-    if hasattr(self, "conv3"):  # PreActBottleneck
-        norms, convs = (self.norm1, self.norm2, self.norm3), (self.conv1, self.conv2, self.conv3)
-    else:  # PreActBasic
-        norms, convs = (self.norm1, self.norm2), (self.conv1, self.conv2)
+    norms, convs = _timm_v2_parts(self)
     return preact.preact_forward(x, norms, convs, self.downsample, (self.drop_path,))
+
+
+def _timm_v2_branch(block):
+    """block before its add, as preact.run_chained takes it."""
+    norms, convs = _timm_v2_parts(block)
+    return functools.partial(preact.preact_branch, norms=norms, convs=convs,
+                             downsample=block.downsample, tail=(block.drop_path,))
+
+
+def _timm_v2_chained_blocks(model):
+    """The blocks of a converted ResNetV2, if forward_features may run them itself (as
+    PreActResNet.chained_blocks): timm's own stage modules without gradient checkpointing,
+    no hook on the stages or blocks, every block fused, the final norm a fused BN + ReLU, some
+    BN after an add in training. None otherwise."""
+    if type(model.stages) is not nn.Sequential or fnn._hooked(model.stages):
+        return None
+    blocks = []
+    for stage in model.stages:
+        if (_timm_key(type(stage)) != ("timm.models.resnetv2", "ResNetStage")
+                or getattr(stage, "grad_checkpointing", True) or fnn._hooked(stage)
+                or type(stage.blocks) is not nn.Sequential or fnn._hooked(stage.blocks)):
+            return None
+        for block in stage.blocks:
+            if (getattr(type(block), "forward", None) is not _timm_v2_fused_forward
+                    or fnn._hooked(block) or _timm_v2_plain_reason(block) is not None):
+                return None
+            blocks.append(block)
+    if not blocks or _timm_bn_relu_reason("norm", model.norm) is not None:
+        return None
+    following = [b.norm1 for b in blocks[1:]] + [model.norm]
+    return blocks if any(fnn._bn_training(bn) for bn in following) else None
 
 
 def _timm_v2_forward_features(self, x):
     """ResNetV2.forward_features with each BN + ReLU of the stem and the final norm fused
-    (the blocks are converted modules of their own)."""
+    (the blocks are converted modules of their own); in training, where
+    _timm_v2_chained_blocks allows, each block's add fused with the BN + ReLU after it
+    (preact.run_chained)."""
     if fnn.plain_reason([], []) is not None:
         return self._fusedres_original_forward_features(x)
     for name, m in self.stem.named_children():
         x = preact.bn_relu(x, m) if _timm_bn_relu_reason(name, m) is None else m(x)
+    blocks = _timm_v2_chained_blocks(self)
+    if blocks is not None:
+        return preact.run_chained(x, [_timm_v2_branch(b) for b in blocks],
+                                  [b.norm1 for b in blocks[1:]] + [self.norm])
     x = self.stages(x)
     return preact.bn_relu(x, self.norm) if _timm_bn_relu_reason("norm", self.norm) is None \
         else self.norm(x)

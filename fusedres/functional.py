@@ -22,6 +22,7 @@ __all__ = [
     "batch_norm_relu",
     "batch_norm_add_relu",
     "dual_batch_norm_add_relu",
+    "add_batch_norm_relu",
     "add_relu",
     "fold_conv_bn",
     "conv_bias_relu",
@@ -334,6 +335,45 @@ def dual_batch_norm_add_relu(
     _update_running_stats(residual_running_mean, residual_running_var, residual_mean,
                           residual_var, count, residual_factor)
     return out
+
+
+def add_batch_norm_relu(
+    input: Tensor,
+    residual: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    *,
+    relu: bool = True,
+    num_batches_tracked: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """(sum, relu(batch_norm(sum))) with sum = input + residual: the end of a pre-activation
+    block (sum, the next shortcut) and the start of the next (the BN + ReLU of the sum). The
+    BN's arguments as batch_norm_relu.
+
+    In training one op: the statistics pass writes the sum as it reads input and residual,
+    the normalize pass reads it; the backward recomputes the ReLU mask from the sum and adds
+    the gradient the sum receives directly. In eval: the add, then the fused BN + ReLU.
+    """
+    _check_input(input)
+    _check_like(residual, input, "residual")
+    _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                   num_batches_tracked)
+    backend = _backend.resolve(input.device)
+    if not training or backend == "reference":
+        total = input + residual
+        return total, _batch_norm_act(total, None, running_mean, running_var, weight, bias,
+                                      training, momentum, eps, relu, num_batches_tracked)
+    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
+    out, total, mean, var, *_ = _fused_ops(backend).add_batch_norm_act_train(
+        input, residual, weight, bias, float(eps), relu)
+    count = input.numel() // input.shape[1] if input.numel() else 0
+    _update_running_stats(running_mean, running_var, mean, var, count, factor)
+    return total, out
 
 
 # ---- residual epilogue ----------------------------------------------------------------------

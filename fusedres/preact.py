@@ -29,9 +29,12 @@ the unfused PyTorch modules (what unconvert() gives back and TorchScript compile
 PreActBasicBlock, PreActBottleneck and PreActResNet subclass them with the same submodules
 and a fused forward:
 
-- training BN: each BN + ReLU is one fused training op (the convolutions run as modules);
-  the residual add is a separate pass (no existing op adds and normalises in one: see
-  `preact_forward`);
+- training BN: each BN + ReLU is one fused training op (the convolutions run as modules).
+  PreActResNet runs its blocks itself (`PreActResNet.stages`) so that the add ending one block
+  and the BN + ReLU starting the next (or final_bn + relu) are one op,
+  add_batch_norm_relu: one pass reads both addends and writes the sum (the next shortcut)
+  while taking its statistics, one more writes the pre-activation. A block called on its own
+  adds in a pass of its own;
 - eval / frozen BN: bn1 + relu is one fused affine + ReLU pass; each BN right after a
   convolution (bn2, bn3) is a fused affine + ReLU pass after it, or, once fold_bn has folded
   it, the convolution's bias + ReLU epilogue. On the `triton` backend, bn1 + relu is applied
@@ -51,12 +54,13 @@ from torch import Tensor, nn
 
 from . import _backend
 from . import functional as FF
-from .nn import (_autocast_enabled, _bn_kwargs, _bn_training, _Fused, _plain_conv, check_input,
+from .nn import (_autocast_enabled, _bn_kwargs, _bn_training, _Fused, _hooked, _plain_conv, check_input,
                  conv1x1, conv3x3, conv_bn_act, is_identity, plain_reason)
 from .sync_batchnorm import sync_batch_norm_act, uses_sync
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "PlainPreActBasicBlock",
-           "PlainPreActBottleneck", "PlainPreActResNet", "bn_relu", "preact_forward",
+           "PlainPreActBottleneck", "PlainPreActResNet", "add_bn_relu", "bn_relu", "preact_branch",
+           "preact_forward", "run_chained",
            "preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101",
            "preact_resnet152", "PreActResNet18", "PreActResNet34", "PreActResNet50",
            "PreActResNet101", "PreActResNet152"]
@@ -220,28 +224,64 @@ def bn_relu(x: Tensor, bn: nn.Module) -> Tensor:
     return FF.batch_norm_relu(x, **_bn_kwargs(bn))
 
 
-def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Module],
-                   downsample: Optional[nn.Module], tail: Sequence[nn.Module] = ()) -> Tensor:
-    """A pre-activation block with the fused ops: a = relu(norms[0](x)); h = a, then
-    h = relu(norms[i](convs[i - 1](h))) for the inner pairs; out = tail(convs[-1](h)) +
-    shortcut, the shortcut x or downsample(a). `tail`: modules between the last convolution
-    and the add (timm's DropPath).
+def add_bn_relu(x: Tensor, residual: Tensor, bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """(x + residual, relu(bn(x + residual))) in one fused training op; bn is a training
+    BatchNorm2d that plain_reason accepts, not a SyncBatchNorm (see can_add_bn_relu)."""
+    return FF.add_batch_norm_relu(x, residual, **_bn_kwargs(bn))
 
-    The add stays its own pass: fusing it with the next block's BN + ReLU (which reads the
-    same sum) needs an op that computes the batch statistics of input + residual while
-    writing the sum, then writes relu(bn(sum)); none of the existing ops does (theirs
-    normalise the input before adding the residual)."""
-    tail = [m for m in tail if not is_identity(m)]
-    if not tail and _triton_eval(x, norms, convs, downsample):
-        return _triton_eval_forward(x, norms, convs, downsample)
-    a = bn_relu(x, norms[0])
+
+def can_add_bn_relu(x: Tensor, residual: Tensor, bn: nn.Module) -> bool:
+    """True where add_bn_relu(x, residual, bn) computes what relu(bn(x + residual)) would: a
+    BN in training (the op takes batch statistics; an eval BN is one affine pass anyway),
+    not synchronised, and addends of one dtype and shape (the sum is written in x's dtype;
+    an add that promotes stays an add)."""
+    return (_bn_training(bn) and not uses_sync(bn) and x.dtype == residual.dtype
+            and x.shape == residual.shape)
+
+
+def preact_branch(x: Tensor, a: Optional[Tensor], norms: Sequence[nn.Module],
+                  convs: Sequence[nn.Module], downsample: Optional[nn.Module],
+                  tail: Sequence[nn.Module] = ()) -> tuple[Tensor, Tensor]:
+    """A pre-activation block up to its add, with the fused ops: (branch, shortcut), where
+    a = relu(norms[0](x)) (computed here when None: add_bn_relu gives it with x), h = a,
+    then h = relu(norms[i](convs[i - 1](h))) for the inner pairs; branch = tail(convs[-1](h)),
+    the shortcut x or downsample(a). `tail`: modules between the last convolution and the add
+    (timm's DropPath)."""
+    if a is None:
+        a = bn_relu(x, norms[0])
     shortcut = x if downsample is None else downsample(a)
     h = a
     for conv, norm in zip(convs, norms[1:]):
         h = conv_bn_act(h, conv, norm)
     h = convs[-1](h)
     for m in tail:
-        h = m(h)
+        if not is_identity(m):
+            h = m(h)
+    return h, shortcut
+
+
+def run_chained(x: Tensor, branches: Sequence[Callable], norms: Sequence[nn.Module]) -> Tensor:
+    """Pre-activation blocks run in turn, each add fused with the BN + ReLU after it:
+    branches[i](x, a) is block i before its add (preact_branch: (branch, shortcut), a its
+    pre-activation or None), norms[i] the BN + ReLU after its add (the next block's first,
+    the last the final one). Returns relu(norms[-1](the last block's output))."""
+    a = None  # the next block's pre-activation, where add_bn_relu gave it
+    for branch, bn in zip(branches, norms):
+        h, shortcut = branch(x, a)
+        if can_add_bn_relu(h, shortcut, bn):
+            x, a = add_bn_relu(h, shortcut, bn)
+        else:
+            x, a = h + shortcut, None
+    return a if a is not None else bn_relu(x, norms[-1])
+
+
+def preact_forward(x: Tensor, norms: Sequence[nn.Module], convs: Sequence[nn.Module],
+                   downsample: Optional[nn.Module], tail: Sequence[nn.Module] = ()) -> Tensor:
+    """A whole pre-activation block with the fused ops: preact_branch, then the add (see
+    preact_branch for the arguments)."""
+    if all(is_identity(m) for m in tail) and _triton_eval(x, norms, convs, downsample):
+        return _triton_eval_forward(x, norms, convs, downsample)
+    h, shortcut = preact_branch(x, None, norms, convs, downsample, tail)
     return h + shortcut
 
 
@@ -321,6 +361,11 @@ class PreActBasicBlock(_Fused, PlainPreActBasicBlock):
         return preact_forward(x, (self.bn1, self.bn2), (self.conv1, self.conv2),
                               self.downsample)
 
+    def branch(self, x: Tensor, a: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(branch, shortcut): the block before its add (preact_branch)."""
+        return preact_branch(x, a, (self.bn1, self.bn2), (self.conv1, self.conv2),
+                             self.downsample)
+
 
 class PreActBottleneck(_Fused, PlainPreActBottleneck):
     """PlainPreActBottleneck (same submodules and arguments), fused."""
@@ -331,6 +376,11 @@ class PreActBottleneck(_Fused, PlainPreActBottleneck):
         check_input(self, x, self.conv1)
         return preact_forward(x, (self.bn1, self.bn2, self.bn3),
                               (self.conv1, self.conv2, self.conv3), self.downsample)
+
+    def branch(self, x: Tensor, a: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(branch, shortcut): the block before its add (preact_branch)."""
+        return preact_branch(x, a, (self.bn1, self.bn2, self.bn3),
+                             (self.conv1, self.conv2, self.conv3), self.downsample)
 
 
 def model_plain_reason(model: nn.Module) -> Optional[str]:
@@ -351,15 +401,43 @@ class PreActResNet(_Fused, PlainPreActResNet):
         if model_plain_reason(self) is not None:
             return super().forward(x)
         check_input(self, x, self.conv1)
-        x = self.maxpool(self.conv1(x))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = bn_relu(x, self.final_bn)
+        x = self.stages(self.maxpool(self.conv1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
+
+    def stages(self, x: Tensor) -> Tensor:
+        """relu(final_bn(layer4(...(layer1(x))))). Where chained_blocks allows, the blocks
+        run here, each without its add (block.branch), and the add with the BN + ReLU that
+        follows it (the next block's bn1, or final_bn) is one op (add_bn_relu), which also
+        gives the next block its pre-activation."""
+        blocks = self.chained_blocks()
+        if blocks is None:
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return bn_relu(x, self.final_bn)
+        return run_chained(x, [b.branch for b in blocks],
+                           [b.bn1 for b in blocks[1:]] + [self.final_bn])
+
+    def chained_blocks(self) -> Optional[list]:
+        """The blocks of layer1..layer4, if the model may run them itself: the stages plain
+        nn.Sequential of fused blocks (not subclassed), no hook on a stage or a block (it
+        would not fire: the blocks are not called), every block fused (_block_plain_reason),
+        and some BN in training (otherwise nothing is chained). None otherwise."""
+        blocks = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            if type(stage) is not nn.Sequential or _hooked(stage):
+                return None
+            for block in stage:
+                if (type(block) not in _CHAINABLE or _hooked(block)
+                        or _block_plain_reason(block) is not None):
+                    return None
+                blocks.append(block)
+        following = [b.bn1 for b in blocks[1:]] + [self.final_bn]  # the BNs after the adds
+        return blocks if any(_bn_training(bn) for bn in following) else None
 
 
 _FUSED_BLOCKS = {PlainPreActBasicBlock: PreActBasicBlock,
                  PlainPreActBottleneck: PreActBottleneck}
+_CHAINABLE = (PreActBasicBlock, PreActBottleneck)  # (exact types: a subclass has its forward)
 
 # convert() / unconvert(): plain class <-> fused class (same submodules and attributes)
 FUSED = {**_FUSED_BLOCKS, PlainPreActResNet: PreActResNet}

@@ -38,6 +38,14 @@ def batch_norm_act(input, residual, running_mean, running_var, weight, bias, tra
     return torch.relu(out) if relu else out
 
 
+def add_batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
+                       momentum, eps, relu):
+    """(sum, act(bn(sum))) with sum = input + residual."""
+    total = input + residual
+    return total, batch_norm_act(total, None, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, relu)
+
+
 def add_relu(input, residual):
     return torch.relu(input + residual)
 
@@ -140,6 +148,17 @@ def batch_norm_act_train(input, weight, bias, residual, eps, relu):
     return out, mean, var, invstd, scale, shift
 
 
+def add_batch_norm_stats(input, residual):
+    total = input + residual
+    return (total, *batch_norm_stats(total))
+
+
+def add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+    total = input + residual
+    out, *statistics = batch_norm_act_train(total, weight, bias, None, eps, relu)
+    return (out, total, *statistics)
+
+
 def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps,
                               residual_eps, relu):
     mean, var = batch_norm_stats(input)
@@ -172,13 +191,15 @@ def batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad
 
 
 def batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
-                              sum_dy_xhat, scale=None, shift=None):
+                              sum_dy_xhat, scale=None, shift=None, extra_grad=None):
     g = _masked(grad_out, output, input, mean, scale, shift)
     count = input.numel() // input.shape[1] if input.numel() else 1
     xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
     k = invstd if weight is None else invstd * weight.to(invstd.dtype)
     out = _column(k, input) * (g - _column(sum_dy, input) / count
                                - xhat * _column(sum_dy_xhat, input) / count)
+    if extra_grad is not None:
+        out = out + extra_grad.to(out.dtype)
     return out.to(input.dtype)
 
 

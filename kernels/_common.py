@@ -23,6 +23,7 @@ from fusedres._ops import accumulate_dtype as acc_dtype  # noqa: F401  (shared w
 
 # The Triton interpreter runs the kernels on CPU tensors (slowly): for tests without a GPU.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_ROUND_BY_BITS = tl.constexpr(INTERPRETED)  # (a global a jit function reads: a constexpr)
 
 # Tiles (rows x channels) of the BN kernels. The kernels write only their outputs, so
 # autotuning may re-run a config freely.
@@ -208,3 +209,15 @@ def tile_of_program(rows, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 def tile_grid(rows: int, C: int):
     """The grid of tile_of_program."""
     return lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """x (float32) in DTYPE, rounded to the nearest value, ties to even, as PyTorch rounds. A
+    GPU's conversion does exactly that; the interpreter's bfloat16 conversion truncates, so
+    there the rounding is done on the bits first (the conversion is then exact)."""
+    if _ROUND_BY_BITS and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # (NaN stays NaN)
+    return x.to(DTYPE)

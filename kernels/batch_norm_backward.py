@@ -124,13 +124,15 @@ def _divide(a, b, ACC: tl.constexpr):
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr,
-                       sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, count, rows, C, inner,
-                       MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                       sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, extra_ptr, count, rows,
+                       C, inner, MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, HAS_EXTRA: tl.constexpr,
                        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = k * (g - mean_dy - (x - mean) * proj), the per-channel k = weight * invstd,
-    mean_dy = sum_dy / count, proj = sum_dy_xhat * invstd / count computed here for the
-    tile's channels (no per-channel torch ops before the launch)."""
+    """dx = k * (g - mean_dy - (x - mean) * proj) (+ the extra gradient, with HAS_EXTRA), the
+    per-channel k = weight * invstd, mean_dy = sum_dy / count, proj = sum_dy_xhat * invstd /
+    count computed here for the tile's channels (no per-channel torch ops before the
+    launch)."""
     r, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
     ok = (r < rows)[:, None] & col_ok[None, :]
@@ -148,6 +150,8 @@ def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weigh
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
     g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
     dx = k[None, :] * (g - mean_dy[None, :] - (x - mean[None, :]) * proj[None, :])
+    if HAS_EXTRA:
+        dx += tl.load(extra_ptr + offsets, mask=ok, other=0.0).to(ACC)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
@@ -200,10 +204,12 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
                               input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                               weight: Optional[torch.Tensor], sum_dy: torch.Tensor,
                               sum_dy_xhat: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                              shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+                              shift: Optional[torch.Tensor] = None,
+                              extra_grad: Optional[torch.Tensor] = None) -> torch.Tensor:
     check("batch_norm_backward_input", grad_out, output, input, mean, invstd, weight, sum_dy,
-          sum_dy_xhat, scale, shift)
+          sum_dy_xhat, scale, shift, extra_grad)
     dy, y, x = _prepare(grad_out, output, input)
+    extra = match_layout(extra_grad, x)
     grad_input = torch.empty_like(x)
     if x.numel() == 0:
         return grad_input
@@ -213,6 +219,7 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
         _input_grad_kernel, tile_grid(rows, C), x.device,
         dy, y, x, grad_input, mean.contiguous(), invstd.contiguous(),
         weight.contiguous() if weight is not None else invstd, sum_dy.contiguous(),
-        sum_dy_xhat.contiguous(), scale, shift, x.numel() // C, rows, C, inner, **mask,
-        HAS_WEIGHT=weight is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+        sum_dy_xhat.contiguous(), scale, shift, extra if extra is not None else dy,
+        x.numel() // C, rows, C, inner, **mask, HAS_WEIGHT=weight is not None,
+        HAS_EXTRA=extra is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     return grad_input

@@ -6,6 +6,9 @@ with Chan's formula; a second kernel merges the programs' partials the same way.
 E[x^2] - E[x]^2. Every value is first shifted by its channel's first value, so the partial
 means are small offsets kept to full precision (a mean of 3e4 has a float ulp of 0.002,
 which merged partial means would carry into the variance); the shift is added back last.
+
+add_batch_norm_stats: the same statistics of input + residual, whose sum (rounded to the
+dtype, as the add would be) the partial kernel writes as it reads both.
 """
 from __future__ import annotations
 
@@ -13,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check, dense
+from fusedres._ops import check, dense, match_layout
 from fusedres.reference import train_coefficients
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
-                      channel_view, launch, row_split, tile_offsets, tl_acc)
+                      channel_view, launch, round_to, row_split, tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -34,11 +37,22 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return n, mean, m2
 
 
+@triton.jit
+def load_values(x_ptr, z_ptr, offsets, mask, ADD: tl.constexpr, ACC: tl.constexpr):
+    """x at offsets, or with ADD x + z in the add's precision (ACC), rounded to x's dtype."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    if ADD:
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0)
+        x = round_to(x.to(ACC) + z.to(ACC), x_ptr.dtype.element_ty)
+    return x
+
+
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
-def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
-                          CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, rows, C, inner, rows_per_program,
+                          ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # ADD: the statistics of x + z, which this kernel writes to sum.
     # grid: (channel blocks, row programs); the channel blocks, up to C / 8, on the x axis
     # (2**31 - 1), the few row programs on y (65535).
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -47,15 +61,18 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    shift = channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
+    shift = channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         row_ok = r < end
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + tile_offsets(r, cols, C, inner, CHANNELS_LAST), mask=ok,
-                    other=0.0).to(ACC)
+        offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+        x = load_values(x_ptr, z_ptr, offsets, ok, ADD, ACC)
+        if ADD:
+            tl.store(sum_ptr + offsets, x, mask=ok)
+        x = x.to(ACC)
         x = tl.where(ok, x - shift[None, :], 0.0)
         count = tl.sum(row_ok.to(ACC), axis=0)
         tile_mean = tl.sum(x, axis=0) / count
@@ -69,11 +86,13 @@ def _stats_partial_kernel(x_ptr, part_ptr, rows, C, inner, rows_per_program,
 
 
 @triton.jit
-def channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
-    """Each channel's first value (sample 0, position 0), or 0 where that is Inf / NaN
+def channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+    """Each channel's first value (sample 0, position 0; with ADD of x + z, computed again
+    rather than read back from the sum another program writes), or 0 where that is Inf / NaN
     (x - Inf would turn an Inf into NaN): the shift of its statistics."""
     offsets = cols if CHANNELS_LAST else cols * inner
-    shift = tl.load(x_ptr + offsets, mask=col_ok, other=0.0).to(ACC)
+    shift = load_values(x_ptr, z_ptr, offsets, col_ok, ADD, ACC).to(ACC)
     return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
 
 
@@ -100,15 +119,17 @@ MERGE_ROWS = 64
 
 
 @triton.jit
-def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, inner,
+def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, z_ptr, inner,
                         weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, eps,
-                        SHIFTED: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                        SHIFTED: tl.constexpr, ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                        ACC: tl.constexpr,
                         AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
-    apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's first
-    values. AFFINE: also writes the BN's invstd = 1 / sqrt(var + eps), scale = weight * invstd
-    and shift = bias (0 without one), so no per-channel torch ops follow."""
+    apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
+    first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
+    1 / sqrt(var + eps), scale = weight * invstd and shift = bias (0 without one), so no
+    per-channel torch ops follow."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -123,7 +144,7 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
             tl.load(part + 2 * plane, mask=ok, other=0.0), ok)
         n, mean, m2 = chan_merge(n, mean, m2, tile_n, tile_mean, tile_m2)
     if SHIFTED:
-        mean += channel_shift(x_ptr, cols, col_ok, inner, CHANNELS_LAST, ACC)
+        mean += channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
     var = tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, var, mask=col_ok)
@@ -143,11 +164,11 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
         tl.store(shift_ptr + cols, shift, mask=col_ok)
 
 
-def merge_stats(partials, programs, x, inner, affine=None, out=None):
+def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=None):
     """(mean, var) from the [3][rows][C] partials of x's statistics (x: the tensor whose first
-    values shifted them, or None if unshifted), written into `out` if given; with affine =
-    (weight, bias, eps) also (invstd, scale, shift) as batch_norm_act_train returns them. One
-    launch."""
+    values shifted them, or None if unshifted; with residual, x + residual's), written into
+    `out` if given; with affine = (weight, bias, eps) also (invstd, scale, shift) as
+    batch_norm_act_train returns them. One launch."""
     _, rows, C = partials.shape
     mean, var = out if out is not None else (
         torch.empty(C, dtype=partials.dtype, device=partials.device) for _ in range(2))
@@ -156,10 +177,12 @@ def merge_stats(partials, programs, x, inner, affine=None, out=None):
         else (None, None, None)
     dummy = partials  # stands in for absent pointers; never read
     launch(_stats_merge_kernel, (triton.cdiv(C, 32),), partials.device, partials, mean, var,
-           programs, rows * C, C, x if x is not None else dummy, inner,
+           programs, rows * C, C, x if x is not None else dummy,
+           residual if residual is not None else dummy, inner,
            *[t if t is not None else dummy for t in (weight, bias, invstd, scale, shift)],
            float(eps),
-           SHIFTED=x is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(partials.dtype),
+           SHIFTED=x is not None, ADD=residual is not None, CHANNELS_LAST=inner == 1,
+           ACC=tl_acc(partials.dtype),
            AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
            BLOCK_P=MERGE_ROWS, BLOCK_C=32)
     return (mean, var) if affine is None else (mean, var, invstd, scale, shift)
@@ -171,21 +194,33 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return channel_stats(input)
 
 
-def channel_stats(input: torch.Tensor, affine=None):
+@torch.library.custom_op("fusedres_triton::add_batch_norm_stats", mutates_args=())
+def add_batch_norm_stats(input: torch.Tensor, residual: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("add_batch_norm_stats", input, residual)
+    return channel_stats(input, residual=residual)
+
+
+def channel_stats(input: torch.Tensor, affine=None, residual=None):
     """The launches of batch_norm_stats, on arguments already checked (the training ops):
-    (mean, var), and with affine = (weight, bias, eps) also the BN's (invstd, scale, shift)."""
+    (mean, var), and with affine = (weight, bias, eps) also the BN's (invstd, scale, shift).
+    With residual: the statistics of input + residual, and the sum first: (sum, mean, ...)."""
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
+    z = match_layout(residual, x)
+    total = torch.empty_like(x) if residual is not None else None
     if x.numel() == 0:
         mean, var = torch.zeros(C, dtype=acc, device=x.device), torch.zeros(C, dtype=acc,
                                                                             device=x.device)
-        if affine is None:
-            return mean, var
-        return (mean, var, *train_coefficients(var, *affine))
-    programs, rows_per_program = row_split(rows, C, x.device)
-    partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
-    launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
-           x.device, x, partials, rows, C, inner, rows_per_program, CHANNELS_LAST=inner == 1,
-           ACC=tl_acc(x.dtype))
-    return merge_stats(partials, programs, x, inner, affine)
+        statistics = (mean, var) if affine is None else (
+            mean, var, *train_coefficients(var, *affine))
+    else:
+        programs, rows_per_program = row_split(rows, C, x.device)
+        partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
+        launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
+               x.device, x, z if z is not None else x, total if total is not None else x,
+               partials, rows, C, inner, rows_per_program, ADD=z is not None,
+               CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+        statistics = merge_stats(partials, programs, x, inner, affine, residual=z)
+    return statistics if residual is None else (total, *statistics)

@@ -24,6 +24,18 @@ def batch_norm_act_train(input: torch.Tensor, weight: Optional[torch.Tensor],
     return out, mean, var, invstd, scale, shift
 
 
+@torch.library.custom_op("fusedres_triton::add_batch_norm_act_train", mutates_args=())
+def add_batch_norm_act_train(input: torch.Tensor, residual: torch.Tensor,
+                             weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                             eps: float, relu: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("add_batch_norm_act_train", input, residual, weight, bias, eps, relu)
+    total, mean, var, invstd, scale, shift = channel_stats(input, (weight, bias, eps), residual)
+    out = normalize_act(total, mean, scale, shift, relu=relu)
+    return out, total, mean, var, invstd, scale, shift
+
+
 @torch.library.custom_op("fusedres_triton::dual_batch_norm_act_train", mutates_args=())
 def dual_batch_norm_act_train(
     input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

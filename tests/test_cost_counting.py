@@ -65,6 +65,36 @@ def test_apply_bytes_are_exact(target, layout, residual):
                 assert touched["r_ptr"] == (tensor, 0)
 
 
+@pytest.mark.parametrize("target", BOTH)
+def test_add_bn_relu_moves_its_floor(target):
+    """add_batch_norm_relu in training: the forward reads input and residual once (writing
+    the sum as it takes its statistics) and the sum once more (writing the output): 5 passes;
+    the backward, with a gradient for both outputs, reads grad and the sum (reduce), then
+    grad, the sum and the sum's own gradient, writing the input's gradient: 6 passes. Within
+    2% in bytes (per-channel vectors and glue) besides the partials the merges combine, in 3
+    kernels each (statistics, merge, normalize; reduce, merge, input gradient)."""
+    use(target)
+    x = make((8, 64, 8, 8), torch.bfloat16, "cpu", "channels_last", requires_grad=True)
+    z = make((8, 64, 8, 8), torch.bfloat16, "cpu", "channels_last", requires_grad=True)
+    rm, rv, w, b = torch.zeros(64), torch.ones(64), *channel_vectors(64, 2)
+    w.requires_grad_()
+    b.requires_grad_()
+    grads = [make((8, 64, 8, 8), torch.bfloat16, "cpu", "channels_last") for _ in range(2)]
+    tensor = x.numel() * x.element_size()
+    with _cost.count(strict=target == EMULATED) as forward:
+        total, out = FF.add_batch_norm_relu(x, z, rm, rv, w, b, True)
+    with _cost.count(strict=target == EMULATED) as backward:
+        torch.autograd.grad((out, total), (x, z, w, b), grads)
+    for c, passes in ((forward, 5), (backward, 6)):
+        moved = c.read_bytes + c.write_bytes  # (the glue's too: an unfused add would show)
+        # The partials of the statistics / sums: written by the first kernel, read by the merge.
+        partials = sum(2 * launch.read_bytes + launch.write_bytes for launch in c.launches
+                       if "merge" in launch.kernel)
+        assert passes * tensor <= moved - partials <= passes * tensor * 1.02, (
+            passes, moved / tensor, partials / tensor)
+    assert len(forward.launches) == 3 and len(backward.launches) == 3  # (+ glue: c.aten)
+
+
 @pytest.mark.emulated
 def test_emulated_requests_count_every_access():
     """The requests are what the instructions move: the channels-first normalize kernel reads

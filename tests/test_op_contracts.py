@@ -70,12 +70,14 @@ train = call_of("batch_norm_act_train", lambda: dict(
 dual = call_of("dual_batch_norm_act_train", lambda: dict(
     input=x(), weight=vec(), bias=vec(), residual=x(), residual_weight=vec(), residual_bias=vec(),
     eps=1e-5, residual_eps=1e-3, relu=True))
+add_train = call_of("add_batch_norm_act_train", lambda: dict(
+    input=x(), residual=x(), weight=vec(), bias=vec(), eps=1e-5, relu=True))
 reduce = call_of("batch_norm_backward_reduce", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), write_grad=False, scale=None,
     shift=None))
 grad_input = call_of("batch_norm_backward_input", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), sum_dy=vec(),
-    sum_dy_xhat=vec(), scale=None, shift=None))
+    sum_dy_xhat=vec(), scale=None, shift=None, extra_grad=None))
 
 
 # (id, call, the error's first line); each call is (op name, *args).
@@ -107,6 +109,18 @@ CASES = [
      "fusedres: residual must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 2]"),
     ("train-int-input", train(input=torch.ones(2, C, 3, 3, dtype=torch.int64)),
      "fusedres: input must be a floating point tensor, got Long"),
+    ("add-stats-residual-dtype", ("add_batch_norm_stats", x(), x(dtype=F64)),
+     "fusedres: residual must have the dtype of input (Float), got Double"),
+    ("add-train-one-value", add_train(input=x(1, C, 1, 1), residual=x(1, C, 1, 1)),
+     "Expected more than 1 value per channel when training, got input size [1, 4, 1, 1]"),
+    ("add-train-residual-shape", add_train(residual=x(2, C, 3, 2)),
+     "fusedres: residual must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 2]"),
+    ("input-extra-grad-dtype", grad_input(extra_grad=x(dtype=F64)),
+     "fusedres: extra_grad must have the dtype of input (Float), got Double"),
+    ("input-extra-grad-shape", grad_input(extra_grad=x(2, C, 3, 4)),
+     "fusedres: extra_grad must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 4]"),
+    ("add-train-weight-length", add_train(weight=vec(3)),
+     "fusedres: weight must have shape (4,), got [3]"),
     ("dual-residual-shape", dual(residual=x(3, C, 3, 3)),
      "fusedres: residual must have the shape of input [2, 4, 3, 3], got [3, 4, 3, 3]"),
     ("dual-residual-weight", dual(residual_weight=vec(2)),

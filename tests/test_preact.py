@@ -249,7 +249,8 @@ def launches(model, x, backward=False):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_bn_relu_is_one_fused_op(arch):
     """Training: one fused BN + ReLU training op per BN (its backward one fused reduce and one
-    input-gradient op), no ATen batch norm. Eval: one fused affine + ReLU pass per BN; after
+    input-gradient op), no ATen batch norm; each block's add is one op with the BN + ReLU
+    after it (the next block's bn1, or final_bn). Eval: one fused affine + ReLU pass per BN; after
     fold_bn, the BNs after a convolution are its bias + ReLU epilogue (conv_bias_relu) and
     only the pre-activations (each block's bn1, final_bn) remain as fused passes."""
     use(("cpp", "cpu"))
@@ -258,7 +259,8 @@ def test_every_bn_relu_is_one_fused_op(arch):
     bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     x = torch.randn(4, 3, 64, 64)
     counts = launches(model.train(), x, backward=True)
-    assert counts.get("fusedres::batch_norm_act_train") == bns
+    assert counts.get("fusedres::add_batch_norm_act_train") == len(blocks)
+    assert counts.get("fusedres::batch_norm_act_train") == bns - len(blocks)
     assert counts.get("fusedres::batch_norm_backward_reduce") == bns
     assert counts.get("fusedres::batch_norm_backward_input") == bns
     assert not [k for k in counts if k.startswith("aten::")], counts
@@ -322,6 +324,45 @@ def test_hooks_tracing_and_torchscript_run_the_plain_forward():
         for model in (traced, scripted):
             assert_close(model(x), reference(x), torch.float32)
     assert type(fused) is PreActResNet  # scripting compiled a plain copy
+
+
+@pytest.mark.parametrize("case", ["block-hook", "stage-hook", "frozen-bn", "subclass"])
+def test_chained_adds_fall_back_where_the_blocks_must_be_called(case):
+    """The model runs its blocks itself (each add with the next BN + ReLU) only where nothing
+    can tell: a hook on a block or a stage fires (the blocks are called as modules), a BN in
+    eval mode gets the add on its own (and the chain goes on past it), a subclassed block runs
+    its own forward. Training output, gradients and running statistics match the reference
+    (float64) in every case."""
+    use(("cpp", "cpu"))
+    reference, fused = pair("bottleneck")
+    for model in (reference, fused):
+        model.double().train()
+    seen = []
+    if case == "block-hook":
+        fused.layer2[0].register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    elif case == "stage-hook":
+        fused.layer3.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    elif case == "frozen-bn":
+        for model in (reference, fused):
+            model.layer3[0].bn1.eval()
+    else:
+        class Block(PreActBottleneck):
+            def forward(self, x):
+                seen.append(x.shape)
+                return super().forward(x)
+        fused.layer4[0].__class__ = Block
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    outs = [model(x) for model in (reference, fused)]
+    for out in outs:
+        out.square().sum().backward()
+    assert_close(outs[1], outs[0], torch.float64)
+    each_close(grads(fused), grads(reference))
+    each_close(fused.state_dict().items(), reference.state_dict().items())
+    chained = fused.chained_blocks() is not None
+    assert chained == (case == "frozen-bn")
+    assert len(seen) == (0 if chained else 1)
+    counts = launches(fused, x)
+    assert counts.get("fusedres::add_batch_norm_act_train", 0) == (4 if chained else 0)
 
 
 def test_convert_and_unconvert(capsys):
@@ -562,6 +603,31 @@ def test_timm_resnetv2_drop_path_and_other_activations():
     assert "unfused: norm.act is SiLU, not nn.ReLU" in describe(converted)
     x = torch.randn(2, 3, 64, 64)
     assert_close(converted(x), reference(x), torch.float32)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_timm_resnetv2_chains_each_add_with_the_next_bn(checkpointing):
+    """In training the converted model runs its blocks itself, each add one op with the BN +
+    ReLU after it (the next block's norm1, or the final norm), DropPath included; a stage with
+    gradient checkpointing runs timm's stages (checkpointed) instead. Output, gradients and
+    running statistics as timm's (float64)."""
+    use(("cpp", "cpu"))
+    reference = tiny_timm(drop_path_rate=0.2).double()
+    converted = fusedres.convert(copy.deepcopy(reference))
+    for model in (reference, converted):
+        model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    outs = []
+    for model in (reference, converted):
+        torch.manual_seed(5)
+        outs.append(model.train()(x))
+        outs[-1].square().sum().backward()
+    assert_close(outs[1], outs[0], torch.float64)
+    each_close(grads(converted), grads(reference))
+    each_close(converted.state_dict().items(), reference.state_dict().items())
+    blocks = sum(len(stage.blocks) for stage in converted.stages)
+    counts = launches(converted, x)
+    assert counts.get("fusedres::add_batch_norm_act_train", 0) == (0 if checkpointing else blocks)
 
 
 def test_timm_bit_resnetv2_is_left_as_it_is(capsys):

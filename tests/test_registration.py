@@ -55,6 +55,9 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("batch_norm_act_train", (x(), None, None, x(), 1e-3, True)),
         ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, False)),
         ("dual_batch_norm_act_train", (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4, True)),
+        ("add_batch_norm_stats", (x().detach(), x().detach())),
+        ("add_batch_norm_act_train", (x(), x(), vec(True), vec(), 1e-5, True)),
+        ("add_batch_norm_act_train", (x(), x(), None, None, 1e-3, False)),
         ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd)),
         ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd, True)),
         ("batch_norm_backward_reduce", (x().detach(), None, x().detach(), mean, invstd, False,
@@ -63,6 +66,9 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
                                          vec().detach(), mean, invstd, vec(True).detach(), None)),
         ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd,
                                          vec().detach(), mean, invstd)),
+        ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd, None,
+                                         mean, invstd, vec(True).detach(), vec().detach(),
+                                         x().detach())),
         ("add_relu", (x(), x())),
         ("conv_bias_relu", (x(), conv_w, per_channel(6, device, dtype, requires_grad=requires_grad),
                               [1, 1], [1, 1], [1, 1], 1)),
@@ -125,7 +131,7 @@ def test_raw_op_numbers(target, layout, dtype):
 def test_gradcheck_fp64(target):
     use(target)
     differentiable = {"batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
-                      "add_relu"}
+                      "add_batch_norm_act_train", "add_relu"}
     if target[0] != "triton":
         differentiable |= CONV_OPS
     checked = set()
@@ -135,8 +141,10 @@ def test_gradcheck_fp64(target):
         if name not in differentiable:
             continue
 
-        def first_output(*a, op=op):
+        def first_output(*a, op=op, name=name):
             out = op(*a)
+            if name == "add_batch_norm_act_train":
+                return out[:2]  # the output and the sum (the input's gradient sums both)
             return out[0] if isinstance(out, tuple) else out
 
         assert torch.autograd.gradcheck(first_output, args, eps=1e-6, atol=1e-5, rtol=1e-4), name
@@ -158,6 +166,9 @@ def test_compile_fullgraph(target, training):
                                    num_batches_tracked=nbt)
         y = FF.dual_batch_norm_add_relu(y, z, rm, rv, rm, rv, w, b, w, b, training)
         y = FF.add_relu(y, z)
+        z, y = FF.add_batch_norm_relu(y, z, rm, rv, w, b, training, 0.1, 1e-5,
+                                      num_batches_tracked=nbt)
+        y = y + z
         y = FF.fused_conv2d(y, conv_w, None, 1, 1, input_scale=w, input_shift=b, relu=True)
         return FF.conv_bias_relu(y, conv_w, b, 1, 1)
 

@@ -22,6 +22,14 @@ std::tuple<Tensor, Tensor> call_batch_norm_stats(const Tensor& input) {
   return op.call(input);
 }
 
+std::tuple<Tensor, Tensor, Tensor> call_add_batch_norm_stats(const Tensor& input,
+                                                             const Tensor& residual) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(FUSEDRES_OP("add_batch_norm_stats"), "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&)>();
+  return op.call(input, residual);
+}
+
 using OptTensor = std::optional<Tensor>;
 
 Tensor call_batch_norm_apply(const Tensor& input, const Tensor& mean, const Tensor& scale,
@@ -78,6 +86,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_act_train(
   return {out, mean, var, c.invstd, c.scale, shift};
 }
 
+// relu(bn(input + residual)) and the sum: the statistics pass writes the sum, the normalize
+// pass reads it (the sum is also the tensor the backward recomputes the ReLU mask from).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> add_batch_norm_act_train(
+    const Tensor& input, const Tensor& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, double eps, bool relu) {
+  check_train_input(input, "input");
+  check_same(residual, input, "residual");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  auto [sum, mean, var] = call_add_batch_norm_stats(input, residual);
+  const Coefficients c = coefficients(var, weight, bias, eps, /*fresh=*/true);
+  const Tensor shift = c.shift ? *c.shift : at::zeros_like(var);
+  Tensor out = call_batch_norm_apply(sum, mean, c.scale, shift, std::nullopt, std::nullopt,
+                                     std::nullopt, std::nullopt, relu);
+  return {out, sum, mean, var, c.invstd, c.scale, shift};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_act_train(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& residual, const std::optional<Tensor>& residual_weight,
@@ -102,6 +127,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_no
 FUSEDRES_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("batch_norm_act_train", &batch_norm_act_train);
   m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train);
+  m.impl("add_batch_norm_act_train", &add_batch_norm_act_train);
 }
 
 }  // namespace fusedres

@@ -219,12 +219,15 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
                                  const Tensor& input_, const Tensor& mean_, const Tensor& invstd_,
                                  const std::optional<Tensor>& weight_, const Tensor& sum_dy_,
                                  const Tensor& sum_dy_xhat_, const std::optional<Tensor>& scale_,
-                                 const std::optional<Tensor>& shift_) {
+                                 const std::optional<Tensor>& shift_,
+                                 const std::optional<Tensor>& extra_grad_) {
   auto a = prepare(grad_out_, output_, input_, mean_, invstd_, scale_, shift_);
   const auto acc = accumulate_type(a.input.scalar_type());
   check_channel_vector(sum_dy_, a.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat_, a.input, acc, "sum_dy_xhat");
   check_affine(weight_, a.input, "weight");
+  if (extra_grad_) check_same(*extra_grad_, input_, "extra_grad");
+  const std::optional<Tensor> extra_grad = match_layout(extra_grad_, a.input);
   Tensor grad_input = at::empty_like(a.input);
   if (a.input.numel() == 0) return grad_input;
   const ChannelView v = channel_view(a.input);
@@ -252,26 +255,33 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
         const MaskVectors<acc_t> mk(mean.const_data_ptr<acc_t>(), a.scale, a.shift, C);
         const acc_t* mu = mk.mean;
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
+        const scalar_t* e = extra_grad ? extra_grad->const_data_ptr<scalar_t>() : nullptr;
         with_mask(a, [&](auto mask) {
-          constexpr int kMask = decltype(mask)::value;
-          auto row = [&](int64_t offset) {
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t i = offset + c;
-              const acc_t xi = static_cast<acc_t>(x[i]);
-              const acc_t g = masked<kMask>(dy, y, i, xi, mk[c]);
-              dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - (xi - mu[c]) * proj[c]));
-            }
-          };
-          auto plane = [&](int64_t offset, int64_t n, int64_t c) {
-            const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
-            const MaskCoefficients<acc_t> mkc = mk[c];
-            for (int64_t i = offset; i < offset + n; ++i) {
-              const acc_t xi = static_cast<acc_t>(x[i]);
-              const acc_t g = masked<kMask>(dy, y, i, xi, mkc);
-              dx[i] = static_cast<scalar_t>(kc * (g - mdc - (xi - mc) * pc));
-            }
-          };
-          for_each_run(v, row, plane);
+          with_flag(e != nullptr, [&](auto has_extra) {
+            constexpr int kMask = decltype(mask)::value;
+            constexpr bool kExtra = decltype(has_extra)::value;
+            // + the extra gradient, before rounding
+            auto extra = [&](int64_t i) { return kExtra ? static_cast<acc_t>(e[i]) : acc_t(0); };
+            auto row = [&](int64_t offset) {
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = offset + c;
+                const acc_t xi = static_cast<acc_t>(x[i]);
+                const acc_t g = masked<kMask>(dy, y, i, xi, mk[c]);
+                dx[i] = static_cast<scalar_t>(k[c] * (g - mean_dy[c] - (xi - mu[c]) * proj[c]) +
+                                              extra(i));
+              }
+            };
+            auto plane = [&](int64_t offset, int64_t n, int64_t c) {
+              const acc_t kc = k[c], mc = mu[c], mdc = mean_dy[c], pc = proj[c];
+              const MaskCoefficients<acc_t> mkc = mk[c];
+              for (int64_t i = offset; i < offset + n; ++i) {
+                const acc_t xi = static_cast<acc_t>(x[i]);
+                const acc_t g = masked<kMask>(dy, y, i, xi, mkc);
+                dx[i] = static_cast<scalar_t>(kc * (g - mdc - (xi - mc) * pc) + extra(i));
+              }
+            };
+            for_each_run(v, row, plane);
+          });
         });
       });
   return grad_input;

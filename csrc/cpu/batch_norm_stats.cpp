@@ -3,11 +3,14 @@
 // the run's first value so a large mean does not swamp the sums; the runs are then combined
 // with Chan's parallel formula, in double: a run's mean rounded to float would lose the digits
 // of the variance that the shifted sums kept (a mean of 3e4 has a float ulp of 0.002).
+// add_batch_norm_stats: the same statistics of input + residual, whose sum each run writes
+// first (rounded to the dtype, as the add would be) and then reads back while it is in cache.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -54,13 +57,25 @@ acc_t finite_or_zero(acc_t v) {
   return std::isfinite(v) ? v : acc_t(0);
 }
 
+// sum[i] = x[i] + z[i] for i in [begin, end), in the add's precision (opmath), rounded.
 template <typename scalar_t, typename acc_t>
-void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
+void add_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
+             scalar_t* __restrict__ sum, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i)
+    sum[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(z[i]));
+}
+
+// The statistics of x, or with z of x + z, which is written to sum_out.
+template <typename scalar_t, typename acc_t>
+void stats_channels_first(const ChannelView& v, const scalar_t* x, const scalar_t* z,
+                          scalar_t* sum_out, acc_t* mean, acc_t* var) {
   at::parallel_for(0, v.channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       Moments total;
       for (int64_t o = 0; o < v.outer; ++o) {
-        const scalar_t* run = x + (o * v.channels + c) * v.inner;
+        const int64_t first = (o * v.channels + c) * v.inner;
+        if (z != nullptr) add_run<scalar_t, acc_t>(x, z, sum_out, first, first + v.inner);
+        const scalar_t* run = (z != nullptr ? sum_out : x) + first;
         const acc_t shift = finite_or_zero(static_cast<acc_t>(run[0]));
         acc_t sum[1], m2[1];
         lane_sums<1>(
@@ -87,7 +102,8 @@ void stats_channels_first(const ChannelView& v, const scalar_t* x, acc_t* mean, 
 }
 
 template <typename scalar_t, typename acc_t>
-void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var) {
+void stats_channels_last(const ChannelView& v, const scalar_t* x_, const scalar_t* z,
+                         scalar_t* sum_out, acc_t* mean, acc_t* var) {
   constexpr int64_t kRowsPerBlock = 128;
   const int64_t C = v.channels;
   const int64_t blocks = (v.outer + kRowsPerBlock - 1) / kRowsPerBlock;
@@ -98,6 +114,8 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
       const int64_t row_begin = b * kRowsPerBlock;
       const int64_t row_end = std::min(v.outer, row_begin + kRowsPerBlock);
       const acc_t count = static_cast<acc_t>(row_end - row_begin);
+      if (z != nullptr) add_run<scalar_t, acc_t>(x_, z, sum_out, row_begin * C, row_end * C);
+      const scalar_t* x = z != nullptr ? sum_out : x_;
       std::vector<acc_t> shift(C);             // each channel's first value in the block
       std::vector<acc_t> offset(C, acc_t(0));  // mean - shift
       for (int64_t c = 0; c < C; ++c)
@@ -129,33 +147,56 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x, acc_t* mean, a
   });
 }
 
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
-  check_input(input_, "input");
-  const Tensor input = dense_for_kernels(input_);
-  const int64_t C = input.size(1);
-  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor mean = at::empty({C}, options);
-  Tensor var = at::empty({C}, options);
+// (mean, var) of input, or of input + residual (written to sum, input's layout).
+void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean, Tensor& var) {
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
-    return {mean, var};
+    return;
   }
   const ChannelView v = channel_view(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* z = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* s = sum ? sum->data_ptr<scalar_t>() : nullptr;
         if (v.inner == 1)
-          stats_channels_last(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+          stats_channels_last(v, x, z, s, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
         else
-          stats_channels_first(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
+          stats_channels_first(v, x, z, s, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
       });
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
+  check_input(input_, "input");
+  const Tensor input = dense_for_kernels(input_);
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor mean = at::empty({input.size(1)}, options);
+  Tensor var = at::empty({input.size(1)}, options);
+  stats(input, nullptr, nullptr, mean, var);
   return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_batch_norm_stats(const Tensor& input_,
+                                                        const Tensor& residual_) {
+  check_input(input_, "input");
+  check_same(residual_, input_, "residual");
+  const Tensor input = dense_for_kernels(input_);
+  const Tensor residual = match_layout(residual_, input);
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor sum = at::empty_like(input);
+  Tensor mean = at::empty({input.size(1)}, options);
+  Tensor var = at::empty({input.size(1)}, options);
+  stats(input, &residual, &sum, mean, var);
+  return {sum, mean, var};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedres, CPU, m) { m.impl("batch_norm_stats", &batch_norm_stats); }
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("add_batch_norm_stats", &add_batch_norm_stats);
+}
 
 }  // namespace fusedres::cpu

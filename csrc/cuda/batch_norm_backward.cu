@@ -2,6 +2,7 @@
 //   reduce: sum_dy = sum(g), sum_dy_xhat = sum(g * xhat) per channel (and g itself, written
 //           in the same pass, with write_grad)
 //   input:  grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M)
+//           (+ extra_grad, a gradient the input also receives, added before rounding)
 // g = grad_out masked by the forward's ReLU (read from the saved output, or recomputed from x
 // with the forward's scale and shift), xhat = (x - mean) * invstd. The reduce pass follows
 // batch_norm_stats.cu: per-thread sums, a block merge, then a merge of the blocks' partials.
@@ -195,10 +196,25 @@ __device__ __forceinline__ void channel_coefficients(const acc_t* mean, const ac
   proj = load(p.sum_dy_xhat + c) * p.inv_count * is;
 }
 
+// The extra gradient's VEC values at i (0 without one).
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_extra(const scalar_t* __restrict__ extra, int64_t i,
+                                           acc_t (&e)[VEC]) {
+  if (extra == nullptr) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) e[j] = acc_t(0);
+    return;
+  }
+  const auto v = load_vec<scalar_t, VEC>(extra + i);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) e[j] = static_cast<acc_t>(v.v[j]);
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 8, 4>)
     input_grad_channels_last_kernel(BackwardArgs<scalar_t, acc_t> a, InputGradParams<acc_t> p,
-                                    scalar_t* __restrict__ dx, int64_t rows, int64_t C) {
+                                    const scalar_t* __restrict__ extra, scalar_t* __restrict__ dx,
+                                    int64_t rows, int64_t C) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
@@ -214,10 +230,13 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
     const int64_t i = row * C + c0;
     acc_t g[VEC], x[VEC];
     load_masked_grad<scalar_t, acc_t, VEC>(a, i, mu, mk, g, x);
+    acc_t e[VEC];
+    load_extra<scalar_t, acc_t, VEC>(extra, i, e);
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      out.v[j] = static_cast<scalar_t>(k[j] * (g[j] - mean_dy[j] - (x[j] - mu[j]) * proj[j]));
+      out.v[j] =
+          static_cast<scalar_t>(k[j] * (g[j] - mean_dy[j] - (x[j] - mu[j]) * proj[j]) + e[j]);
     store_vec<scalar_t, VEC>(dx + i, out);
   }
 }
@@ -225,6 +244,7 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a,
                                                  InputGradParams<acc_t> p,
+                                                 const scalar_t* __restrict__ extra,
                                                  scalar_t* __restrict__ dx, int64_t vectors,
                                                  int64_t C, int64_t inner) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -240,10 +260,12 @@ __global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a
     for (int j = 0; j < VEC; ++j) mus[j] = mu, mk[j] = kc;
     acc_t g[VEC], x[VEC];
     load_masked_grad<scalar_t, acc_t, VEC>(a, i, mus, mk, g, x);
+    acc_t e[VEC];
+    load_extra<scalar_t, acc_t, VEC>(extra, i, e);
     Vec<scalar_t, VEC> out;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      out.v[j] = static_cast<scalar_t>(k * (g[j] - mean_dy - (x[j] - mu) * proj));
+      out.v[j] = static_cast<scalar_t>(k * (g[j] - mean_dy - (x[j] - mu) * proj) + e[j]);
     store_vec<scalar_t, VEC>(dx + i, out);
   }
 }
@@ -318,18 +340,18 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
 
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
-                       const InputGradParams<acc_t>& p, scalar_t* dx, int device,
-                       cudaStream_t stream) {
+                       const InputGradParams<acc_t>& p, const scalar_t* extra, scalar_t* dx,
+                       int device, cudaStream_t stream) {
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
     FUSEDRES_LAUNCH(g.grid, g.block, 0, stream,
-                    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>)(a, p, dx, v.outer,
+                    input_grad_channels_last_kernel<scalar_t, acc_t, VEC>)(a, p, extra, dx, v.outer,
                                                                            v.channels);
   } else {
     const int64_t vectors = v.numel() / VEC;
     FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), kBlockThreads, 0, stream,
-                    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(a, p, dx, vectors,
-                                                                            v.channels, v.inner);
+                    input_grad_channels_first_kernel<scalar_t, acc_t, VEC>)(
+        a, p, extra, dx, vectors, v.channels, v.inner);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -371,12 +393,15 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
                                  const Tensor& input, const Tensor& mean, const Tensor& invstd,
                                  const std::optional<Tensor>& weight, const Tensor& sum_dy,
                                  const Tensor& sum_dy_xhat, const std::optional<Tensor>& scale,
-                                 const std::optional<Tensor>& shift) {
+                                 const std::optional<Tensor>& shift,
+                                 const std::optional<Tensor>& extra_grad) {
   const Prepared t = prepare(grad_out, output, input, mean, invstd, scale, shift);
   const auto acc = accumulate_type(t.input.scalar_type());
   check_channel_vector(sum_dy, t.input, acc, "sum_dy");
   check_channel_vector(sum_dy_xhat, t.input, acc, "sum_dy_xhat");
   check_affine(weight, t.input, "weight");
+  if (extra_grad) check_same(*extra_grad, input, "extra_grad");
+  const std::optional<Tensor> extra = match_layout(extra_grad, t.input);
   Tensor grad_input = at::empty_like(t.input);
   if (t.input.numel() == 0) return grad_input;
   const c10::cuda::CUDAGuard guard(t.input.device());
@@ -393,11 +418,12 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
             sums0.const_data_ptr<acc_t>(), sums1.const_data_ptr<acc_t>(),
             acc_t(1) / static_cast<acc_t>(v.per_channel())};
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
-        if (vectorizable(v, a, dx))
-          launch_input_grad<scalar_t, acc_t, kVec16<scalar_t>>(v, a, p, dx, t.input.get_device(),
+        const scalar_t* e = extra ? extra->const_data_ptr<scalar_t>() : nullptr;
+        if (vectorizable(v, a, dx) && aligned16(e))
+          launch_input_grad<scalar_t, acc_t, kVec16<scalar_t>>(v, a, p, e, dx, t.input.get_device(),
                                                                stream);
         else
-          launch_input_grad<scalar_t, acc_t, 1>(v, a, p, dx, t.input.get_device(), stream);
+          launch_input_grad<scalar_t, acc_t, 1>(v, a, p, e, dx, t.input.get_device(), stream);
       });
   return grad_input;
 }

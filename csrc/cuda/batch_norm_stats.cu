@@ -6,8 +6,11 @@
 // the variance that its shifted sums kept (a mean of 3e4 has a float ulp of 0.002). The merges
 // touch a few values per thread, so double arithmetic costs nothing measurable next to the
 // pass over the input.
+// add_batch_norm_stats: the statistics of input + residual, whose sum (rounded to the dtype,
+// as the add would be) the same pass writes.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -81,9 +84,27 @@ struct ShiftedSums {
   }
 };
 
+// VEC values of x at offset, or with z those of x + z, which are written to sum there.
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ Vec<scalar_t, VEC> load_values(const scalar_t* __restrict__ x,
+                                                          const scalar_t* __restrict__ z,
+                                                          scalar_t* __restrict__ sum,
+                                                          int64_t offset) {
+  auto v = load_vec<scalar_t, VEC>(x + offset);
+  if (z != nullptr) {
+    const auto r = load_vec<scalar_t, VEC>(z + offset);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      v.v[j] = static_cast<scalar_t>(static_cast<acc_t>(v.v[j]) + static_cast<acc_t>(r.v[j]));
+    store_vec(sum + offset, v);
+  }
+  return v;
+}
+
 template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 6, 5>)
-    stats_channels_last_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
+    stats_channels_last_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
+                               scalar_t* __restrict__ sum, int64_t rows, int64_t C,
                                moment_t* __restrict__ partials) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
@@ -95,7 +116,7 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
     const int64_t stride = int64_t(gridDim.y) * blockDim.y;
 #pragma unroll 4
     for (int64_t row = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; row < rows; row += stride) {
-      const auto v = load_vec<scalar_t, VEC>(x + row * C + c0);
+      const auto v = load_values<scalar_t, acc_t, VEC>(x, z, sum, row * C + c0);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) sums[j].add(static_cast<acc_t>(v.v[j]), count == 0);
       ++count;
@@ -110,9 +131,10 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int64_t outer,
-                                            int64_t C, int64_t inner,
-                                            moment_t* __restrict__ partials) {
+__global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
+                                            const scalar_t* __restrict__ z,
+                                            scalar_t* __restrict__ sum, int64_t outer, int64_t C,
+                                            int64_t inner, moment_t* __restrict__ partials) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
@@ -124,7 +146,7 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
   for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
     const int64_t o = u / run_vectors;
     const int64_t i = (u - o * run_vectors) * VEC;
-    const auto v = load_vec<scalar_t, VEC>(x + (o * C + c) * inner + i);
+    const auto v = load_values<scalar_t, acc_t, VEC>(x, z, sum, (o * C + c) * inner + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) sums.add(static_cast<acc_t>(v.v[j]), count + j == 0);
     count += VEC;
@@ -137,8 +159,9 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x, int6
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* var,
-                  const at::TensorOptions& options, int device, cudaStream_t stream) {
+void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, scalar_t* sum,
+                  acc_t* mean, acc_t* var, const at::TensorOptions& options, int device,
+                  cudaStream_t stream) {
   Tensor partials;
   int64_t blocks;
   const auto partial_options = options.dtype(at::kDouble);
@@ -149,7 +172,7 @@ void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* v
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(moment_t);
     FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
                     stats_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        x, v.outer, v.channels, partials.data_ptr<moment_t>());
+        x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>());
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
@@ -157,11 +180,40 @@ void launch_stats(const ChannelView& v, const scalar_t* x, acc_t* mean, acc_t* v
     const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);
     FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
                     stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        x, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
+        x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
                                              v.channels, mean, var, stream);
+}
+
+// (mean, var) of input, or of input + residual (written to sum, input's layout).
+void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean, Tensor& var) {
+  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
+    mean.zero_();
+    var.zero_();
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ChannelView v = channel_view(input);
+  const auto options = mean.options();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const scalar_t* z = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* s = sum ? sum->data_ptr<scalar_t>() : nullptr;
+        constexpr int V = kVec16<scalar_t>;
+        if (can_vectorize(v, V) && aligned16(x) && aligned16(z) && aligned16(s))
+          launch_stats<scalar_t, acc_t, V>(v, x, z, s, mean.data_ptr<acc_t>(),
+                                           var.data_ptr<acc_t>(), options, input.get_device(),
+                                           stream);
+        else
+          launch_stats<scalar_t, acc_t, 1>(v, x, z, s, mean.data_ptr<acc_t>(),
+                                           var.data_ptr<acc_t>(), options, input.get_device(),
+                                           stream);
+      });
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
@@ -170,31 +222,29 @@ std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
   const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
   Tensor mean = at::empty({input.size(1)}, options);
   Tensor var = at::empty({input.size(1)}, options);
-  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
-    mean.zero_();
-    var.zero_();
-    return {mean, var};
-  }
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const ChannelView v = channel_view(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* x = input.const_data_ptr<scalar_t>();
-        constexpr int V = kVec16<scalar_t>;
-        if (can_vectorize(v, V) && aligned16(x))
-          launch_stats<scalar_t, acc_t, V>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                           options, input.get_device(), stream);
-        else
-          launch_stats<scalar_t, acc_t, 1>(v, x, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
-                                           options, input.get_device(), stream);
-      });
+  stats(input, nullptr, nullptr, mean, var);
   return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_batch_norm_stats(const Tensor& input_,
+                                                        const Tensor& residual_) {
+  check_input(input_, "input");
+  check_same(residual_, input_, "residual");
+  const Tensor input = dense_for_kernels(input_);
+  const Tensor residual = match_layout(residual_, input);
+  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor sum = at::empty_like(input);
+  Tensor mean = at::empty({input.size(1)}, options);
+  Tensor var = at::empty({input.size(1)}, options);
+  stats(input, &residual, &sum, mean, var);
+  return {sum, mean, var};
 }
 
 }  // namespace
 
-FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) { m.impl("batch_norm_stats", &batch_norm_stats); }
+FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("add_batch_norm_stats", &add_batch_norm_stats);
+}
 
 }  // namespace fusedres::cuda
