@@ -28,6 +28,8 @@ MODELS = ["tests/test_models.py", "tests/test_dropin.py", "tests/test_batch_norm
 BAD = ["tests/test_bad_input.py", "tests/test_errors.py"]
 SYNC = ["tests/test_distributed.py"]
 LAUNCH = ["tests/test_triton_launch.py", "tests/test_conv_triton.py"]
+ADD_BN = ["tests/test_add_batch_norm.py", "tests/test_cost_counting.py"]
+PREACT = ["tests/test_preact.py"]
 
 CATALOG = [
     # ---- fusedres/ (Python) ----------------------------------------------------------------
@@ -45,6 +47,23 @@ CATALOG = [
     Mutation("dual-eval-residual-eps", "fusedres/functional.py",
              "dual form, eval: the shortcut BN normalised with the main eps",
              "residual_bias, residual_eps)", "residual_bias, eps)", OPS),
+    Mutation("add-bn-backward-drops-sum-grad", "fusedres/_ops.py",
+             "add + BN + ReLU backward: the sum's own gradient (the next shortcut's) is lost",
+             "mask_coefficients=(scale, shift), extra_grad=grad_sum)",
+             "mask_coefficients=(scale, shift), extra_grad=None)", ADD_BN),
+    Mutation("add-bn-sum-grad-added-twice", "fusedres/_ops.py",
+             "add + BN + ReLU backward: the sum's own gradient added by the kernel and again",
+             "        grad_total if need[0] else None,",
+             "        grad_total + grad_sum if need[0] and grad_sum is not None else grad_total"
+             " if need[0] else None,", ADD_BN),
+    Mutation("preact-chain-ignores-block-hooks", "fusedres/preact.py",
+             "the chained blocks run although a block has a hook (it never fires)",
+             "if (type(block) not in _CHAINABLE or _hooked(block)",
+             "if (type(block) not in _CHAINABLE", PREACT),
+    Mutation("preact-chain-eval-bn", "fusedres/preact.py",
+             "an eval BN after an add is run as the training op (batch statistics)",
+             "return (_bn_training(bn) and not uses_sync(bn)", "return (not uses_sync(bn)",
+             PREACT),
     Mutation("block-eps-ignored", "fusedres/nn.py",
              "blocks ignore the BN module's eps (hard-coded 1e-5), training and eval",
              "momentum=bn.momentum, eps=bn.eps,", "momentum=bn.momentum, eps=1e-5,", MODELS),
@@ -155,6 +174,18 @@ CATALOG = [
     Mutation("triton-relu-drops-nan", "kernels/batch_norm_apply.py",
              "ReLU written as max(y, 0): NaN becomes 0 on a GPU (not in the interpreter)",
              "y = tl.where(y < 0.0, 0.0, y)", "y = tl.where(y > 0.0, y, 0.0)", OPS + BAD),
+    Mutation("triton-add-sum-truncated", "kernels/_common.py",
+             "Triton add: the interpreter's truncating bfloat16 conversion left as it is",
+             "if _ROUND_BY_BITS and DTYPE == tl.bfloat16:", "if False:", ADD_BN),
+    Mutation("triton-add-shift-of-input", "kernels/batch_norm_stats.py",
+             "Triton add statistics: the merge shifts back by x's first value, not the sum's",
+             "mean += channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)",
+             "mean += channel_shift(x_ptr, z_ptr, cols, col_ok, inner, False, CHANNELS_LAST, ACC)",
+             ADD_BN),
+    Mutation("triton-input-grad-drops-extra", "kernels/batch_norm_backward.py",
+             "Triton input gradient: the extra gradient is not added",
+             "        dx += tl.load(extra_ptr + offsets, mask=ok, other=0.0).to(ACC)",
+             "        dx += 0.0", ADD_BN),
     Mutation("triton-recomputed-mask-unrounded", "kernels/batch_norm_backward.py",
              "recomputed ReLU mask tests the float value, not the output as stored (bf16 zeros)",
              "y = v.to(dy_ptr.dtype.element_ty).to(ACC)", "y = v", OPS),
@@ -258,6 +289,20 @@ CATALOG = [
              "ceil_div(units, kBlockThreads)", "units / kBlockThreads", OPS,
              equivalent="the kernels loop over their work with a grid stride and the grid is "
                         "at least one block, so any grid size covers every element"),
+    Mutation("cuda-add-stats-of-input", "csrc/cuda/batch_norm_stats.cu",
+             "CUDA add statistics: the sum is written but the statistics are of x",
+             "    store_vec(sum + offset, v);\n  }\n  return v;",
+             "    store_vec(sum + offset, v);\n  }\n  return load_vec<scalar_t, VEC>(x + offset);",
+             ADD_BN),
+    Mutation("cuda-input-grad-drops-extra", "csrc/cuda/batch_norm_backward.cu",
+             "CUDA input gradient: the extra gradient is read but not added",
+             "for (int j = 0; j < VEC; ++j) e[j] = static_cast<acc_t>(v.v[j]);",
+             "for (int j = 0; j < VEC; ++j) e[j] = acc_t(0) * static_cast<acc_t>(v.v[j]);",
+             ADD_BN),
+    Mutation("cpp-add-stats-of-input", "csrc/cpu/batch_norm_stats.cpp",
+             "CPU add statistics (NCHW): the sum is written but the statistics are of x",
+             "const scalar_t* run = (z != nullptr ? sum_out : x) + first;",
+             "const scalar_t* run = x + first;", ADD_BN),
     Mutation("cuda-chan-merge-weight", "csrc/cuda/batch_norm_stats.cu",
              "Chan merge of block partials: the between-means term lacks the count",
              "delta * delta * a[0] * wb", "delta * delta * wb", OPS),
