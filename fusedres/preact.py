@@ -225,18 +225,17 @@ def bn_relu(x: Tensor, bn: nn.Module) -> Tensor:
 
 
 def add_bn_relu(x: Tensor, residual: Tensor, bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """(x + residual, relu(bn(x + residual))) in one fused training op; bn is a training
-    BatchNorm2d that plain_reason accepts, not a SyncBatchNorm (see can_add_bn_relu)."""
+    """(x + residual, relu(bn(x + residual))): in training one fused op, in eval the add and
+    the fused affine + ReLU; bn is a BatchNorm2d that plain_reason accepts, not a
+    SyncBatchNorm (see can_add_bn_relu)."""
     return FF.add_batch_norm_relu(x, residual, **_bn_kwargs(bn))
 
 
 def can_add_bn_relu(x: Tensor, residual: Tensor, bn: nn.Module) -> bool:
     """True where add_bn_relu(x, residual, bn) computes what relu(bn(x + residual)) would: a
-    BN in training (the op takes batch statistics; an eval BN is one affine pass anyway),
-    not synchronised, and addends of one dtype and shape (the sum is written in x's dtype;
-    an add that promotes stays an add)."""
-    return (_bn_training(bn) and not uses_sync(bn) and x.dtype == residual.dtype
-            and x.shape == residual.shape)
+    BN not synchronised across processes (its statistics are the group's) and addends of one
+    dtype and shape (the sum is written in x's dtype; an add that promotes stays an add)."""
+    return not uses_sync(bn) and x.dtype == residual.dtype and x.shape == residual.shape
 
 
 def preact_branch(x: Tensor, a: Optional[Tensor], norms: Sequence[nn.Module],

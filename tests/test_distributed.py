@@ -22,12 +22,13 @@ def batches():
             for _ in range(2)]
 
 
-def model(bn=None):
-    """ResNet-18 in float64 (the comparisons below are exact up to float64 rounding; in
-    float32 the second step's gradients are ill-conditioned, torchvision's own 1-4% from
-    float64); bn: keyword arguments of its BatchNorm2d layers (eps, momentum)."""
+def model(bn=None, arch="resnet18"):
+    """ResNet-18 (or the pre-activation one, whose adds are chained with the next BN) in
+    float64 (the comparisons below are exact up to float64 rounding; in float32 the second
+    step's gradients are ill-conditioned, torchvision's own 1-4% from float64); bn: keyword
+    arguments of its BatchNorm2d layers (eps, momentum)."""
     torch.manual_seed(0)
-    return fusedres.ResNet18(num_classes=10, norm_layer=functools.partial(
+    return fusedres.get_model(arch, num_classes=10, norm_layer=functools.partial(
         torch.nn.BatchNorm2d, **(bn or {}))).double()
 
 
@@ -45,11 +46,11 @@ def train(net, data, rank=None):
     return out.detach(), grads
 
 
-def worker(rank, init_file, result_file, sync, steps, bn):
+def worker(rank, init_file, result_file, sync, steps, bn, arch):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     fusedres.set_backend("cpp")
-    net = model(bn)
+    net = model(bn, arch)
     if sync:
         net = fusedres.convert_sync_batchnorm(net)
     ddp = torch.nn.parallel.DistributedDataParallel(net)
@@ -62,10 +63,11 @@ def worker(rank, init_file, result_file, sync, steps, bn):
     dist.destroy_process_group()
 
 
-def run_two_processes(sync, steps=2, bn=None):
+def run_two_processes(sync, steps=2, bn=None, arch="resnet18"):
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.pt")
-        mp.spawn(worker, args=(os.path.join(tmp, "init"), result, sync, steps, bn), nprocs=WORLD)
+        mp.spawn(worker, args=(os.path.join(tmp, "init"), result, sync, steps, bn, arch),
+                 nprocs=WORLD)
         return torch.load(result)
 
 
@@ -74,13 +76,17 @@ def relative(a, b):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("bn", [{}, {"eps": 1e-3, "momentum": None}], ids=["default", "cumulative"])
-def test_sync_batchnorm_and_ddp_match_one_process_on_the_whole_batch(bn):
-    """Also with BNs of another eps and a cumulative average (momentum=None)."""
+@pytest.mark.parametrize("bn, arch", [({}, "resnet18"),
+                                      ({"eps": 1e-3, "momentum": None}, "resnet18"),
+                                      ({}, "preact_resnet18")],
+                         ids=["default", "cumulative", "preact"])
+def test_sync_batchnorm_and_ddp_match_one_process_on_the_whole_batch(bn, arch):
+    """Also with BNs of another eps and a cumulative average (momentum=None), and the
+    pre-activation ResNet (whose synchronised BNs take no part in the add + BN chain)."""
     fusedres.set_backend("cpp")
-    whole = model(bn)
+    whole = model(bn, arch)
     ref_out, ref_grads = train(whole, batches())
-    result = run_two_processes(sync=True, bn=bn)
+    result = run_two_processes(sync=True, bn=bn, arch=arch)
     assert relative(result["out"], ref_out) < 1e-10
     for g, ref_g in zip(result["grads"], ref_grads):
         assert relative(g, ref_g) < 1e-10
