@@ -117,6 +117,17 @@ def bn_vs_torch(x, residual=None, training=True, params=None, layout=None):
     return [(out, ref), (p["running_mean"], rm), (p["running_var"], rv)]
 
 
+def add_bn_vs_torch(x, z, training=True):
+    """add_batch_norm_relu and x + z, then F.batch_norm + ReLU, on clones of the same
+    statistics: [(sum, ref), (out, ref), (running_mean, ref), (running_var, ref)]."""
+    p = bn_params()
+    rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+    total, out = FF.add_batch_norm_relu(x, z, **p, training=training)
+    ref_total = x + z
+    ref = torch.relu(F.batch_norm(ref_total, rm, rv, p["weight"], p["bias"], training))
+    return [(total, ref_total), (out, ref), (p["running_mean"], rm), (p["running_var"], rv)]
+
+
 def nan_channel_training(value):
     """A NaN / Inf in channel 2 of a training batch: that channel's output and running_var are
     NaN, its running_mean NaN / Inf, the other channels untouched (as F.batch_norm)."""
@@ -378,6 +389,7 @@ def without_gpu(call):
 # ---- the table ------------------------------------------------------------------------------------
 
 BN, ADD, DUAL = "`batch_norm_relu`", "`batch_norm_add_relu`", "`dual_batch_norm_add_relu`"
+ADD_BN = "`add_batch_norm_relu`"
 ADD_RELU, FOLD = "`add_relu`", "`fold_conv_bn`"
 CONV, CONV_ADD, FUSED_CONV = "`conv_bias_relu`", "`conv_bias_add_relu`", "`fused_conv2d`"
 BLOCKS, MODELS = "`fusedres.nn.BasicBlock` / `Bottleneck`", "models: " + ", ".join(
@@ -492,6 +504,21 @@ CASES = [
     raises(ADD, "residual on `meta`", RuntimeError, "residual is on meta but input is on cpu",
            lambda: FF.batch_norm_add_relu(x4(), torch.empty(2, C, 3, 3, device="meta"),
                                           **bn_params())),
+    raises(ADD_BN, "residual of a broadcastable shape (1, C, 1, 1)", ValueError,
+           "residual must have the shape of input (2, 4, 3, 3), got (1, 4, 1, 1)",
+           lambda: FF.add_batch_norm_relu(x4(), x4(1, C, 1, 1), **bn_params(), training=True)),
+    raises(ADD_BN, "float64 residual, float32 input", TypeError,
+           "residual must have the dtype of input (torch.float32), got torch.float64",
+           lambda: FF.add_batch_norm_relu(x4(), x4(dtype=torch.float64), **bn_params(),
+                                          training=True)),
+    matches(ADD_BN, "input / residual expanded (stride-0 dims), training and eval",
+            "matches `x + z`, then `F.batch_norm` + ReLU",
+            lambda: add_bn_vs_torch(expanded((2, C, 3, 3), 0), x4()),
+            lambda: add_bn_vs_torch(x4(), expanded((2, C, 3, 3), 3), training=False)),
+    matches(ADD_BN, "+Inf in the input and -Inf in the residual at one element, training",
+            "the sum NaN there (as the add), that channel's output and statistics NaN",
+            lambda: add_bn_vs_torch(with_nan(x4(), 1, 2, 0, 1, value=INF),
+                                    with_nan(x4(), 1, 2, 0, 1, value=-INF))),
     raises(DUAL, "residual_weight of 5 elements", ValueError,
            "residual_weight should contain 4 elements",
            lambda: FF.dual_batch_norm_add_relu(x4(), x4(), *torch.zeros(4, C).unbind(),
