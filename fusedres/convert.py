@@ -138,13 +138,16 @@ def _timm_v2_chained_blocks(model):
             return None
         for block in stage.blocks:
             if (getattr(type(block), "forward", None) is not _timm_v2_fused_forward
-                    or fnn._hooked(block) or _timm_v2_plain_reason(block) is not None):
+                    or fnn._hooked(block)):
                 return None
             blocks.append(block)
-    if not blocks or _timm_bn_relu_reason("norm", model.norm) is not None:
-        return None
     following = [b.norm1 for b in blocks[1:]] + [model.norm]
-    return blocks if any(fnn._bn_training(bn) for bn in following) else None
+    if not blocks or not any(_is_timm_bn_act(bn) and fnn._bn_training(bn) for bn in following):
+        return None
+    if _timm_bn_relu_reason("norm", model.norm) is not None or any(
+            _timm_v2_plain_reason(b) is not None for b in blocks):
+        return None
+    return blocks
 
 
 def _timm_v2_forward_features(self, x):

@@ -54,8 +54,9 @@ from torch import Tensor, nn
 
 from . import _backend
 from . import functional as FF
-from .nn import (_autocast_enabled, _bn_kwargs, _bn_training, _Fused, _hooked, _plain_conv, check_input,
-                 conv1x1, conv3x3, conv_bn_act, is_identity, plain_reason)
+from .nn import (_autocast_enabled, _bn_kwargs, _bn_training, _Fused, _fusable_norm, _hooked,
+                 _plain_conv, check_input, conv1x1, conv3x3, conv_bn_act, is_identity,
+                 plain_reason)
 from .sync_batchnorm import sync_batch_norm_act, uses_sync
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "PlainPreActBasicBlock",
@@ -426,12 +427,13 @@ class PreActResNet(_Fused, PlainPreActResNet):
             if type(stage) is not nn.Sequential or _hooked(stage):
                 return None
             for block in stage:
-                if (type(block) not in _CHAINABLE or _hooked(block)
-                        or _block_plain_reason(block) is not None):
+                if type(block) not in _CHAINABLE or _hooked(block):
                     return None
                 blocks.append(block)
         following = [b.bn1 for b in blocks[1:]] + [self.final_bn]  # the BNs after the adds
-        return blocks if any(_bn_training(bn) for bn in following) else None
+        if not any(_fusable_norm(bn) and _bn_training(bn) for bn in following):  # (eval)
+            return None
+        return blocks if all(_block_plain_reason(b) is None for b in blocks) else None
 
 
 _FUSED_BLOCKS = {PlainPreActBasicBlock: PreActBasicBlock,

@@ -38,14 +38,6 @@ def batch_norm_act(input, residual, running_mean, running_var, weight, bias, tra
     return torch.relu(out) if relu else out
 
 
-def add_batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
-                       momentum, eps, relu):
-    """(sum, act(bn(sum))) with sum = input + residual."""
-    total = input + residual
-    return total, batch_norm_act(total, None, running_mean, running_var, weight, bias, training,
-                                 momentum, eps, relu)
-
-
 def add_relu(input, residual):
     return torch.relu(input + residual)
 

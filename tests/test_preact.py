@@ -326,12 +326,14 @@ def test_hooks_tracing_and_torchscript_run_the_plain_forward():
     assert type(fused) is PreActResNet  # scripting compiled a plain copy
 
 
-@pytest.mark.parametrize("case", ["block-hook", "stage-hook", "frozen-bn", "subclass"])
+@pytest.mark.parametrize("case", ["block-hook", "stage-hook", "frozen-bn", "subclass",
+                                  "group-norm"])
 def test_chained_adds_fall_back_where_the_blocks_must_be_called(case):
     """The model runs its blocks itself (each add with the next BN + ReLU) only where nothing
     can tell: a hook on a block or a stage fires (the blocks are called as modules), a BN in
-    eval mode gets the add on its own (and the chain goes on past it), a subclassed block runs
-    its own forward. Training output, gradients and running statistics match the reference
+    eval mode gets the add and its affine pass from the same op (and the chain goes on past
+    it), a subclassed block runs its own forward, a block with another norm layer its plain
+    one (in eval too). Training output, gradients and running statistics match the reference
     (float64) in every case."""
     use(("cpp", "cpu"))
     reference, fused = pair("bottleneck")
@@ -345,6 +347,9 @@ def test_chained_adds_fall_back_where_the_blocks_must_be_called(case):
     elif case == "frozen-bn":
         for model in (reference, fused):
             model.layer3[0].bn1.eval()
+    elif case == "group-norm":
+        for model in (reference, fused):
+            model.layer2[0].bn1 = nn.GroupNorm(2, model.layer2[0].bn1.num_features).double()
     else:
         class Block(PreActBottleneck):
             def forward(self, x):
@@ -360,9 +365,11 @@ def test_chained_adds_fall_back_where_the_blocks_must_be_called(case):
     each_close(fused.state_dict().items(), reference.state_dict().items())
     chained = fused.chained_blocks() is not None
     assert chained == (case == "frozen-bn")
-    assert len(seen) == (0 if chained else 1)
-    counts = launches(fused, x)
+    assert len(seen) == (0 if chained or case == "group-norm" else 1)
+    counts = launches(copy.deepcopy(fused), x)  # (a copy: the statistics stay the reference's)
     assert counts.get("fusedres::add_batch_norm_act_train", 0) == (4 if chained else 0)
+    with torch.no_grad():
+        assert_close(fused.eval()(x), reference.eval()(x), torch.float64)
 
 
 def test_convert_and_unconvert(capsys):
