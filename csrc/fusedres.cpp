@@ -6,11 +6,11 @@
 // contract, fake kernel and autograd are its section of fusedres/_ops.py; the same op of the
 // Triton namespace (fusedres_triton::<op>) is in kernels/; shared checks in csrc/common.h.
 //
-// batch_norm_stats            cpu: csrc/cpu/batch_norm_stats.cpp
+// batch_norm_stats            cpu: csrc/cpu/batch_norm_stats.cpp (host code: csrc/channel_stats.h)
 //                             cuda: csrc/cuda/batch_norm_stats.cu
 //                             triton: kernels/batch_norm_stats.py
 //                             used by: fusedres/sync_batchnorm.py
-// add_batch_norm_stats        cpu: csrc/cpu/batch_norm_stats.cpp
+// add_batch_norm_stats        cpu: csrc/cpu/batch_norm_stats.cpp (host code: csrc/channel_stats.h)
 //                             cuda: csrc/cuda/batch_norm_stats.cu
 //                             triton: kernels/batch_norm_stats.py
 //                             used by: add_batch_norm_act_train

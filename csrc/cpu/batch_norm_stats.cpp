@@ -9,8 +9,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../channel_stats.h"
 #include "../common.h"
 #include "loops.h"
 
@@ -147,8 +146,11 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x_, const scalar_
   });
 }
 
-// (mean, var) of input, or of input + residual (written to sum, input's layout).
-void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean, Tensor& var) {
+}  // namespace
+
+// (../channel_stats.h)
+void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
+                   Tensor& var) {
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
@@ -168,35 +170,9 @@ void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mea
       });
 }
 
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
-  check_input(input_, "input");
-  const Tensor input = dense_for_kernels(input_);
-  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor mean = at::empty({input.size(1)}, options);
-  Tensor var = at::empty({input.size(1)}, options);
-  stats(input, nullptr, nullptr, mean, var);
-  return {mean, var};
-}
-
-std::tuple<Tensor, Tensor, Tensor> add_batch_norm_stats(const Tensor& input_,
-                                                        const Tensor& residual_) {
-  check_input(input_, "input");
-  check_same(residual_, input_, "residual");
-  const Tensor input = dense_for_kernels(input_);
-  const Tensor residual = match_layout(residual_, input);
-  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor sum = at::empty_like(input);
-  Tensor mean = at::empty({input.size(1)}, options);
-  Tensor var = at::empty({input.size(1)}, options);
-  stats(input, &residual, &sum, mean, var);
-  return {sum, mean, var};
-}
-
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats);
-  m.impl("add_batch_norm_stats", &add_batch_norm_stats);
+  m.impl("batch_norm_stats", &batch_norm_stats_op<channel_stats>);
+  m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
 }
 
 }  // namespace fusedres::cpu

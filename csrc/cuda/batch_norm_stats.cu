@@ -10,12 +10,12 @@
 // as the add would be) the same pass writes.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
 
+#include "../channel_stats.h"
 #include "utils.cuh"
 
 namespace fusedres::cuda {
@@ -187,8 +187,11 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
                                              v.channels, mean, var, stream);
 }
 
-// (mean, var) of input, or of input + residual (written to sum, input's layout).
-void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean, Tensor& var) {
+}  // namespace
+
+// (../channel_stats.h)
+void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
+                   Tensor& var) {
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
@@ -216,35 +219,9 @@ void stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mea
       });
 }
 
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input_) {
-  check_input(input_, "input");
-  const Tensor input = dense_for_kernels(input_);
-  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor mean = at::empty({input.size(1)}, options);
-  Tensor var = at::empty({input.size(1)}, options);
-  stats(input, nullptr, nullptr, mean, var);
-  return {mean, var};
-}
-
-std::tuple<Tensor, Tensor, Tensor> add_batch_norm_stats(const Tensor& input_,
-                                                        const Tensor& residual_) {
-  check_input(input_, "input");
-  check_same(residual_, input_, "residual");
-  const Tensor input = dense_for_kernels(input_);
-  const Tensor residual = match_layout(residual_, input);
-  const auto options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor sum = at::empty_like(input);
-  Tensor mean = at::empty({input.size(1)}, options);
-  Tensor var = at::empty({input.size(1)}, options);
-  stats(input, &residual, &sum, mean, var);
-  return {sum, mean, var};
-}
-
-}  // namespace
-
 FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
-  m.impl("batch_norm_stats", &batch_norm_stats);
-  m.impl("add_batch_norm_stats", &add_batch_norm_stats);
+  m.impl("batch_norm_stats", &batch_norm_stats_op<channel_stats>);
+  m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
 }
 
 }  // namespace fusedres::cuda
