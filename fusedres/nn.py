@@ -100,9 +100,16 @@ def _global_hooks() -> bool:
 def _tracing_for_a_graph() -> bool:
     """FX symbolic tracing, TorchScript tracing, ONNX export: tools that record the ordinary
     module graph (torch.compile / torch.export trace the fused ops themselves)."""
-    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or (torch.fx._symbolic_trace._get_is_fx_tracing()
-                and not torch.compiler.is_compiling()))
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or _fx_symbolic_tracing()
+
+
+def _fx_symbolic_tracing() -> bool:
+    """torch.fx.symbolic_trace is running (not torch.compile / torch.export, which set the
+    same flag). Newer torch has a function for it; older torch keeps a module-level flag."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, "is_fx_symbolic_tracing"):
+        return fx.is_fx_symbolic_tracing()
+    return getattr(fx, "_is_fx_tracing_flag", False) and not torch.compiler.is_compiling()
 
 
 def is_batch_norm(norm: nn.Module) -> bool:

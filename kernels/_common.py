@@ -13,8 +13,11 @@ Tuning cannot run inside a CUDA graph capture: warm up (one call per shape) befo
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -139,13 +142,27 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs) -> dict:
     return launched
 
 
+_autotuner_lock = threading.RLock()
+
+
 def _run(kernel, config, grid, args, kwargs):
     """The launch itself: through the autotuner when config is None."""
     if config is None:
-        kernel[grid](*args, **kwargs)
+        # Triton's Autotuner keeps each call's arguments on itself (self.nargs) until the call
+        # ends: two threads in it at once read each other's, or None.
+        with _autotuner_lock:
+            kernel[grid](*args, **kwargs)
     else:
         jit = kernel.fn if hasattr(kernel, "configs") else kernel
         jit[grid](*args, **kwargs, **config.all_kwargs())
+
+
+def float_pair(value: float) -> tuple[float, float]:
+    """(hi, lo), both float32 values, hi + lo == value to about 2**-48 of it. A Python float
+    argument reaches a compiled Triton kernel as float32 (the interpreter keeps the double):
+    a float64 kernel adds both halves to get the double back."""
+    hi = float(np.float32(value))
+    return (hi, float(np.float32(value - hi))) if math.isfinite(hi) else (hi, 0.0)
 
 
 def fitting_configs(configs, element_size: int, shared_memory: int):

@@ -20,7 +20,8 @@ from fusedres._ops import check, dense, match_layout
 from fusedres.reference import train_coefficients
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
-                      channel_view, launch, round_to, row_split, tile_offsets, tl_acc)
+                      channel_view, float_pair, launch, round_to, row_split, tile_offsets,
+                      tl_acc)
 
 
 @triton.jit
@@ -120,7 +121,7 @@ MERGE_ROWS = 64
 
 @triton.jit
 def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, z_ptr, inner,
-                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, eps,
+                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, eps_hi, eps_lo,
                         SHIFTED: tl.constexpr, ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                         ACC: tl.constexpr,
                         AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -129,7 +130,7 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
     apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
     first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
     1 / sqrt(var + eps), scale = weight * invstd and shift = bias (0 without one), so no
-    per-channel torch ops follow."""
+    per-channel torch ops follow. eps = eps_hi + eps_lo (float_pair: exact in float64)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -149,10 +150,11 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, var, mask=col_ok)
     if AFFINE:
+        var_eps = var + eps_hi + eps_lo
         if ACC == tl.float64:
-            invstd = 1.0 / tl.sqrt(var + eps)  # (IEEE-rounded in float64)
+            invstd = 1.0 / tl.sqrt(var_eps)  # (IEEE-rounded in float64)
         else:
-            invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var + eps))
+            invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var_eps))
         tl.store(invstd_ptr + cols, invstd, mask=col_ok)
         scale = invstd
         if HAS_WEIGHT:
@@ -180,7 +182,7 @@ def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=No
            programs, rows * C, C, x if x is not None else dummy,
            residual if residual is not None else dummy, inner,
            *[t if t is not None else dummy for t in (weight, bias, invstd, scale, shift)],
-           float(eps),
+           *float_pair(eps),
            SHIFTED=x is not None, ADD=residual is not None, CHANNELS_LAST=inner == 1,
            ACC=tl_acc(partials.dtype),
            AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
