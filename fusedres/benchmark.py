@@ -236,12 +236,35 @@ def markdown_table(results) -> str:
     return "\n".join(lines)
 
 
+def _trained_like_norms(model: torch.nn.Module) -> None:
+    """Gives every BN weights, biases and running statistics spread as a trained model's are.
+    A fresh model's (1, 0, 0, 1) make each eval BN an identity that checks no BN arithmetic,
+    and its scale of 1 / sqrt(1 + eps) puts a bfloat16 model's residual sums just below
+    rounding ties: a correctly rounded fused BN + add then rounds them all down, a bias that
+    compounds over the blocks (the unfused path rounds the BN first, to the tie itself)."""
+    g = torch.Generator().manual_seed(1)
+
+    def spread(t, low, high):
+        t.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    spread(m.weight, 0.5, 1.5)
+                    spread(m.bias, -0.2, 0.2)
+                if m.running_mean is not None:
+                    spread(m.running_mean, -0.2, 0.2)
+                    spread(m.running_var, 0.5, 2.0)
+
+
 def check_model(arch="resnet50", device="cpu", dtype=torch.float32, batch=4, size=96,
                 num_classes=1000):
     """fusedres (a converted reference_model) and the unfused reference itself, both against
     the reference in float64: eval output, and output, parameters and running statistics after
     one SGD step. Returns {check: (fusedres error, reference error)}, relative errors."""
     reference = reference_model(arch, device, dtype, True, num_classes)
+    _trained_like_norms(reference)
     fused = fusedres.convert(copy.deepcopy(reference))
     reference64 = copy.deepcopy(reference).double()
     models = (fused, reference, reference64)
