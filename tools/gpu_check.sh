@@ -4,7 +4,8 @@
 # checks, the ResNet-50 check and the benchmark: eager next to the fused backends). Each stage
 # has its own time limit, so one slow stage still leaves the others their turn. Logs, the
 # tests' junit XML included, go to $OUT (default gpu_logs/); the last lines printed summarise.
-#   TEST_S / BENCH_S: seconds for the tests / the benchmark; PROVIDERS: the benchmark's set.
+#   TEST_S / BENCH_S: seconds for the tests / the benchmark; PROVIDERS: the benchmark's set;
+#   WORKERS: pytest-xdist workers (16).
 set -u
 OUT=${OUT:-gpu_logs}
 mkdir -p "$OUT"
@@ -34,11 +35,15 @@ echo "build: $(($(date +%s) - t0)) s"
 
 # Fixed Triton configs (conftest's default): one compile per specialisation, no tuning.
 t0=$(date +%s)
-timeout -k 10 "$TEST_S" $PY -m pytest -m cuda -v -p no:cacheprovider -n 16 --timeout 90 \
+# pytest-xdist and pytest-timeout where installed (the GPU image has both).
+OPTIONAL=""
+$PY -c "import xdist" 2>/dev/null && OPTIONAL="-n ${WORKERS:-16}"
+$PY -c "import pytest_timeout" 2>/dev/null && OPTIONAL="$OPTIONAL --timeout 90"
+timeout -k 10 "$TEST_S" $PY -m pytest -m cuda -v -p no:cacheprovider $OPTIONAL \
     --continue-on-collection-errors -rfE --durations=15 --junitxml="$OUT/junit.xml" \
     >"$OUT/tests.log" 2>&1
 echo "tests: rc=$? in $(($(date +%s) - t0)) s"
-pkill -f "pytest" 2>/dev/null
+pkill -f "pytest -m cuda" 2>/dev/null  # stray xdist workers
 grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sort -u | cut -c1-220 | head -40
 grep -cE "PASSED" "$OUT/tests.log" | sed 's/^/passed lines: /'
 tail -3 "$OUT/tests.log"
