@@ -19,14 +19,15 @@
 //                             triton: kernels/batch_norm_apply.py
 //                             used by: fusedres/functional.py (eval forms of batch_norm_relu,
 //                             batch_norm_add_relu, dual_batch_norm_add_relu)
-// batch_norm_act_train        cpu, cuda: csrc/composite/batch_norm_train.cpp (stats + apply)
+// batch_norm_act_train        cpu, cuda: csrc/batch_norm_train.h (stats + apply), registered
+//                             with each device's statistics (csrc/{cpu,cuda}/batch_norm_stats.*)
 //                             triton: kernels/batch_norm_train.py
 //                             used by: fusedres/functional.py (training batch_norm_relu,
 //                             batch_norm_add_relu)
-// dual_batch_norm_act_train   cpu, cuda: csrc/composite/batch_norm_train.cpp
+// dual_batch_norm_act_train   cpu, cuda: csrc/batch_norm_train.h
 //                             triton: kernels/batch_norm_train.py
 //                             used by: fusedres/functional.py (training dual_batch_norm_add_relu)
-// add_batch_norm_act_train    cpu, cuda: csrc/composite/batch_norm_train.cpp
+// add_batch_norm_act_train    cpu, cuda: csrc/batch_norm_train.h
 //                             triton: kernels/batch_norm_train.py
 //                             used by: fusedres/functional.py (training add_batch_norm_relu:
 //                             the pre-activation ResNet's block-ending add + next BN + ReLU)

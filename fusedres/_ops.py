@@ -141,7 +141,7 @@ def check_affine(t, x, name):
 
 
 def check_train_input(x, name="input"):
-    """csrc/composite/batch_norm_train.cpp: batch statistics need two values a channel."""
+    """csrc/batch_norm_train.h: batch statistics need two values a channel."""
     check_input(x, name)
     torch._check(x.numel() == 0 or x.numel() // x.shape[1] > 1,
                  lambda: f"Expected more than 1 value per channel when training, got {name} size "

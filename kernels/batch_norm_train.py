@@ -1,4 +1,4 @@
-"""Triton: the training-mode fused BN forwards, as csrc/composite/batch_norm_train.cpp: batch
+"""Triton: the training-mode fused BN forwards, as csrc/batch_norm_train.h: batch
 statistics (batch_norm_stats.py), then one normalize (+ residual) (+ ReLU) pass
 (batch_norm_apply.py). Autograd: fusedres/_ops.py."""
 from __future__ import annotations

@@ -5,6 +5,7 @@
 // of the variance that the shifted sums kept (a mean of 3e4 has a float ulp of 0.002).
 // add_batch_norm_stats: the same statistics of input + residual, whose sum each run writes
 // first (rounded to the dtype, as the add would be) and then reads back while it is in cache.
+// Also the training forwards (../batch_norm_train.h) with these statistics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../batch_norm_train.h"
 #include "../channel_stats.h"
 #include "../common.h"
 #include "loops.h"
@@ -150,10 +152,11 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x_, const scalar_
 
 // (../channel_stats.h)
 void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
-                   Tensor& var) {
+                   Tensor& var, Coefficients* coefficients) {
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
+    if (coefficients) coefficients_from(var, *coefficients);
     return;
   }
   const ChannelView v = channel_view(input);
@@ -168,11 +171,15 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
         else
           stats_channels_first(v, x, z, s, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
       });
+  if (coefficients) coefficients_from(var, *coefficients);
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_op<channel_stats>);
   m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
+  m.impl("batch_norm_act_train", &batch_norm_act_train<channel_stats>);
+  m.impl("add_batch_norm_act_train", &add_batch_norm_act_train<channel_stats>);
+  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<channel_stats>);
 }
 
 }  // namespace fusedres::cpu

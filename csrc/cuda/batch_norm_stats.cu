@@ -7,7 +7,8 @@
 // touch a few values per thread, so double arithmetic costs nothing measurable next to the
 // pass over the input.
 // add_batch_norm_stats: the statistics of input + residual, whose sum (rounded to the dtype,
-// as the add would be) the same pass writes.
+// as the add would be) the same pass writes. The training forwards (../batch_norm_train.h)
+// have the merge write the BN coefficients as well: stats, merge, normalize, three kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "../batch_norm_train.h"
 #include "../channel_stats.h"
 #include "utils.cuh"
 
@@ -158,10 +160,29 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
   });
 }
 
+// The merge's epilogue for a training forward: the BN coefficients from the variance it just
+// wrote (../channel_stats.h, Coefficients).
+template <typename acc_t>
+struct CoefficientsEpilogue {
+  const acc_t* weight;  // nullptr: none
+  const acc_t* bias;    // nullptr: none
+  acc_t eps;
+  acc_t* invstd;
+  acc_t* scale;
+  acc_t* shift;
+
+  __device__ void operator()(int64_t c, const acc_t* /*mean*/, const acc_t* var) const {
+    const acc_t is = acc_t(1) / sqrt_rn(load(var + c) + eps);
+    store(invstd + c, is);
+    store(scale + c, weight ? is * load(weight + c) : is);
+    store(shift + c, bias ? load(bias + c) : acc_t(0));
+  }
+};
+
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, scalar_t* sum,
-                  acc_t* mean, acc_t* var, const at::TensorOptions& options, int device,
-                  cudaStream_t stream) {
+                  acc_t* mean, acc_t* var, Coefficients* coefficients,
+                  const at::TensorOptions& options, int device, cudaStream_t stream) {
   Tensor partials;
   int64_t blocks;
   const auto partial_options = options.dtype(at::kDouble);
@@ -183,18 +204,32 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
         x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (coefficients == nullptr) {
+    launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
+                                               v.channels, mean, var, stream);
+    return;
+  }
+  Coefficients& k = *coefficients;
+  const CoefficientsEpilogue<acc_t> epilogue{
+      k.weight.defined() ? k.weight.const_data_ptr<acc_t>() : nullptr,
+      k.bias.defined() ? k.bias.const_data_ptr<acc_t>() : nullptr,
+      static_cast<acc_t>(k.eps),
+      k.invstd.data_ptr<acc_t>(),
+      k.scale.data_ptr<acc_t>(),
+      k.shift.data_ptr<acc_t>()};
   launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
-                                             v.channels, mean, var, stream);
+                                             v.channels, mean, var, stream, epilogue);
 }
 
 }  // namespace
 
 // (../channel_stats.h)
 void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
-                   Tensor& var) {
+                   Tensor& var, Coefficients* coefficients) {
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
+    if (coefficients) coefficients_from(var, *coefficients);
     return;
   }
   const c10::cuda::CUDAGuard guard(input.device());
@@ -210,18 +245,21 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
         constexpr int V = kVec16<scalar_t>;
         if (can_vectorize(v, V) && aligned16(x) && aligned16(z) && aligned16(s))
           launch_stats<scalar_t, acc_t, V>(v, x, z, s, mean.data_ptr<acc_t>(),
-                                           var.data_ptr<acc_t>(), options, input.get_device(),
-                                           stream);
+                                           var.data_ptr<acc_t>(), coefficients, options,
+                                           input.get_device(), stream);
         else
           launch_stats<scalar_t, acc_t, 1>(v, x, z, s, mean.data_ptr<acc_t>(),
-                                           var.data_ptr<acc_t>(), options, input.get_device(),
-                                           stream);
+                                           var.data_ptr<acc_t>(), coefficients, options,
+                                           input.get_device(), stream);
       });
 }
 
 FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_op<channel_stats>);
   m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
+  m.impl("batch_norm_act_train", &batch_norm_act_train<channel_stats>);
+  m.impl("add_batch_norm_act_train", &add_batch_norm_act_train<channel_stats>);
+  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<channel_stats>);
 }
 
 }  // namespace fusedres::cuda

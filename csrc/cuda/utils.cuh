@@ -218,10 +218,18 @@ __device__ void block_merge_all(const acc_t (&state)[K], acc_t* smem, Result&& r
 constexpr int kMergeRows = 32;
 constexpr int kMergeLoads = 4;
 
-template <class Op, int K, typename state_t, typename out_t>
+// What the merge kernel does next with a channel's two outputs, in the thread that wrote
+// them: nothing, or epilogue(c, out0, out1) computes more per-channel values from them (the
+// BN coefficients: batch_norm_stats.cu), so no per-channel ops follow the merge.
+struct NoEpilogue {
+  template <typename out_t>
+  __device__ void operator()(int64_t, const out_t*, const out_t*) const {}
+};
+
+template <class Op, int K, typename state_t, typename out_t, class Epilogue>
 __global__ void __launch_bounds__(32 * kMergeRows)
     merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks, int64_t C,
-                          out_t* __restrict__ out0, out_t* __restrict__ out1) {
+                          out_t* __restrict__ out0, out_t* __restrict__ out1, Epilogue epilogue) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);  // [K][kMergeRows][32]
   state_t* smem = reinterpret_cast<state_t*>(smem_bytes);
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
@@ -249,16 +257,24 @@ __global__ void __launch_bounds__(32 * kMergeRows)
   }
   tree_merge<Op, K, 1>(state, smem, threadIdx.x, 32, threadIdx.y, kMergeRows,
                        [&](int, int k, state_t value) { state[0][k] = value; });
-  if (threadIdx.y == 0 && c < C) Op::finish(state[0], out0 + c, out1 + c);
+  if (threadIdx.y == 0 && c < C) {
+    Op::finish(state[0], out0 + c, out1 + c);
+    epilogue(c, out0, out1);
+  }
 }
 
-template <class Op, int K, typename state_t, typename out_t>
+template <class Op, int K, typename state_t, typename out_t, class Epilogue = NoEpilogue>
 void launch_merge_partials(const state_t* partials, int64_t blocks, int64_t C, out_t* out0,
-                           out_t* out1, cudaStream_t stream) {
+                           out_t* out1, cudaStream_t stream, Epilogue epilogue = {}) {
   const unsigned grid = static_cast<unsigned>(ceil_div(C, 32));
   FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), kMergeRows * 32 * K * sizeof(state_t), stream,
-                  merge_partials_kernel<Op, K, state_t, out_t>)(partials, blocks, C, out0, out1);
+                  merge_partials_kernel<Op, K, state_t, out_t, Epilogue>)(partials, blocks, C, out0,
+                                                                          out1, epilogue);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+// Square roots rounded as IEEE (nvcc's default -prec-sqrt=true; the host's sqrt).
+__device__ __forceinline__ float sqrt_rn(float v) { return sqrtf(v); }
+__device__ __forceinline__ double sqrt_rn(double v) { return sqrt(v); }
 
 }  // namespace fusedres::cuda

@@ -1,0 +1,118 @@
+// Training-mode fused BN forwards, written once for both devices: one statistics pass that
+// also writes the BN coefficients (../channel_stats.h: the device's channel_stats), then one
+// normalize (+ residual) (+ ReLU) pass (the batch_norm_apply op). On a GPU that is three
+// kernels and no per-channel ops between them. The autograd formula lives in
+// fusedres/_ops.py; each device registers these with its own channel_stats.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <tuple>
+
+#include "channel_stats.h"
+#include "common.h"
+
+namespace fusedres {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline at::Tensor call_batch_norm_apply(const at::Tensor& input, const at::Tensor& mean,
+                                        const at::Tensor& scale, const OptTensor& shift,
+                                        const OptTensor& residual, const OptTensor& residual_mean,
+                                        const OptTensor& residual_scale,
+                                        const OptTensor& residual_shift, bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow(FUSEDRES_OP("batch_norm_apply"), "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, const OptTensor&,
+                                         const OptTensor&, const OptTensor&, bool)>();
+  return op.call(input, mean, scale, shift, residual, residual_mean, residual_scale, residual_shift,
+                 relu);
+}
+
+inline void check_train_input(const at::Tensor& input, const char* name) {
+  check_input(input, name);
+  TORCH_CHECK(input.numel() == 0 || input.numel() / input.size(1) > 1,
+              "Expected more than 1 value per channel when training, got ", name, " size ",
+              input.sizes());
+}
+
+// Statistics and coefficients of x (dense), of x + residual with `sum`: (mean, var) and the
+// coefficients, each a fresh tensor (they are an op's outputs; the backward reuses the very
+// coefficients: it recomputes the ReLU mask with them).
+template <StatsKernel stats>
+std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(const at::Tensor& x,
+                                                            const OptTensor& weight,
+                                                            const OptTensor& bias, double eps,
+                                                            const at::Tensor* residual = nullptr,
+                                                            at::Tensor* sum = nullptr) {
+  auto [mean, var] = empty_statistics(x);
+  const auto acc = mean.scalar_type();
+  Coefficients c{weight ? weight->to(acc).contiguous() : at::Tensor(),
+                 bias ? bias->to(acc).contiguous() : at::Tensor(),
+                 eps,
+                 at::empty_like(mean),
+                 at::empty_like(mean),
+                 at::empty_like(mean)};
+  stats(x, residual, sum, mean, var, &c);
+  return {mean, var, c};
+}
+
+template <StatsKernel stats>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& residual, double eps, bool relu) {
+  check_train_input(input, "input");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  if (residual.has_value()) check_same(*residual, input, "residual");
+  const at::Tensor x = dense_for_kernels(input);
+  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps);
+  at::Tensor out = call_batch_norm_apply(x, mean, c.scale, c.shift, residual, std::nullopt,
+                                         std::nullopt, std::nullopt, relu);
+  return {out, mean, var, c.invstd, c.scale, c.shift};
+}
+
+// relu(bn(input + residual)) and the sum: the statistics pass writes the sum, the normalize
+// pass reads it (the sum is also the tensor the backward recomputes the ReLU mask from).
+template <StatsKernel stats>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+add_batch_norm_act_train(const at::Tensor& input, const at::Tensor& residual_,
+                         const OptTensor& weight, const OptTensor& bias, double eps, bool relu) {
+  check_train_input(input, "input");
+  check_same(residual_, input, "residual");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  const at::Tensor x = dense_for_kernels(input);
+  const at::Tensor residual = match_layout(residual_, x);
+  at::Tensor sum = at::empty_like(x);
+  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps, &residual, &sum);
+  at::Tensor out = call_batch_norm_apply(sum, mean, c.scale, c.shift, std::nullopt, std::nullopt,
+                                         std::nullopt, std::nullopt, relu);
+  return {out, sum, mean, var, c.invstd, c.scale, c.shift};
+}
+
+template <StatsKernel stats>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dual_batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                          const at::Tensor& residual, const OptTensor& residual_weight,
+                          const OptTensor& residual_bias, double eps, double residual_eps,
+                          bool relu) {
+  check_train_input(input, "input");
+  check_same(residual, input, "residual");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+  check_affine(residual_weight, input, "residual_weight");
+  check_affine(residual_bias, input, "residual_bias");
+  const at::Tensor x = dense_for_kernels(input);
+  const at::Tensor z = dense_for_kernels(residual);
+  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps);
+  auto [residual_mean, residual_var, r] =
+      statistics<stats>(z, residual_weight, residual_bias, residual_eps);
+  at::Tensor out =
+      call_batch_norm_apply(x, mean, c.scale, c.shift, z, residual_mean, r.scale, r.shift, relu);
+  return {out, mean, var, c.invstd, residual_mean, residual_var, r.invstd};
+}
+
+}  // namespace fusedres
