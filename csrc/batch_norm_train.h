@@ -38,6 +38,16 @@ inline void check_train_input(const at::Tensor& input, const char* name) {
               input.sizes());
 }
 
+// A BN's weight or bias as the kernels read it: in its own dtype when that is float, double,
+// half or bfloat16 (a bfloat16 model's BN costs no casts), else cast to the statistics' dtype.
+inline at::Tensor channel_parameter(const OptTensor& t, at::ScalarType acc) {
+  if (!t) return at::Tensor();
+  const auto type = t->scalar_type();
+  const bool read_as_is =
+      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+  return (read_as_is ? *t : t->to(acc)).contiguous();
+}
+
 // Statistics and coefficients of x (dense), of x + residual with `sum`: (mean, var) and the
 // coefficients, each a fresh tensor (they are an op's outputs; the backward reuses the very
 // coefficients: it recomputes the ReLU mask with them).
@@ -49,12 +59,9 @@ std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(const at::Tensor& x,
                                                             at::Tensor* sum = nullptr) {
   auto [mean, var] = empty_statistics(x);
   const auto acc = mean.scalar_type();
-  Coefficients c{weight ? weight->to(acc).contiguous() : at::Tensor(),
-                 bias ? bias->to(acc).contiguous() : at::Tensor(),
-                 eps,
-                 at::empty_like(mean),
-                 at::empty_like(mean),
-                 at::empty_like(mean)};
+  Coefficients c{
+      channel_parameter(weight, acc), channel_parameter(bias, acc), eps,
+      at::empty_like(mean),           at::empty_like(mean),         at::empty_like(mean)};
   stats(x, residual, sum, mean, var, &c);
   return {mean, var, c};
 }

@@ -19,7 +19,8 @@ namespace fusedres {
 // The BN coefficients a training forward normalises with, which the statistics pass writes
 // too when asked (no per-channel ops after it): invstd = 1 / sqrt(var + eps), scale = weight *
 // invstd (invstd without a weight) and shift = bias (0 without one). weight and bias, if
-// given, and the three outputs are dense vectors of C values in the statistics' dtype.
+// given, are dense vectors of C values in float, double, half or bfloat16; the three outputs
+// too, in the statistics' dtype.
 struct Coefficients {
   at::Tensor weight, bias;  // undefined: none
   double eps;

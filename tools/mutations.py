@@ -309,7 +309,7 @@ CATALOG = [
              "const acc_t is = acc_t(1) / sqrt_rn(load(var + c));", OPS),
     Mutation("cuda-train-shift-ignores-bias", "csrc/cuda/batch_norm_stats.cu",
              "the merge's epilogue writes a shift of 0 whatever the bias",
-             "store(shift + c, bias ? load(bias + c) : acc_t(0));",
+             "store(shift + c, bias.get(c, acc_t(0)));",
              "store(shift + c, acc_t(0));", OPS),
     Mutation("cuda-chan-merge-weight", "csrc/cuda/batch_norm_stats.cu",
              "Chan merge of block partials: the between-means term lacks the count",

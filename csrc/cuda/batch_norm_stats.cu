@@ -160,12 +160,37 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
   });
 }
 
+// A BN's weight or bias, read in its own dtype (float, double, half or bfloat16).
+struct ChannelParam {
+  const void* data;  // nullptr: none
+  at::ScalarType type;
+
+  template <typename acc_t>
+  __device__ acc_t get(int64_t c, acc_t absent) const {
+    if (data == nullptr) return absent;
+    switch (type) {
+      case at::kDouble:
+        return static_cast<acc_t>(load(static_cast<const double*>(data) + c));
+      case at::kHalf:
+        return static_cast<acc_t>(static_cast<float>(load(static_cast<const at::Half*>(data) + c)));
+      case at::kBFloat16:
+        return static_cast<acc_t>(
+            static_cast<float>(load(static_cast<const at::BFloat16*>(data) + c)));
+      default:
+        return static_cast<acc_t>(load(static_cast<const float*>(data) + c));
+    }
+  }
+};
+
+inline ChannelParam channel_param(const Tensor& t) {
+  return {t.defined() ? t.const_data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat};
+}
+
 // The merge's epilogue for a training forward: the BN coefficients from the variance it just
 // wrote (../channel_stats.h, Coefficients).
 template <typename acc_t>
 struct CoefficientsEpilogue {
-  const acc_t* weight;  // nullptr: none
-  const acc_t* bias;    // nullptr: none
+  ChannelParam weight, bias;
   acc_t eps;
   acc_t* invstd;
   acc_t* scale;
@@ -174,8 +199,8 @@ struct CoefficientsEpilogue {
   __device__ void operator()(int64_t c, const acc_t* /*mean*/, const acc_t* var) const {
     const acc_t is = acc_t(1) / sqrt_rn(load(var + c) + eps);
     store(invstd + c, is);
-    store(scale + c, weight ? is * load(weight + c) : is);
-    store(shift + c, bias ? load(bias + c) : acc_t(0));
+    store(scale + c, is * weight.get(c, acc_t(1)));
+    store(shift + c, bias.get(c, acc_t(0)));
   }
 };
 
@@ -210,13 +235,9 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
     return;
   }
   Coefficients& k = *coefficients;
-  const CoefficientsEpilogue<acc_t> epilogue{
-      k.weight.defined() ? k.weight.const_data_ptr<acc_t>() : nullptr,
-      k.bias.defined() ? k.bias.const_data_ptr<acc_t>() : nullptr,
-      static_cast<acc_t>(k.eps),
-      k.invstd.data_ptr<acc_t>(),
-      k.scale.data_ptr<acc_t>(),
-      k.shift.data_ptr<acc_t>()};
+  const CoefficientsEpilogue<acc_t> epilogue{channel_param(k.weight),   channel_param(k.bias),
+                                             static_cast<acc_t>(k.eps), k.invstd.data_ptr<acc_t>(),
+                                             k.scale.data_ptr<acc_t>(), k.shift.data_ptr<acc_t>()};
   launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
                                              v.channels, mean, var, stream, epilogue);
 }
