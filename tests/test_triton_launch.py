@@ -468,9 +468,10 @@ def test_tuning_persists_across_processes(tuning):
 def test_float_pair_carries_a_double_through_float32_arguments(value):
     """A compiled kernel gets a Python float argument as float32 (the interpreter passes the
     double, so only a GPU shows the loss): eps goes as two float32 values whose float64 sum is
-    the double, as a float64 batch norm needs it. On an H100, eps=1e-3 passed as one float32
-    (4.7e-11 off) moved tests/test_preact.py's float64 models on triton-cuda 1.4e-10 / 4e-10
-    from the reference (1e-10 allowed): the shift in invstd of a channel of variance ~0.1."""
+    the double, as a float64 batch norm needs it. On an H100, tests/test_preact.py's float64
+    models on triton-cuda missed the reference by 1.4e-10 / 4e-10 (1e-10 allowed) with
+    eps=1e-3 passed as one float32, 4.7e-11 off: about the shift that makes in the invstd of
+    a channel of variance ~0.1 (not re-run on a GPU since)."""
     import numpy as np
 
     hi, lo = _common.float_pair(value)
