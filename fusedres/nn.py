@@ -103,13 +103,16 @@ def _tracing_for_a_graph() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or _fx_symbolic_tracing()
 
 
-def _fx_symbolic_tracing() -> bool:
-    """torch.fx.symbolic_trace is running (not torch.compile / torch.export, which set the
-    same flag). Newer torch has a function for it; older torch keeps a module-level flag."""
-    fx = torch.fx._symbolic_trace
-    if hasattr(fx, "is_fx_symbolic_tracing"):
-        return fx.is_fx_symbolic_tracing()
-    return getattr(fx, "_is_fx_tracing_flag", False) and not torch.compiler.is_compiling()
+def _fx_flag_tracing() -> bool:
+    """Older torch's module-level flag (newer torch: is_fx_symbolic_tracing, the same test)."""
+    return (getattr(torch.fx._symbolic_trace, "_is_fx_tracing_flag", False)
+            and not torch.compiler.is_compiling())
+
+
+# torch.fx.symbolic_trace is running (not torch.compile / torch.export, which set the same
+# flag); chosen once here, as it is asked on every block's forward.
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing",
+                               _fx_flag_tracing)
 
 
 def is_batch_norm(norm: nn.Module) -> bool:
