@@ -1,14 +1,18 @@
 // Training-mode fused BN forwards, written once for both devices: one statistics pass that
 // also writes the BN coefficients (../channel_stats.h: the device's channel_stats), then one
 // normalize (+ residual) (+ ReLU) pass (the batch_norm_apply op). On a GPU that is three
-// kernels and no per-channel ops between them. The autograd formula lives in
+// kernels and no per-channel ops between or after them: the statistics' merge also writes
+// the coefficients and updates the running statistics. The autograd formula lives in
 // fusedres/_ops.py; each device registers these with its own channel_stats.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "channel_stats.h"
 #include "common.h"
@@ -38,30 +42,33 @@ inline void check_train_input(const at::Tensor& input, const char* name) {
               input.sizes());
 }
 
-// A BN's weight or bias as the kernels read it: in its own dtype when that is float, double,
-// half or bfloat16 (a bfloat16 model's BN costs no casts), else cast to the statistics' dtype.
-inline at::Tensor channel_parameter(const OptTensor& t, at::ScalarType acc) {
-  if (!t) return at::Tensor();
-  const auto type = t->scalar_type();
-  const bool read_as_is =
-      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-  return (read_as_is ? *t : t->to(acc)).contiguous();
+// nn.BatchNorm2d's running statistics as the op's arguments give them (checked), for the
+// statistics pass to update (../channel_stats.h, RunningStats).
+inline RunningStats running_stats(const at::Tensor& input, const OptTensor& running_mean,
+                                  const OptTensor& running_var, const OptTensor& counter,
+                                  std::optional<double> momentum, const std::string& prefix = "") {
+  check_running_stats(running_mean, running_var, counter, momentum, input, prefix);
+  return {running_mean.value_or(at::Tensor()), running_var.value_or(at::Tensor()),
+          counter.value_or(at::Tensor()), momentum,
+          input.numel() == 0 ? 0 : input.numel() / input.size(1)};
 }
 
 // Statistics and coefficients of x (dense), of x + residual with `sum`: (mean, var) and the
 // coefficients, each a fresh tensor (they are an op's outputs; the backward reuses the very
-// coefficients: it recomputes the ReLU mask with them).
+// coefficients: it recomputes the ReLU mask with them). The running statistics are updated.
 template <StatsKernel stats>
-std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(const at::Tensor& x,
-                                                            const OptTensor& weight,
-                                                            const OptTensor& bias, double eps,
-                                                            const at::Tensor* residual = nullptr,
-                                                            at::Tensor* sum = nullptr) {
+std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps,
+    RunningStats running, const at::Tensor* residual = nullptr, at::Tensor* sum = nullptr) {
   auto [mean, var] = empty_statistics(x);
   const auto acc = mean.scalar_type();
-  Coefficients c{
-      channel_parameter(weight, acc), channel_parameter(bias, acc), eps,
-      at::empty_like(mean),           at::empty_like(mean),         at::empty_like(mean)};
+  Coefficients c{channel_parameter(weight, acc),
+                 channel_parameter(bias, acc),
+                 eps,
+                 at::empty_like(mean),
+                 at::empty_like(mean),
+                 at::empty_like(mean),
+                 std::move(running)};
   stats(x, residual, sum, mean, var, &c);
   return {mean, var, c};
 }
@@ -69,13 +76,17 @@ std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(const at::Tensor& x,
 template <StatsKernel stats>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                     const OptTensor& residual, double eps, bool relu) {
+                     const OptTensor& residual, double eps, bool relu,
+                     const OptTensor& running_mean, const OptTensor& running_var,
+                     const OptTensor& num_batches_tracked, std::optional<double> momentum) {
   check_train_input(input, "input");
   check_affine(weight, input, "weight");
   check_affine(bias, input, "bias");
   if (residual.has_value()) check_same(*residual, input, "residual");
+  RunningStats running =
+      running_stats(input, running_mean, running_var, num_batches_tracked, momentum);
   const at::Tensor x = dense_for_kernels(input);
-  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps);
+  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps, std::move(running));
   at::Tensor out = call_batch_norm_apply(x, mean, c.scale, c.shift, residual, std::nullopt,
                                          std::nullopt, std::nullopt, relu);
   return {out, mean, var, c.invstd, c.scale, c.shift};
@@ -86,15 +97,20 @@ batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const Opt
 template <StatsKernel stats>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 add_batch_norm_act_train(const at::Tensor& input, const at::Tensor& residual_,
-                         const OptTensor& weight, const OptTensor& bias, double eps, bool relu) {
+                         const OptTensor& weight, const OptTensor& bias, double eps, bool relu,
+                         const OptTensor& running_mean, const OptTensor& running_var,
+                         const OptTensor& num_batches_tracked, std::optional<double> momentum) {
   check_train_input(input, "input");
   check_same(residual_, input, "residual");
   check_affine(weight, input, "weight");
   check_affine(bias, input, "bias");
+  RunningStats running =
+      running_stats(input, running_mean, running_var, num_batches_tracked, momentum);
   const at::Tensor x = dense_for_kernels(input);
   const at::Tensor residual = match_layout(residual_, x);
   at::Tensor sum = at::empty_like(x);
-  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps, &residual, &sum);
+  auto [mean, var, c] =
+      statistics<stats>(x, weight, bias, eps, std::move(running), &residual, &sum);
   at::Tensor out = call_batch_norm_apply(sum, mean, c.scale, c.shift, std::nullopt, std::nullopt,
                                          std::nullopt, std::nullopt, relu);
   return {out, sum, mean, var, c.invstd, c.scale, c.shift};
@@ -105,18 +121,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 dual_batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& residual, const OptTensor& residual_weight,
                           const OptTensor& residual_bias, double eps, double residual_eps,
-                          bool relu) {
+                          bool relu, const OptTensor& running_mean, const OptTensor& running_var,
+                          const OptTensor& num_batches_tracked, std::optional<double> momentum,
+                          const OptTensor& residual_running_mean,
+                          const OptTensor& residual_running_var,
+                          const OptTensor& residual_num_batches_tracked,
+                          std::optional<double> residual_momentum) {
   check_train_input(input, "input");
   check_same(residual, input, "residual");
   check_affine(weight, input, "weight");
   check_affine(bias, input, "bias");
   check_affine(residual_weight, input, "residual_weight");
   check_affine(residual_bias, input, "residual_bias");
+  RunningStats running =
+      running_stats(input, running_mean, running_var, num_batches_tracked, momentum);
+  RunningStats residual_running =
+      running_stats(input, residual_running_mean, residual_running_var,
+                    residual_num_batches_tracked, residual_momentum, "residual_");
   const at::Tensor x = dense_for_kernels(input);
   const at::Tensor z = dense_for_kernels(residual);
-  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps);
-  auto [residual_mean, residual_var, r] =
-      statistics<stats>(z, residual_weight, residual_bias, residual_eps);
+  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps, std::move(running));
+  auto [residual_mean, residual_var, r] = statistics<stats>(
+      z, residual_weight, residual_bias, residual_eps, std::move(residual_running));
   at::Tensor out =
       call_batch_norm_apply(x, mean, c.scale, c.shift, z, residual_mean, r.scale, r.shift, relu);
   return {out, mean, var, c.invstd, residual_mean, residual_var, r.invstd};

@@ -10,7 +10,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 
@@ -21,10 +23,24 @@ namespace fusedres {
 // invstd (invstd without a weight) and shift = bias (0 without one). weight and bias, if
 // given, are dense vectors of C values in float, double, half or bfloat16; the three outputs
 // too, in the statistics' dtype.
+//
+// running: nn.BatchNorm2d's running statistics, which the same merge updates in place: the
+// counter (num_batches_tracked) counts the batch, factor = momentum or, without one,
+// 1 / counter; running_mean += factor * (mean - running_mean) and running_var += factor *
+// (var * M / (M - 1) - running_var), M values a channel, each buffer in its own dtype. An
+// empty input is counted but leaves the statistics as they are.
+struct RunningStats {
+  at::Tensor mean, var;  // undefined: none
+  at::Tensor counter;    // one int64; undefined: none
+  std::optional<double> momentum;
+  int64_t count = 0;  // M
+};
+
 struct Coefficients {
   at::Tensor weight, bias;  // undefined: none
   double eps;
   at::Tensor invstd, scale, shift;
+  RunningStats running;
 };
 
 // residual and sum: both nullptr, or both given. coefficients: nullptr, or also written.
@@ -37,9 +53,9 @@ void channel_stats(const at::Tensor& input, const at::Tensor* residual, at::Tens
                    at::Tensor& mean, at::Tensor& var, Coefficients* coefficients);
 }
 
-// The coefficients from var with ATen ops: the CPU's way (per-channel ops cost next to
-// nothing there) and either device's for an empty input.
-inline void coefficients_from(const at::Tensor& var, Coefficients& c) {
+// The coefficients (and the running statistics) from mean and var with ATen ops: the CPU's way
+// (per-channel ops cost next to nothing there) and either device's for an empty input.
+inline void coefficients_from(const at::Tensor& mean, const at::Tensor& var, Coefficients& c) {
   const at::Tensor invstd = var.add(c.eps).rsqrt();
   c.invstd.copy_(invstd);
   c.scale.copy_(c.weight.defined() ? invstd.mul(c.weight) : invstd);
@@ -47,6 +63,16 @@ inline void coefficients_from(const at::Tensor& var, Coefficients& c) {
     c.shift.copy_(c.bias);
   else
     c.shift.zero_();
+  const RunningStats& r = c.running;
+  if (r.counter.defined()) r.counter.add_(1);
+  if (!r.mean.defined() || r.count == 0) return;
+  const auto acc = var.scalar_type();
+  const at::Tensor unbiased = var.mul(static_cast<double>(r.count) / (r.count - 1));
+  for (auto [running, batch] : {std::pair{r.mean, mean}, std::pair{r.var, unbiased}}) {
+    const at::Tensor value = running.to(acc);
+    running.copy_(r.momentum ? value.lerp(batch, *r.momentum)
+                             : value.lerp(batch, r.counter.to(acc).reciprocal().reshape({})));
+  }
 }
 
 using StatsKernel = void (*)(const at::Tensor&, const at::Tensor*, at::Tensor*, at::Tensor&,

@@ -3,11 +3,14 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
 #include <c10/util/strides.h>
 
 #include <optional>
+#include <string>
+#include <tuple>
 
 #include "library.h"
 
@@ -103,10 +106,61 @@ inline void check_affine(const std::optional<at::Tensor>& t, const at::Tensor& i
               " but input is on ", input.device());
 }
 
+// nn.BatchNorm2d's running statistics, which a training forward updates in place: both or
+// neither of running_mean / running_var (C values, floating, on input's device), the batch
+// counter num_batches_tracked (one int64 on input's device), and momentum None (a cumulative
+// average) only with the counter. prefix: "" or "residual_" (the dual form's second BN).
+inline void check_running_stats(const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var,
+                                const std::optional<at::Tensor>& counter,
+                                std::optional<double> momentum, const at::Tensor& input,
+                                const std::string& prefix) {
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "fusedres: ", prefix,
+              "running_mean and ", prefix, "running_var must both be given or both be None");
+  check_affine(running_mean, input, (prefix + "running_mean").c_str());
+  check_affine(running_var, input, (prefix + "running_var").c_str());
+  if (counter) {
+    TORCH_CHECK(counter->numel() == 1, "fusedres: ", prefix,
+                "num_batches_tracked must have one element (a counter), got shape ",
+                counter->sizes());
+    TORCH_CHECK(counter->scalar_type() == at::kLong, "fusedres: ", prefix,
+                "num_batches_tracked must be Long, got ", counter->scalar_type());
+    TORCH_CHECK(counter->device() == input.device(), "fusedres: ", prefix,
+                "num_batches_tracked is on ", counter->device(), " but input is on ",
+                input.device());
+  }
+  TORCH_CHECK(momentum || !running_mean || counter, "fusedres: ", prefix,
+              "momentum=None (a cumulative average) needs ", prefix, "num_batches_tracked");
+}
+
 // Statistics and per-channel parameters of the kernels are kept in this type: float for
 // half / bfloat16 / float inputs, double for double inputs.
 inline at::ScalarType accumulate_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A BN's weight or bias as the kernels read it: in its own dtype when that is float, double,
+// half or bfloat16 (a bfloat16 model's BN costs no casts), else cast to the statistics' dtype.
+inline at::Tensor channel_parameter(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  if (!t) return at::Tensor();
+  const auto type = t->scalar_type();
+  const bool read_as_is =
+      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+  return (read_as_is ? *t : t->to(acc)).contiguous();
+}
+
+// The parameters' gradients of batch_norm_backward_reduce: a floating dtype, or none.
+inline void check_grad_dtype(std::optional<at::ScalarType> grad_dtype) {
+  TORCH_CHECK(!grad_dtype || at::isFloatingType(*grad_dtype),
+              "fusedres: grad_dtype must be a floating point type, got ", *grad_dtype);
+}
+
+// grad_weight and grad_bias of batch_norm_backward_reduce: empty without grad_dtype.
+inline std::tuple<at::Tensor, at::Tensor> empty_parameter_grads(
+    const at::Tensor& sums, std::optional<at::ScalarType> grad_dtype) {
+  const auto options = sums.options().dtype(grad_dtype.value_or(sums.scalar_type()));
+  const int64_t n = grad_dtype ? sums.size(0) : 0;
+  return {at::empty({n}, options), at::empty({n}, options)};
 }
 
 // Arguments of batch_norm_apply, checked before any kernel runs.

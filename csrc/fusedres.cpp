@@ -95,16 +95,26 @@ FUSEDRES_LIBRARY_DEF(m) {
   // pass. Returns the output, the batch mean and biased variance, and the coefficients the
   // normalize pass used, for the backward: invstd = 1 / sqrt(var + eps), scale = weight *
   // invstd, shift = bias (0 without one), all float (double for double inputs).
+  // Running statistics, where given, are updated in place as nn.BatchNorm2d updates its own:
+  // num_batches_tracked += 1; factor = momentum, or 1 / num_batches_tracked when momentum is
+  // None; running_mean += factor * (mean - running_mean), running_var += factor * (var * M /
+  // (M - 1) - running_var), M values a channel. An empty input is counted, nothing else.
   m.def(
       "batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
-      "float eps, bool relu) -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, "
-      "Tensor scale, Tensor shift)");
+      "float eps, bool relu, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+      "Tensor(c!)? num_batches_tracked=None, float? momentum=0.1) -> (Tensor out, Tensor mean, "
+      "Tensor var, Tensor invstd, Tensor scale, Tensor shift)");
 
   // Training forward of relu(bn1(input) + bn2(residual)): a projection shortcut. Returns the
-  // output and each BN's batch mean, biased variance and invstd = 1 / sqrt(var + eps).
+  // output and each BN's batch mean, biased variance and invstd = 1 / sqrt(var + eps). Each
+  // BN's running statistics as batch_norm_act_train's (residual_*: the second BN's).
   m.def(
       "dual_batch_norm_act_train(Tensor input, Tensor? weight, Tensor? bias, Tensor residual, "
-      "Tensor? residual_weight, Tensor? residual_bias, float eps, float residual_eps, bool relu)"
+      "Tensor? residual_weight, Tensor? residual_bias, float eps, float residual_eps, bool relu, "
+      "Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+      "Tensor(c!)? num_batches_tracked=None, float? momentum=0.1, "
+      "Tensor(d!)? residual_running_mean=None, Tensor(e!)? residual_running_var=None, "
+      "Tensor(f!)? residual_num_batches_tracked=None, float? residual_momentum=0.1)"
       " -> (Tensor out, Tensor mean, Tensor var, Tensor invstd, Tensor residual_mean, "
       "Tensor residual_var, Tensor residual_invstd)");
 
@@ -112,10 +122,12 @@ FUSEDRES_LIBRARY_DEF(m) {
   // pre-activation block's output, which the next shortcut reads): sum, then the statistics
   // and the coefficients of batch_norm_act_train, for sum. Backward: the gradient of sum is
   // the one it gets directly plus the BN + ReLU's; input and residual both receive it.
+  // Running statistics as batch_norm_act_train's.
   m.def(
       "add_batch_norm_act_train(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, "
-      "float eps, bool relu) -> (Tensor out, Tensor sum, Tensor mean, Tensor var, "
-      "Tensor invstd, Tensor scale, Tensor shift)");
+      "float eps, bool relu, Tensor(a!)? running_mean=None, Tensor(b!)? running_var=None, "
+      "Tensor(c!)? num_batches_tracked=None, float? momentum=0.1) -> (Tensor out, Tensor sum, "
+      "Tensor mean, Tensor var, Tensor invstd, Tensor scale, Tensor shift)");
 
   // Backward of training BN. g = grad_out, masked by the forward's ReLU: where output > 0 when
   // output is given; or, with scale instead, where the forward's output is > 0 as recomputed
@@ -123,11 +135,14 @@ FUSEDRES_LIBRARY_DEF(m) {
   // so that the output is not read. Returns sum(g) and sum(g * xhat) per channel, i.e.
   // grad_bias and grad_weight, and with write_grad g itself in grad_out's dtype and input's
   // layout, written by the same pass (the gradient of a residual added before the ReLU, which
-  // batch_norm_backward_input then reads unmasked); without it an empty tensor.
+  // batch_norm_backward_input then reads unmasked); without it an empty tensor. With
+  // grad_dtype also grad_weight = sum_dy_xhat and grad_bias = sum_dy in that dtype (a
+  // bfloat16 model's parameter gradients, written by the same merge); else empty tensors.
   m.def(
       "batch_norm_backward_reduce(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
-      "Tensor invstd, bool write_grad=False, Tensor? scale=None, Tensor? shift=None) -> "
-      "(Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad)");
+      "Tensor invstd, bool write_grad=False, Tensor? scale=None, Tensor? shift=None, "
+      "ScalarType? grad_dtype=None) -> (Tensor sum_dy, Tensor sum_dy_xhat, Tensor masked_grad, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // grad_input = weight * invstd * (g - sum_dy / M - xhat * sum_dy_xhat / M), M values a channel,
   // plus extra_grad where given (a gradient the input also receives, e.g. the sum's own in
   // add_batch_norm_act_train's backward), added before the result is rounded to its dtype.

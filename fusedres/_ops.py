@@ -140,6 +140,30 @@ def check_affine(t, x, name):
                  lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
 
 
+def check_running_stats(running_mean, running_var, counter, momentum, x, prefix=""):
+    """nn.BatchNorm2d's running statistics, which a training forward updates in place: both or
+    neither of running_mean / running_var (C floating values on input's device), the counter
+    num_batches_tracked (one int64 on input's device), momentum None only with the counter."""
+    torch._check((running_mean is None) == (running_var is None),
+                 lambda: f"fusedres: {prefix}running_mean and {prefix}running_var must both be "
+                         "given or both be None")
+    check_affine(running_mean, x, prefix + "running_mean")
+    check_affine(running_var, x, prefix + "running_var")
+    if counter is not None:
+        torch._check(counter.numel() == 1,
+                     lambda: f"fusedres: {prefix}num_batches_tracked must have one element "
+                             f"(a counter), got shape {_sizes(counter.shape)}")
+        torch._check(counter.dtype == torch.int64,
+                     lambda: f"fusedres: {prefix}num_batches_tracked must be Long, got "
+                             f"{_dtype_name(counter.dtype)}")
+        torch._check(counter.device == x.device,
+                     lambda: f"fusedres: {prefix}num_batches_tracked is on {counter.device} but "
+                             f"input is on {x.device}")
+    torch._check(momentum is not None or running_mean is None or counter is not None,
+                 lambda: f"fusedres: {prefix}momentum=None (a cumulative average) needs "
+                         f"{prefix}num_batches_tracked")
+
+
 def check_train_input(x, name="input"):
     """csrc/batch_norm_train.h: batch statistics need two values a channel."""
     check_input(x, name)
@@ -265,7 +289,7 @@ def _affine_grads(ops, g, x, mean, scale, need):
         channels = x.shape[1]
         center = mean if mean is not None else x.new_zeros(channels, dtype=acc)
         # sum(g) and sum(g * (x - mean)): the reduce kernel with invstd 1.
-        sum_g, sum_gx, _ = ops.batch_norm_backward_reduce(
+        sum_g, sum_gx, *_ = ops.batch_norm_backward_reduce(
             g, None, x, center, x.new_ones(channels, dtype=acc))
         if need[1]:
             dmean = -sum_g if scale is None else -sum_g * scale
@@ -289,26 +313,39 @@ def _backward_apply(ctx, grad):
 # ---- batch_norm_act_train ----------------------------------------------------------------
 
 
-def check_batch_norm_act_train(input, weight, bias, residual, eps, relu):
+def check_batch_norm_act_train(input, weight, bias, residual, eps, relu, running_mean=None,
+                               running_var=None, num_batches_tracked=None, momentum=0.1):
     check_train_input(input)
     check_affine(weight, input, "weight")
     check_affine(bias, input, "bias")
     if residual is not None:
         check_same(residual, input, "residual")
+    check_running_stats(running_mean, running_var, num_batches_tracked, momentum, input)
 
 
-def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu):
+def _fake_batch_norm_act_train(input, weight, bias, residual, eps, relu, *_running):
     return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(5))
 
 
-def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input,
+def _grad_dtype(weight, bias, acc):
+    """The dtype the reduce writes the parameters' gradients in besides its float sums (a
+    bfloat16 model's): None when that is the sums' own (no cast follows either way)."""
+    params = [t.dtype for t in (weight, bias) if t is not None]
+    return params[0] if params and params[0] != acc else None
+
+
+def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, bias, needs_input,
                     write_grad=False, mask_coefficients=(None, None), extra_grad=None):
-    """Training BN backward: (grad_input or None, grad_weight, grad_bias in float, and with
-    write_grad the masked gradient, written by the reduce pass). The ReLU mask: from the
-    output masked_by, or recomputed from input with mask_coefficients = (scale, shift).
-    extra_grad: added to grad_input by the same pass."""
-    sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
-        g, masked_by, input, mean, invstd, write_grad, *mask_coefficients)
+    """Training BN backward: (grad_input or None, grad_weight, grad_bias in the parameters'
+    dtype where the reduce could write them so (else float: _cast), and with write_grad the
+    masked gradient, written by the reduce pass). The ReLU mask: from the output masked_by,
+    or recomputed from input with mask_coefficients = (scale, shift). extra_grad: added to
+    grad_input by the same pass."""
+    grad_dtype = _grad_dtype(weight, bias, mean.dtype)
+    sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
+        g, masked_by, input, mean, invstd, write_grad, *mask_coefficients, grad_dtype)
+    if grad_dtype is None:
+        grad_weight, grad_bias = sum_dy_xhat, sum_dy
     if write_grad:  # the input's gradient reads the masked gradient: no second mask
         g, masked_by, mask_coefficients = masked_grad, None, (None, None)
     grad_input = None
@@ -316,11 +353,11 @@ def _bn_train_grads(ops, g, masked_by, input, mean, invstd, weight, needs_input,
         grad_input = ops.batch_norm_backward_input(
             g, masked_by, input, mean, invstd, weight, sum_dy, sum_dy_xhat, *mask_coefficients,
             extra_grad)
-    return grad_input, sum_dy_xhat, sum_dy, masked_grad if write_grad else None
+    return grad_input, grad_weight, grad_bias, masked_grad if write_grad else None
 
 
 def _setup_train(ctx, inputs, output):
-    input, weight, bias, residual, eps, relu = inputs
+    input, weight, bias, residual, eps, relu = inputs[:6]
     out, mean, var, invstd, scale, shift = output
     ctx.relu = relu
     ctx.has_residual = residual is not None
@@ -335,15 +372,15 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad, *_grad_stats):
     if grad is None:  # (grads are not materialised: nothing reached the output)
-        return (None,) * 6
+        return (None,) * 10
     input, weight, bias, out, mean, invstd, scale, shift = ctx.saved_tensors
     need = ctx.needs_input_grad
     # With a residual before the ReLU, the residual's gradient is the masked gradient: the
     # reduce pass writes it (one write instead of a threshold_backward pass).
     write_grad = ctx.has_residual and ctx.relu
     grad_input, grad_weight, grad_bias, masked_grad = _bn_train_grads(
-        ctx.ops, grad, out, input, mean, invstd, weight, need[0], write_grad, (scale, shift)
-    )
+        ctx.ops, grad, out, input, mean, invstd, weight, bias, need[0], write_grad,
+        (scale, shift))
     grad_residual = None
     if ctx.has_residual and need[3]:
         grad_residual = masked_grad if write_grad else grad
@@ -352,28 +389,28 @@ def _backward_train(ctx, grad, *_grad_stats):
         _cast(grad_weight, weight) if need[1] else None,
         _cast(grad_bias, bias) if need[2] else None,
         grad_residual,
-        None,
-        None,
-    )
+    ) + (None,) * 6  # eps, relu, the running statistics
 
 
 # ---- add_batch_norm_act_train ------------------------------------------------------------
 
 
-def check_add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+def check_add_batch_norm_act_train(input, residual, weight, bias, eps, relu, running_mean=None,
+                                   running_var=None, num_batches_tracked=None, momentum=0.1):
     check_train_input(input)
     check_same(residual, input, "residual")
     check_affine(weight, input, "weight")
     check_affine(bias, input, "bias")
+    check_running_stats(running_mean, running_var, num_batches_tracked, momentum, input)
 
 
-def _fake_add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+def _fake_add_batch_norm_act_train(input, residual, weight, bias, eps, relu, *_running):
     return ((empty_like_kernel_output(input), empty_like_kernel_output(input))
             + tuple(channel_vector(input) for _ in range(5)))
 
 
 def _setup_add_train(ctx, inputs, output):
-    input, residual, weight, bias, eps, relu = inputs
+    input, residual, weight, bias, eps, relu = inputs[:6]
     out, total, mean, var, invstd, scale, shift = output
     ctx.mark_non_differentiable(mean, var, invstd, scale, shift)
     ctx.set_materialize_grads(False)  # (the sum's gradient is often absent)
@@ -390,37 +427,42 @@ def _backward_add_train(ctx, grad, grad_sum, *_grad_stats):
     grad_total, grad_weight, grad_bias = grad_sum, None, None
     if grad is not None:
         grad_total, grad_weight, grad_bias, _ = _bn_train_grads(
-            ctx.ops, grad, None, total, mean, invstd, weight, need[0] or need[1],
+            ctx.ops, grad, None, total, mean, invstd, weight, bias, need[0] or need[1],
             mask_coefficients=(scale, shift), extra_grad=grad_sum)
     return (
         grad_total if need[0] else None,
         grad_total if need[1] else None,
         _cast(grad_weight, weight) if need[2] else None,
         _cast(grad_bias, bias) if need[3] else None,
-        None,
-        None,
-    )
+    ) + (None,) * 6  # eps, relu, the running statistics
 
 
 # ---- dual_batch_norm_act_train -----------------------------------------------------------
 
 
 def check_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
-                                    residual_bias, eps, residual_eps, relu):
+                                    residual_bias, eps, residual_eps, relu, running_mean=None,
+                                    running_var=None, num_batches_tracked=None, momentum=0.1,
+                                    residual_running_mean=None, residual_running_var=None,
+                                    residual_num_batches_tracked=None, residual_momentum=0.1):
     check_train_input(input)
     check_same(residual, input, "residual")
     for t, name in [(weight, "weight"), (bias, "bias"), (residual_weight, "residual_weight"),
                     (residual_bias, "residual_bias")]:
         check_affine(t, input, name)
+    check_running_stats(running_mean, running_var, num_batches_tracked, momentum, input)
+    check_running_stats(residual_running_mean, residual_running_var,
+                        residual_num_batches_tracked, residual_momentum, input, "residual_")
 
 
 def _fake_dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
-                                    residual_bias, eps, residual_eps, relu):
+                                    residual_bias, eps, residual_eps, relu, *_running):
     return (empty_like_kernel_output(input),) + tuple(channel_vector(input) for _ in range(6))
 
 
 def _setup_dual(ctx, inputs, output):
-    input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps, relu = inputs
+    (input, weight, bias, residual, residual_weight, residual_bias, eps, residual_eps,
+     relu) = inputs[:9]
     out, mean, var, invstd, residual_mean, residual_var, residual_invstd = output
     ctx.relu = relu
     ctx.mark_non_differentiable(mean, var, invstd, residual_mean, residual_var, residual_invstd)
@@ -433,18 +475,18 @@ def _setup_dual(ctx, inputs, output):
 
 def _backward_dual(ctx, grad, *_grad_stats):
     if grad is None:  # (grads are not materialised: nothing reached the output)
-        return (None,) * 9
+        return (None,) * 17
     (input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
      residual_mean, residual_invstd, out) = ctx.saved_tensors
     need = ctx.needs_input_grad
     # The first reduce applies the ReLU mask and writes the masked gradient, which the other
     # three passes read.
-    gi, gw, gb, g = _bn_train_grads(ctx.ops, grad, out, input, mean, invstd, weight, need[0],
-                                    write_grad=ctx.relu)
+    gi, gw, gb, g = _bn_train_grads(ctx.ops, grad, out, input, mean, invstd, weight, bias,
+                                    need[0], write_grad=ctx.relu)
     g = grad if g is None else g
     gr, grw, grb, _ = _bn_train_grads(
-        ctx.ops, g, None, residual, residual_mean, residual_invstd, residual_weight, need[3]
-    )
+        ctx.ops, g, None, residual, residual_mean, residual_invstd, residual_weight,
+        residual_bias, need[3])
     return (
         gi,
         _cast(gw, weight) if need[1] else None,
@@ -452,17 +494,14 @@ def _backward_dual(ctx, grad, *_grad_stats):
         gr,
         _cast(grw, residual_weight) if need[4] else None,
         _cast(grb, residual_bias) if need[5] else None,
-        None,
-        None,
-        None,
-    )
+    ) + (None,) * 11  # eps, residual_eps, relu, both BNs' running statistics
 
 
 # ---- batch_norm_backward_reduce ----------------------------------------------------------
 
 
 def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
-                                     scale=None, shift=None):
+                                     scale=None, shift=None, grad_dtype=None):
     check_input(input)
     check_same(grad_out, input, "grad_out")
     if output is not None:
@@ -478,12 +517,17 @@ def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, writ
         check_channel_vector(scale, input, acc, "scale")
     if shift is not None:
         check_channel_vector(shift, input, acc, "shift")
+    torch._check(grad_dtype is None or grad_dtype.is_floating_point,
+                 lambda: f"fusedres: grad_dtype must be a floating point type, got "
+                         f"{_dtype_name(grad_dtype)}")
 
 
 def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
-                                     scale=None, shift=None):
+                                     scale=None, shift=None, grad_dtype=None):
     masked_grad = empty_like_kernel_output(input) if write_grad else input.new_empty(0)
-    return torch.empty_like(mean), torch.empty_like(mean), masked_grad
+    grads = [mean.new_empty(mean.shape[0] if grad_dtype is not None else 0,
+                            dtype=grad_dtype or mean.dtype) for _ in range(2)]
+    return torch.empty_like(mean), torch.empty_like(mean), masked_grad, *grads
 
 
 # ---- batch_norm_backward_input -----------------------------------------------------------
@@ -697,6 +741,67 @@ def check(name: str, *args) -> None:
     OPS[name].check(*args)
 
 
+_LIBRARIES: dict = {}  # namespace -> the torch.library.Library of our own registrations
+
+
+def _register_mutating_autograd(namespace: str, name: str, setup, backward) -> None:
+    """torch.library.register_autograd for an op that also updates buffers in place (the
+    training BNs' running statistics), which torch.library refuses for every mutating op: the
+    same autograd.Function around the op below autograd, and, as for torch.library.custom_op's
+    mutating ops, an ADInplaceOrView kernel that bumps the buffers' versions. The buffers are
+    not differentiated (the kernel refuses one that requires grad)."""
+    overload = getattr(getattr(torch.ops, namespace), name).default
+    schema = overload._schema
+    mutated = [i for i, a in enumerate(schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    defaults = [a.default_value for a in schema.arguments]
+    lib = _LIBRARIES.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
+
+    def below(keyset, after, args):
+        return overload.redispatch(keyset & after, *args)
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args_and_keyset):
+            *args, keyset = args_and_keyset
+            with torch._C._AutoDispatchBelowAutograd():
+                output = below(keyset, torch._C._after_autograd_keyset, args)
+            setup(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            need = ctx.needs_input_grad
+            ctx.needs_input_grad = need[:-1]
+            try:
+                return tuple(backward(ctx, *grads)) + (None,)
+            finally:
+                ctx.needs_input_grad = need
+
+    def autograd_kernel(keyset, *args):
+        args = args + tuple(defaults[len(args):])  # (the dispatcher drops trailing defaults)
+        for i in mutated:
+            if args[i] is not None and args[i].requires_grad:
+                raise RuntimeError(f"fusedres: {namespace}::{name} updates "
+                                   f"{schema.arguments[i].name} in place; it must not require "
+                                   "grad")
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                           for a in args):
+            return Function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return below(keyset, torch._C._after_autograd_keyset, args)
+
+    def inplace_or_view_kernel(keyset, *args):
+        for i in mutated:
+            if i < len(args) and args[i] is not None:
+                torch.autograd.graph.increment_version(args[i])
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return below(keyset, torch._C._after_ADInplaceOrView_keyset, args)
+
+    lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    lib.impl(name, inplace_or_view_kernel, "ADInplaceOrView", with_keyset=True)
+
+
 def register(namespace: str) -> None:
     """Registers the fake kernel (contract first) and autograd of every op of `namespace`."""
     ops = getattr(torch.ops, namespace)
@@ -718,5 +823,8 @@ def register(namespace: str) -> None:
             ctx.ops = ops  # the backward kernels of the same namespace
             setup(ctx, inputs, output)
 
-        torch.library.register_autograd(f"{namespace}::{name}", op.backward,
-                                        setup_context=setup_context)
+        if getattr(ops, name).default._schema.is_mutable:
+            _register_mutating_autograd(namespace, name, setup_context, op.backward)
+        else:
+            torch.library.register_autograd(f"{namespace}::{name}", op.backward,
+                                            setup_context=setup_context)

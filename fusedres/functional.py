@@ -196,6 +196,20 @@ def _update_running_stats(running_mean, running_var, mean, var, count, factor):
             torch._foreach_lerp_([running_mean, running_var], batch, factor)
 
 
+def _op_running_stats(input, running_mean, running_var, num_batches_tracked, momentum):
+    """The running statistics as the training ops take them, to update in their statistics
+    pass (no ops of their own), or None where a counter is not one int64 on input's device
+    (nn.BatchNorm2d's always is): _momentum_factor and _update_running_stats then do it."""
+    if num_batches_tracked is not None and (num_batches_tracked.dtype != torch.int64
+                                            or num_batches_tracked.device != input.device):
+        return None
+    return (running_mean, running_var, num_batches_tracked,
+            None if momentum is None else float(momentum))
+
+
+_NO_RUNNING_STATS = (None, None, None, 0.1)
+
+
 def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):
     """Eval BN as out = (x - mean) * scale + shift, in float (double for double inputs)."""
     acc = accumulate_dtype(input.dtype)
@@ -212,8 +226,11 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
         _check_like(residual, input, "residual")
     _check_bn_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                    num_batches_tracked)
-    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
     backend = _backend.resolve(input.device)
+    running = _op_running_stats(input, running_mean, running_var, num_batches_tracked,
+                                momentum) if training and backend != "reference" else None
+    if running is None:
+        factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
     if backend == "reference":
         return reference.batch_norm_act(input, residual, running_mean, running_var, weight,
                                         bias, training, factor, eps, relu)
@@ -224,9 +241,10 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
         return _call(ops.batch_norm_apply, input, mean, scale, shift, residual, None, None, None,
                      relu)
     out, mean, var, *_ = ops.batch_norm_act_train(
-        input, weight, bias, residual, float(eps), relu)
-    count = input.numel() // input.shape[1] if input.numel() else 0
-    _update_running_stats(running_mean, running_var, mean, var, count, factor)
+        input, weight, bias, residual, float(eps), relu, *(running or _NO_RUNNING_STATS))
+    if running is None:
+        count = input.numel() // input.shape[1] if input.numel() else 0
+        _update_running_stats(running_mean, running_var, mean, var, count, factor)
     return out
 
 
@@ -309,10 +327,18 @@ def dual_batch_norm_add_relu(
     _check_bn_args(residual, residual_running_mean, residual_running_var, residual_weight,
                    residual_bias, training, residual_momentum, residual_eps,
                    residual_num_batches_tracked, prefix="residual_")
-    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
-    residual_factor = _momentum_factor(training, residual_momentum, residual_num_batches_tracked,
-                                       residual_running_mean)
     backend = _backend.resolve(input.device)
+    fused_training = training and backend != "reference"
+    running = _op_running_stats(input, running_mean, running_var, num_batches_tracked,
+                                momentum) if fused_training else None
+    residual_running = _op_running_stats(
+        residual, residual_running_mean, residual_running_var, residual_num_batches_tracked,
+        residual_momentum) if fused_training else None
+    if running is None:
+        factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
+    if residual_running is None:
+        residual_factor = _momentum_factor(training, residual_momentum,
+                                           residual_num_batches_tracked, residual_running_mean)
     if backend == "reference":
         bn_residual = reference.batch_norm(residual, residual_running_mean, residual_running_var,
                                            residual_weight, residual_bias, training,
@@ -329,11 +355,15 @@ def dual_batch_norm_add_relu(
                      *residual_coefficients, relu)
     out, mean, var, _, residual_mean, residual_var, _ = _fused_ops(
         backend).dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,
-                                           residual_bias, float(eps), float(residual_eps), relu)
+                                           residual_bias, float(eps), float(residual_eps), relu,
+                                           *(running or _NO_RUNNING_STATS),
+                                           *(residual_running or _NO_RUNNING_STATS))
     count = input.numel() // input.shape[1] if input.numel() else 0
-    _update_running_stats(running_mean, running_var, mean, var, count, factor)
-    _update_running_stats(residual_running_mean, residual_running_var, residual_mean,
-                          residual_var, count, residual_factor)
+    if running is None:
+        _update_running_stats(running_mean, running_var, mean, var, count, factor)
+    if residual_running is None:
+        _update_running_stats(residual_running_mean, residual_running_var, residual_mean,
+                              residual_var, count, residual_factor)
     return out
 
 
@@ -368,11 +398,14 @@ def add_batch_norm_relu(
         total = input + residual
         return total, _batch_norm_act(total, None, running_mean, running_var, weight, bias,
                                       training, momentum, eps, relu, num_batches_tracked)
-    factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
+    running = _op_running_stats(input, running_mean, running_var, num_batches_tracked, momentum)
+    if running is None:
+        factor = _momentum_factor(training, momentum, num_batches_tracked, running_mean)
     out, total, mean, var, *_ = _fused_ops(backend).add_batch_norm_act_train(
-        input, residual, weight, bias, float(eps), relu)
-    count = input.numel() // input.shape[1] if input.numel() else 0
-    _update_running_stats(running_mean, running_var, mean, var, count, factor)
+        input, residual, weight, bias, float(eps), relu, *(running or _NO_RUNNING_STATS))
+    if running is None:
+        count = input.numel() // input.shape[1] if input.numel() else 0
+        _update_running_stats(running_mean, running_var, mean, var, count, factor)
     return total, out
 
 

@@ -133,10 +133,31 @@ def train_coefficients(var, weight, bias, eps):
     return invstd, scale, shift
 
 
-def batch_norm_act_train(input, weight, bias, residual, eps, relu):
+def update_running_stats(running_mean, running_var, counter, momentum, mean, var, count):
+    """nn.BatchNorm2d's update, as the training ops make it (csrc/channel_stats.h,
+    RunningStats): the counter counts the batch; factor = momentum or 1 / counter; the running
+    statistics move by factor towards mean and the unbiased variance (not for an empty batch)."""
+    with torch.no_grad():
+        if counter is not None:
+            counter.add_(1)
+        if running_mean is None or count == 0:
+            return
+        factor = momentum if momentum is not None else 1.0 / counter.item()
+        for running, batch in ((running_mean, mean), (running_var, var * count / (count - 1))):
+            running.copy_(torch.lerp(running.to(batch.dtype), batch, factor))
+
+
+def _values_per_channel(input):
+    return input.numel() // input.shape[1] if input.numel() else 0
+
+
+def batch_norm_act_train(input, weight, bias, residual, eps, relu, running_mean=None,
+                         running_var=None, num_batches_tracked=None, momentum=0.1):
     mean, var = batch_norm_stats(input)
     invstd, scale, shift = train_coefficients(var, weight, bias, eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, None, None, None, relu)
+    update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                         _values_per_channel(input))
     return out, mean, var, invstd, scale, shift
 
 
@@ -145,16 +166,25 @@ def add_batch_norm_stats(input, residual):
     return (total, *batch_norm_stats(total))
 
 
-def add_batch_norm_act_train(input, residual, weight, bias, eps, relu):
+def add_batch_norm_act_train(input, residual, weight, bias, eps, relu, *running):
     total = input + residual
-    out, *statistics = batch_norm_act_train(total, weight, bias, None, eps, relu)
+    out, *statistics = batch_norm_act_train(total, weight, bias, None, eps, relu, *running)
     return (out, total, *statistics)
 
 
 def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, residual_bias, eps,
-                              residual_eps, relu):
+                              residual_eps, relu, running_mean=None, running_var=None,
+                              num_batches_tracked=None, momentum=0.1, residual_running_mean=None,
+                              residual_running_var=None, residual_num_batches_tracked=None,
+                              residual_momentum=0.1):
     mean, var = batch_norm_stats(input)
     residual_mean, residual_var = batch_norm_stats(residual)
+    count = _values_per_channel(input)
+    update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var,
+                         count)
+    update_running_stats(residual_running_mean, residual_running_var,
+                         residual_num_batches_tracked, residual_momentum, residual_mean,
+                         residual_var, count)
     scale, shift = scale_shift(var, weight, bias, eps)
     r_scale, r_shift = scale_shift(residual_var, residual_weight, residual_bias, residual_eps)
     out = batch_norm_apply(input, mean, scale, shift, residual, residual_mean, r_scale, r_shift,
@@ -173,13 +203,17 @@ def _masked(grad_out, output, input, mean, scale, shift):
 
 
 def batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
-                               scale=None, shift=None):
+                               scale=None, shift=None, grad_dtype=None):
     """(sum(g), sum(g * xhat), g or an empty tensor) per channel, g masked by the forward's
-    ReLU (output > 0 from output, or from the output recomputed with scale and shift)."""
+    ReLU (output > 0 from output, or from the output recomputed with scale and shift); then
+    with grad_dtype the last two again in that dtype (grad_weight, grad_bias), else empty."""
     g = _masked(grad_out, output, input, mean, scale, shift)
     xhat = (input.to(g.dtype) - _column(mean, input)) * _column(invstd, input)
     masked_grad = g.to(input.dtype) if write_grad else input.new_empty(0)
-    return g.sum(_dims(input)), (g * xhat).sum(_dims(input)), masked_grad
+    sum_dy, sum_dy_xhat = g.sum(_dims(input)), (g * xhat).sum(_dims(input))
+    grads = ((sum_dy_xhat.to(grad_dtype), sum_dy.to(grad_dtype)) if grad_dtype is not None
+             else (sum_dy.new_empty(0), sum_dy.new_empty(0)))
+    return sum_dy, sum_dy_xhat, masked_grad, *grads
 
 
 def batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,

@@ -87,7 +87,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
         # With a residual before the ReLU, the reduce pass also writes the masked gradient
         # (the residual's), which the input pass then reads unmasked.
         write_grad = ctx.has_residual and ctx.relu
-        sum_dy, sum_dy_xhat, masked_grad = ops.batch_norm_backward_reduce(
+        sum_dy, sum_dy_xhat, masked_grad, *_ = ops.batch_norm_backward_reduce(
             grad, out, input, mean, invstd, write_grad, scale, shift)
         g = grad
         if write_grad:

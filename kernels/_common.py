@@ -51,12 +51,14 @@ cost_counter = None
 interpreted_sm_count = None
 
 
-def autotuned(configs, key, fixed, interpreted, prune=None):
+def autotuned(configs, key, fixed, interpreted, prune=None, restore=None):
     """triton.autotune over `configs`, results kept on disk; `prune(configs, named_args)`
-    drops the configs that cannot run on the arguments' device."""
+    drops the configs that cannot run on the arguments' device; `restore`: the arguments a
+    kernel changes in place beyond what it writes afresh (a counter), which the autotuner's
+    trial runs must leave as they were."""
     def wrap(fn):
         kernel = triton.autotune(
-            configs=configs, key=key, cache_results=True,
+            configs=configs, key=key, cache_results=True, restore_value=restore,
             prune_configs_by={"early_config_prune": prune} if prune is not None else None)(fn)
         kernel.fixed_config = fixed
         kernel.interpreter_config = interpreted

@@ -92,10 +92,12 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
 
 
 @triton.jit
-def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, programs, C,
-                         ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
+                         grad_bias_ptr, programs, C, ACC: tl.constexpr, GRADS: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sums the partial rows, BLOCK_P at a time as a tree (tl.sum): a serial sum over
-    hundreds of rows is a chain of dependent loads and adds per channel."""
+    hundreds of rows is a chain of dependent loads and adds per channel. GRADS: also writes
+    the sums as the parameters' gradients, in their pointers' dtype."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     sum_g = tl.zeros([BLOCK_C], ACC)
@@ -109,6 +111,10 @@ def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, prog
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_g, mask=col_ok)
     tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
+    if GRADS:
+        tl.store(grad_bias_ptr + cols, sum_g.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(grad_weight_ptr + cols, (sum_gx * invstd).to(grad_weight_ptr.dtype.element_ty),
+                 mask=col_ok)
 
 
 @triton.jit
@@ -173,17 +179,23 @@ def _mask_args(y, scale, shift, dy):
 def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Tensor],
                                input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                                write_grad: bool = False, scale: Optional[torch.Tensor] = None,
-                               shift: Optional[torch.Tensor] = None
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               shift: Optional[torch.Tensor] = None,
+                               grad_dtype: Optional[torch.dtype] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
     check("batch_norm_backward_reduce", grad_out, output, input, mean, invstd, write_grad, scale,
-          shift)
+          shift, grad_dtype)
     dy, y, x = _prepare(grad_out, output, input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
     masked_grad = torch.empty_like(x) if write_grad else x.new_empty(0)
+    grad_weight, grad_bias = (torch.empty(C if grad_dtype is not None else 0,
+                                          dtype=grad_dtype or acc, device=x.device)
+                              for _ in range(2))
     if x.numel() == 0:
         return (torch.zeros(C, dtype=acc, device=x.device),
-                torch.zeros(C, dtype=acc, device=x.device), masked_grad)
+                torch.zeros(C, dtype=acc, device=x.device), masked_grad, grad_weight.zero_(),
+                grad_bias.zero_())
     sum_dy = torch.empty(C, dtype=acc, device=x.device)
     sum_dy_xhat = torch.empty(C, dtype=acc, device=x.device)
     programs, rows_per_program = row_split(rows, C, x.device)
@@ -193,10 +205,11 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
            x.device, dy, y, x, mean.contiguous(), scale, shift, partials,
            masked_grad if write_grad else dy, rows, C, inner, rows_per_program, **mask,
            WRITE_GRAD=write_grad, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+    grads = (grad_weight, grad_bias) if grad_dtype is not None else (sum_dy, sum_dy)
     launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd.contiguous(),
-           sum_dy, sum_dy_xhat, programs, C, ACC=tl_acc(x.dtype), BLOCK_P=MERGE_ROWS,
-           BLOCK_C=32)
-    return sum_dy, sum_dy_xhat, masked_grad
+           sum_dy, sum_dy_xhat, *grads, programs, C, ACC=tl_acc(x.dtype),
+           GRADS=grad_dtype is not None, BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+    return sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_backward_input", mutates_args=())

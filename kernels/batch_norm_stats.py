@@ -48,16 +48,21 @@ def load_values(x_ptr, z_ptr, offsets, mask, ADD: tl.constexpr, ACC: tl.constexp
     return x
 
 
-@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED, restore=["counter_ptr"])
 @triton.jit
-def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, rows, C, inner, rows_per_program,
-                          ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, rows, C, inner,
+                          rows_per_program, ADD: tl.constexpr, COUNT: tl.constexpr,
+                          CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # ADD: the statistics of x + z, which this kernel writes to sum.
+    # ADD: the statistics of x + z, which this kernel writes to sum. COUNT: one program adds
+    # the batch to the counter (num_batches_tracked), which the merge after it reads.
     # grid: (channel blocks, row programs); the channel blocks, up to C / 8, on the x axis
     # (2**31 - 1), the few row programs on y (65535).
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_r = tl.program_id(1).to(tl.int64)
+    if COUNT:
+        if (tl.program_id(0) == 0) & (pid_r == 0):
+            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
@@ -120,17 +125,32 @@ MERGE_ROWS = 64
 
 
 @triton.jit
+def lerp_to(ptr, cols, col_ok, target, weight, ACC: tl.constexpr):
+    """ptr[cols] (a running statistic, in its own dtype) moved by `weight` towards target,
+    as torch.lerp computes it (two forms, exact at weight 0 and 1)."""
+    v = tl.load(ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    out = tl.where(weight < 0.5, v + weight * (target - v), target - (target - v) * (1.0 - weight))
+    tl.store(ptr + cols, out.to(ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, z_ptr, inner,
-                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, eps_hi, eps_lo,
+                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr,
+                        running_mean_ptr, running_var_ptr, counter_ptr, eps_hi, eps_lo,
+                        momentum_hi, momentum_lo, bessel_hi, bessel_lo,
                         SHIFTED: tl.constexpr, ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                         ACC: tl.constexpr,
                         AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
     apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
     first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
     1 / sqrt(var + eps), scale = weight * invstd and shift = bias (0 without one), so no
-    per-channel torch ops follow. eps = eps_hi + eps_lo (float_pair: exact in float64)."""
+    per-channel torch ops follow. eps = eps_hi + eps_lo (float_pair: exact in float64), as
+    the momentum and bessel = M / (M - 1). RUNNING: updates the running statistics as
+    nn.BatchNorm2d: factor = momentum, or with CUMULATIVE 1 / the counter (which the partial
+    kernel has counted the batch in)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -164,28 +184,43 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
         if HAS_BIAS:
             shift = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC)
         tl.store(shift_ptr + cols, shift, mask=col_ok)
+    if RUNNING:
+        factor = tl.zeros([BLOCK_C], ACC)  # (in ACC: the pair's halves add up in float64)
+        if CUMULATIVE:
+            factor += 1.0 / tl.load(counter_ptr).to(ACC)
+        else:
+            factor += momentum_hi
+            factor += momentum_lo
+        lerp_to(running_mean_ptr, cols, col_ok, mean, factor, ACC)
+        unbiased = var * bessel_hi + var * bessel_lo
+        lerp_to(running_var_ptr, cols, col_ok, unbiased, factor, ACC)
 
 
-def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=None):
+def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=None,
+                running=None):
     """(mean, var) from the [3][rows][C] partials of x's statistics (x: the tensor whose first
     values shifted them, or None if unshifted; with residual, x + residual's), written into
     `out` if given; with affine = (weight, bias, eps) also (invstd, scale, shift) as
-    batch_norm_act_train returns them. One launch."""
+    batch_norm_act_train returns them; with running = (running_mean, running_var, counter,
+    momentum, count) also updates those (RunningStats of csrc/channel_stats.h). One launch."""
     _, rows, C = partials.shape
     mean, var = out if out is not None else (
         torch.empty(C, dtype=partials.dtype, device=partials.device) for _ in range(2))
     weight, bias, eps = affine if affine is not None else (None, None, 0.0)
     invstd, scale, shift = (torch.empty_like(mean) for _ in range(3)) if affine is not None \
         else (None, None, None)
+    running_mean, running_var, counter, momentum, count = running or (None, None, None, 0.0, 2)
     dummy = partials  # stands in for absent pointers; never read
     launch(_stats_merge_kernel, (triton.cdiv(C, 32),), partials.device, partials, mean, var,
            programs, rows * C, C, x if x is not None else dummy,
            residual if residual is not None else dummy, inner,
-           *[t if t is not None else dummy for t in (weight, bias, invstd, scale, shift)],
-           *float_pair(eps),
+           *[t if t is not None else dummy
+             for t in (weight, bias, invstd, scale, shift, running_mean, running_var, counter)],
+           *float_pair(eps), *float_pair(momentum or 0.0), *float_pair(count / (count - 1)),
            SHIFTED=x is not None, ADD=residual is not None, CHANNELS_LAST=inner == 1,
            ACC=tl_acc(partials.dtype),
            AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+           RUNNING=running_mean is not None, CUMULATIVE=momentum is None,
            BLOCK_P=MERGE_ROWS, BLOCK_C=32)
     return (mean, var) if affine is None else (mean, var, invstd, scale, shift)
 
@@ -203,10 +238,13 @@ def add_batch_norm_stats(input: torch.Tensor, residual: torch.Tensor
     return channel_stats(input, residual=residual)
 
 
-def channel_stats(input: torch.Tensor, affine=None, residual=None):
+def channel_stats(input: torch.Tensor, affine=None, residual=None, running=None):
     """The launches of batch_norm_stats, on arguments already checked (the training ops):
     (mean, var), and with affine = (weight, bias, eps) also the BN's (invstd, scale, shift).
-    With residual: the statistics of input + residual, and the sum first: (sum, mean, ...)."""
+    With residual: the statistics of input + residual, and the sum first: (sum, mean, ...).
+    running = (running_mean, running_var, counter, momentum) (each but momentum may be None):
+    nn.BatchNorm2d's running statistics, updated (the training ops' RunningStats)."""
+    running_mean, running_var, counter, momentum = running or (None, None, None, 0.1)
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
@@ -217,12 +255,18 @@ def channel_stats(input: torch.Tensor, affine=None, residual=None):
                                                                             device=x.device)
         statistics = (mean, var) if affine is None else (
             mean, var, *train_coefficients(var, *affine))
+        if counter is not None:  # an empty batch is counted, and changes nothing else
+            counter.add_(1)
     else:
         programs, rows_per_program = row_split(rows, C, x.device)
         partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
         launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
                x.device, x, z if z is not None else x, total if total is not None else x,
-               partials, rows, C, inner, rows_per_program, ADD=z is not None,
+               partials, counter if counter is not None else partials, rows, C, inner,
+               rows_per_program, ADD=z is not None, COUNT=counter is not None,
                CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
-        statistics = merge_stats(partials, programs, x, inner, affine, residual=z)
+        statistics = merge_stats(
+            partials, programs, x, inner, affine, residual=z,
+            running=(running_mean, running_var, counter, momentum, rows)
+            if running_mean is not None else None)
     return statistics if residual is None else (total, *statistics)

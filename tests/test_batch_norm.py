@@ -79,12 +79,26 @@ def test_forward_matches_reference(target, layout, dtype, kind, relu, training):
 @pytest.mark.parametrize("relu", [True, False])
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_matches_reference(target, layout, dtype, kind, relu, training):
+    check_backward(target, layout, dtype, kind, relu, training, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["none", "add", "dual"])
+def test_low_precision_parameter_gradients(target, dtype, kind):
+    """A model cast to float16 / bfloat16 (its BN parameters too): the parameters' gradients
+    come back in that dtype (the reduce's merge writes them so), within its rounding of the
+    float64 reference."""
+    check_backward(target, "channels_last", dtype, kind, True, True, dtype)
+
+
+def check_backward(target, layout, dtype, kind, relu, training, param_dtype):
     device = use(target)
     C = SHAPE[1]
     x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5, requires_grad=True)
     residual = make(SHAPE, dtype, device, layout, requires_grad=True) if kind != "none" else None
-    params = bn_params(C, torch.float32, device, requires_grad=True)
-    residual_params = bn_params(C, torch.float32, device, True) if kind == "dual" else None
+    params = bn_params(C, param_dtype, device, requires_grad=True)
+    residual_params = bn_params(C, param_dtype, device, True) if kind == "dual" else None
     grad = make(SHAPE, dtype, device, layout)
 
     out = run_fused(kind, x, residual, params, residual_params, training, 0.1, 1e-5, relu)
@@ -178,14 +192,20 @@ def test_empty_batch(target, training, layout):
 @pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("kind", ["none", "add", "dual"])
-def test_running_stats_match_batchnorm2d(target, momentum, kind):
-    """Several steps against nn.BatchNorm2d modules, num_batches_tracked included."""
+@pytest.mark.parametrize("counter", ["int64", "float32"])
+def test_running_stats_match_batchnorm2d(target, momentum, kind, counter):
+    """Several steps against nn.BatchNorm2d modules, num_batches_tracked included. The ops
+    update the statistics of an int64 counter (nn.BatchNorm2d's) in their own kernels; with
+    any other counter the functional API's glue does it."""
     device = use(target)
     C = 5
     bn = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
     bn_res = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
-    mine = {k: v.clone() for k, v in bn.state_dict().items()}
-    mine_res = {k: v.clone() for k, v in bn_res.state_dict().items()}
+    dtype = {"int64": torch.int64, "float32": torch.float32}[counter]
+    mine = {k: v.clone().to(dtype) if k == "num_batches_tracked" else v.clone()
+            for k, v in bn.state_dict().items()}
+    mine_res = {k: v.clone().to(dtype) if k == "num_batches_tracked" else v.clone()
+                for k, v in bn_res.state_dict().items()}
     for step in range(4):
         x = make((3, C, 4, 4), torch.float32, device, scale=step + 1.0, offset=step)
         z = make((3, C, 4, 4), torch.float32, device, scale=2.0, offset=-step)

@@ -87,10 +87,11 @@ def test_add_bn_relu_moves_its_floor(target):
         torch.autograd.grad((out, total), (x, z, w, b), grads)
     for c, passes in ((forward, 5), (backward, 6)):
         moved = c.read_bytes + c.write_bytes  # (the glue's too: an unfused add would show)
-        # The partials of the statistics / sums: written by the first kernel, read by the merge.
+        # The partials of the statistics / sums: written by the first kernel, read by the merge
+        # (which also reads and writes per-channel vectors: the running statistics, ...).
         partials = sum(2 * launch.read_bytes + launch.write_bytes for launch in c.launches
                        if "merge" in launch.kernel)
-        assert passes * tensor <= moved - partials <= passes * tensor * 1.02, (
+        assert passes * tensor * 0.98 <= moved - partials <= passes * tensor * 1.02, (
             passes, moved / tensor, partials / tensor)
     assert len(forward.launches) == 3 and len(backward.launches) == 3  # (+ glue: c.aten)
 
@@ -232,21 +233,29 @@ def test_counts_repeat_exactly(target):
 
 @pytest.mark.parametrize("target", BOTH)
 def test_glue_ops_are_listed(target):
-    """The ATen ops of a training forward besides its kernels: num_batches_tracked += 1 and the
-    running statistics' update are there (each a launch on a GPU); the allocations, views and
-    the interpreter's copies of the kernels' arguments are not."""
+    """The ATen ops of a training forward besides its kernels. With nn.BatchNorm2d's buffers
+    there are none: the statistics kernel counts the batch and the merge updates the running
+    statistics, three launches in all. With a counter the ops do not take (a float one), the
+    functional API's glue: num_batches_tracked += 1 and the update of both running statistics,
+    each a launch on a GPU, listed; the allocations, views and the interpreter's copies of the
+    kernels' arguments are not."""
     use(target)
     x = make((2, 16, 4, 4), torch.float32, "cpu", "channels_last")
-    running_mean, running_var, tracked = torch.zeros(16), torch.ones(16), torch.tensor(0)
-    with _cost.count() as c:
-        FF.batch_norm_relu(x, running_mean, running_var, training=True,
-                           num_batches_tracked=tracked)
-    names = [op.name for op in c.aten]
-    assert names[0] == "aten::add_" and c.aten[0].shapes[0] == []  # the batch counter
-    assert names.count("aten::_foreach_lerp_") == 1  # both running statistics, one launch
-    assert all(not name.startswith(("aten::empty", "aten::view", "aten::as_strided"))
-               for name in names)
-    assert c.total_launches == len(c.launches) + len(c.aten)
+    for tracked in (torch.tensor(0), torch.tensor(0.0)):
+        running_mean, running_var = torch.zeros(16), torch.ones(16)
+        with _cost.count() as c:
+            FF.batch_norm_relu(x, running_mean, running_var, training=True,
+                               num_batches_tracked=tracked)
+        names = [op.name for op in c.aten]
+        assert tracked.item() == 1
+        if tracked.dtype == torch.int64:
+            assert names == [] and c.total_launches == 3
+            continue
+        assert names[0] == "aten::add_" and c.aten[0].shapes[0] == []  # the batch counter
+        assert names.count("aten::_foreach_lerp_") == 1  # both running statistics, one launch
+        assert all(not name.startswith(("aten::empty", "aten::view", "aten::as_strided"))
+                   for name in names)
+        assert c.total_launches == len(c.launches) + len(c.aten)
 
 
 @pytest.mark.parametrize("target", BOTH)

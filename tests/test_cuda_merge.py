@@ -64,8 +64,9 @@ def test_backward_sums_from_hundreds_of_partials(dtype, shape, layout, masked):
     y = make(shape, dtype, "cpu", layout) if masked else None
     var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     invstd = (var + 1e-5).rsqrt()
-    (sum_dy, sum_dy_xhat, masked_grad), blocks = run_h100(
-        lambda: ops().batch_norm_backward_reduce(g, y, x, mean.float(), invstd.float(), True))
+    (sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias), blocks = run_h100(
+        lambda: ops().batch_norm_backward_reduce(g, y, x, mean.float(), invstd.float(), True,
+                                                 grad_dtype=torch.bfloat16))
     assert blocks > 128 and blocks % 128 != 0, blocks
     gd = g.double() if y is None else torch.where(y.double() > 0, g.double(), 0.0)
     assert torch.equal(masked_grad, gd.to(dtype))  # written by every block's threads
@@ -73,9 +74,13 @@ def test_backward_sums_from_hundreds_of_partials(dtype, shape, layout, masked):
         1, -1, 1, 1)
     assert_close(sum_dy, gd.sum((0, 2, 3)), torch.float32)
     assert_close(sum_dy_xhat, (gd * xhat).sum((0, 2, 3)), torch.float32)
-    (sum_dy2, sum_dy_xhat2, _), _ = run_h100(
+    # a bfloat16 model's parameter gradients: the same sums, rounded by the merge
+    assert torch.equal(grad_weight, sum_dy_xhat.bfloat16())
+    assert torch.equal(grad_bias, sum_dy.bfloat16())
+    (sum_dy2, sum_dy_xhat2, _, *no_grads), _ = run_h100(
         lambda: ops().batch_norm_backward_reduce(g, y, x, mean.float(), invstd.float()))
     assert torch.equal(sum_dy, sum_dy2) and torch.equal(sum_dy_xhat, sum_dy_xhat2)
+    assert [t.numel() for t in no_grads] == [0, 0]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

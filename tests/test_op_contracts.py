@@ -65,16 +65,22 @@ def call_of(name, defaults):
 apply = call_of("batch_norm_apply", lambda: dict(
     input=x(), mean=vec(), scale=vec(), shift=vec(), residual=x(), residual_mean=None,
     residual_scale=None, residual_shift=None, relu=True))
+NO_RUNNING = dict(running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1)
 train = call_of("batch_norm_act_train", lambda: dict(
-    input=x(), weight=vec(), bias=vec(), residual=None, eps=1e-5, relu=True))
+    input=x(), weight=vec(), bias=vec(), residual=None, eps=1e-5, relu=True, **NO_RUNNING))
 dual = call_of("dual_batch_norm_act_train", lambda: dict(
     input=x(), weight=vec(), bias=vec(), residual=x(), residual_weight=vec(), residual_bias=vec(),
-    eps=1e-5, residual_eps=1e-3, relu=True))
+    eps=1e-5, residual_eps=1e-3, relu=True, **NO_RUNNING,
+    **{f"residual_{k}": v for k, v in NO_RUNNING.items()}))
 add_train = call_of("add_batch_norm_act_train", lambda: dict(
-    input=x(), residual=x(), weight=vec(), bias=vec(), eps=1e-5, relu=True))
+    input=x(), residual=x(), weight=vec(), bias=vec(), eps=1e-5, relu=True, **NO_RUNNING))
+
+
+def counter(shape=(), dtype=torch.int64, device="cpu"):
+    return torch.zeros(shape, dtype=dtype, device=device)
 reduce = call_of("batch_norm_backward_reduce", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), write_grad=False, scale=None,
-    shift=None))
+    shift=None, grad_dtype=None))
 grad_input = call_of("batch_norm_backward_input", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), sum_dy=vec(),
     sum_dy_xhat=vec(), scale=None, shift=None, extra_grad=None))
@@ -127,6 +133,28 @@ CASES = [
      "fusedres: residual_weight must have shape (4,), got [2]"),
     ("dual-residual-bias-device", dual(residual_bias=meta_vec()),
      "fusedres: residual_bias is on meta but input is on cpu"),
+    ("train-running-var-missing", train(running_mean=vec()),
+     "fusedres: running_mean and running_var must both be given or both be None"),
+    ("train-running-mean-length", train(running_mean=vec(3), running_var=vec()),
+     "fusedres: running_mean must have shape (4,), got [3]"),
+    ("train-counter-shape", train(num_batches_tracked=counter((2,))),
+     "fusedres: num_batches_tracked must have one element (a counter), got shape [2]"),
+    ("train-counter-dtype", train(num_batches_tracked=counter(dtype=F32)),
+     "fusedres: num_batches_tracked must be Long, got Float"),
+    ("train-counter-device", train(num_batches_tracked=counter(device="meta")),
+     "fusedres: num_batches_tracked is on meta but input is on cpu"),
+    ("train-cumulative-without-counter", train(running_mean=vec(), running_var=vec(),
+                                               momentum=None),
+     "fusedres: momentum=None (a cumulative average) needs num_batches_tracked"),
+    ("add-train-running-var-int", add_train(running_mean=vec(),
+                                            running_var=torch.ones(C, dtype=torch.int32)),
+     "fusedres: running_var must be a floating point tensor, got Int"),
+    ("dual-residual-counter-dtype", dual(residual_num_batches_tracked=counter(dtype=torch.int32)),
+     "fusedres: residual_num_batches_tracked must be Long, got Int"),
+    ("dual-residual-cumulative", dual(residual_running_mean=vec(), residual_running_var=vec(),
+                                      residual_momentum=None),
+     "fusedres: residual_momentum=None (a cumulative average) needs "
+     "residual_num_batches_tracked"),
     ("reduce-grad-shape", reduce(grad_out=x(2, C, 3, 1)),
      "fusedres: grad_out must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 1]"),
     ("reduce-output-dtype", reduce(output=x(dtype=F64)),
@@ -140,6 +168,8 @@ CASES = [
      "fusedres: shift needs scale (the ReLU mask's recomputation)"),
     ("reduce-scale-dtype", reduce(output=None, scale=vec(dtype=F64)),
      "fusedres: scale must be Float, got Double"),
+    ("reduce-grad-dtype-int", reduce(grad_dtype=torch.int32),
+     "fusedres: grad_dtype must be a floating point type, got Int"),
     ("input-shift-length", grad_input(output=None, scale=vec(), shift=vec(5)),
      "fusedres: shift must have shape (4,), got [5]"),
     ("input-sum-dy-length", grad_input(sum_dy=vec(3)),

@@ -42,6 +42,10 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
     def vec(positive=False):
         return per_channel(4, device, acc, positive, requires_grad)
 
+    def running():  # running_mean, running_var, num_batches_tracked
+        return (per_channel(4, device, acc), per_channel(4, device, acc, positive=True),
+                torch.tensor(2, device=device))
+
     out = x().detach()
     mean, invstd = per_channel(4, device, acc), per_channel(4, device, acc, positive=True)
     conv_w = make((6, 4, 3, 3), dtype, device, requires_grad=requires_grad)
@@ -55,13 +59,21 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("batch_norm_act_train", (x(), None, None, x(), 1e-3, True)),
         ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, False)),
         ("dual_batch_norm_act_train", (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4, True)),
+        # the running statistics, updated in place (momentum, or None: the cumulative average)
+        ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, True, *running(), 0.1)),
+        ("dual_batch_norm_act_train", (x(), vec(True), vec(), x(), vec(True), vec(), 1e-5, 1e-4,
+                                       True, *running(), None, *running()[:2], None, 0.3)),
         ("add_batch_norm_stats", (x().detach(), x().detach())),
         ("add_batch_norm_act_train", (x(), x(), vec(True), vec(), 1e-5, True)),
         ("add_batch_norm_act_train", (x(), x(), None, None, 1e-3, False)),
+        ("add_batch_norm_act_train", (x(), x(), None, None, 1e-3, False, *running(), None)),
         ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd)),
         ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd, True)),
         ("batch_norm_backward_reduce", (x().detach(), None, x().detach(), mean, invstd, False,
                                         vec(True).detach(), vec().detach())),
+        # the parameters' gradients in another dtype (float64: exact against the reference)
+        ("batch_norm_backward_reduce", (x().detach(), out, x().detach(), mean, invstd, True,
+                                        None, None, torch.float64)),
         ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd,
                                          vec().detach(), mean, invstd, vec(True).detach(), None)),
         ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd,
@@ -101,14 +113,22 @@ def test_opcheck(target, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_raw_op_numbers(target, layout, dtype):
     """Every raw op of the target's namespace, called directly, against its reference
-    (fusedres/reference.py, same name and arguments) evaluated in float64."""
+    (fusedres/reference.py, same name and arguments) evaluated in float64; the buffers an op
+    updates in place (running statistics) too."""
     use(target)
     checked = set()
     for op, args in sample_calls(target, dtype, layout, requires_grad=False):
         name = op._qualified_op_name.split("::")[1]
+        ref_args = [(a.double() if a.is_floating_point() else a.clone())
+                    if isinstance(a, torch.Tensor) else a for a in args]
         got = op(*args)
-        ref = getattr(fusedres.reference, name)(
-            *[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+        ref = getattr(fusedres.reference, name)(*ref_args)
+        for i, a in enumerate(op.default._schema.arguments[:len(args)]):
+            if a.alias_info is not None and a.alias_info.is_write and args[i] is not None:
+                if args[i].is_floating_point():
+                    assert_close(args[i], ref_args[i], dtype, TOLERANCE)
+                else:
+                    assert torch.equal(args[i], ref_args[i]), (name, a.name)
         got = got if isinstance(got, tuple) else (got,)
         ref = ref if isinstance(ref, tuple) else (ref,)
         assert len(got) == len(ref), name

@@ -164,20 +164,25 @@ void with_mask(const BackwardArgs& a, const Fn& fn) {
     fn(std::integral_constant<int, kNoMask>{});
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce(
     const Tensor& grad_out_, const std::optional<Tensor>& output_, const Tensor& input_,
     const Tensor& mean_, const Tensor& invstd_, bool write_grad,
-    const std::optional<Tensor>& scale_, const std::optional<Tensor>& shift_) {
+    const std::optional<Tensor>& scale_, const std::optional<Tensor>& shift_,
+    std::optional<at::ScalarType> grad_dtype) {
   auto a = prepare(grad_out_, output_, input_, mean_, invstd_, scale_, shift_);
+  check_grad_dtype(grad_dtype);
   const Tensor mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const int64_t C = a.input.size(1);
   Tensor sum_dy = at::empty({C}, mean.options());
   Tensor sum_dy_xhat = at::empty({C}, mean.options());
   Tensor masked_grad = write_grad ? at::empty_like(a.input) : at::empty({0}, a.input.options());
+  auto [grad_weight, grad_bias] = empty_parameter_grads(sum_dy, grad_dtype);
   if (a.input.numel() == 0) {
     sum_dy.zero_();
     sum_dy_xhat.zero_();
-    return {sum_dy, sum_dy_xhat, masked_grad};
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias};
   }
   const ChannelView v = channel_view(a.input);
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -212,7 +217,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
           });
         });
       });
-  return {sum_dy, sum_dy_xhat, masked_grad};
+  if (grad_dtype) {  // (per-channel casts cost next to nothing on the CPU)
+    grad_weight.copy_(sum_dy_xhat);
+    grad_bias.copy_(sum_dy);
+  }
+  return {sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias};
 }
 
 Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Tensor>& output_,

@@ -156,7 +156,7 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
-    if (coefficients) coefficients_from(var, *coefficients);
+    if (coefficients) coefficients_from(mean, var, *coefficients);
     return;
   }
   const ChannelView v = channel_view(input);
@@ -171,7 +171,7 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
         else
           stats_channels_first(v, x, z, s, mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
       });
-  if (coefficients) coefficients_from(var, *coefficients);
+  if (coefficients) coefficients_from(mean, var, *coefficients);
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {

@@ -178,7 +178,7 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a, in
 // grad_input = k[c] * (g - mean_dy[c] - (x - mean[c]) * proj[c])
 template <typename acc_t>
 struct InputGradParams {
-  const acc_t* __restrict__ weight;  // nullptr: 1
+  ChannelParam weight;  // in its own dtype; none: 1
   const acc_t* __restrict__ sum_dy;
   const acc_t* __restrict__ sum_dy_xhat;
   acc_t inv_count;  // 1 / M
@@ -187,11 +187,11 @@ struct InputGradParams {
 template <typename acc_t>
 __device__ __forceinline__ void channel_coefficients(const acc_t* mean, const acc_t* invstd,
                                                      const InputGradParams<acc_t>& p, int64_t c,
-                                                     acc_t& mu, acc_t& k, acc_t& mean_dy,
-                                                     acc_t& proj) {
+                                                     acc_t weight, acc_t& mu, acc_t& k,
+                                                     acc_t& mean_dy, acc_t& proj) {
   const acc_t is = load(invstd + c);
   mu = load(mean + c);
-  k = (p.weight ? load(p.weight + c) : acc_t(1)) * is;
+  k = weight * is;
   mean_dy = load(p.sum_dy + c) * p.inv_count;
   proj = load(p.sum_dy_xhat + c) * p.inv_count * is;
 }
@@ -217,11 +217,16 @@ __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC
                                     int64_t rows, int64_t C) {
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
+  acc_t weight[VEC];
+  p.weight.visit([&](const auto* w) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) weight[j] = w ? static_cast<acc_t>(load(w + c0 + j)) : acc_t(1);
+  });
   acc_t mu[VEC], k[VEC], mean_dy[VEC], proj[VEC];
   MaskCoefficients<acc_t> mk[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    channel_coefficients(a.mean, a.invstd, p, c0 + j, mu[j], k[j], mean_dy[j], proj[j]);
+    channel_coefficients(a.mean, a.invstd, p, c0 + j, weight[j], mu[j], k[j], mean_dy[j], proj[j]);
     mk[j] = mask_coefficients(a, c0 + j);
   }
   const int64_t stride = int64_t(gridDim.y) * blockDim.y;
@@ -252,7 +257,7 @@ __global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a
     const int64_t i = u * VEC;
     const int64_t c = (i / inner) % C;
     acc_t mu, k, mean_dy, proj;
-    channel_coefficients(a.mean, a.invstd, p, c, mu, k, mean_dy, proj);
+    channel_coefficients(a.mean, a.invstd, p, c, p.weight.get(c, acc_t(1)), mu, k, mean_dy, proj);
     const MaskCoefficients<acc_t> kc = mask_coefficients(a, c);
     acc_t mus[VEC];
     MaskCoefficients<acc_t> mk[VEC];
@@ -310,10 +315,23 @@ bool vectorizable(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
          aligned16(a.x) && aligned16(a.masked_out) && aligned16(out);
 }
 
+// The reduce's merge epilogue: the parameters' gradients in their dtype (grad_dtype), from the
+// sums it just wrote, so no cast follows.
+struct ParameterGradsEpilogue {
+  ChannelBuffer grad_weight, grad_bias;
+
+  template <typename acc_t>
+  __device__ void operator()(int64_t c, const acc_t* sum_dy, const acc_t* sum_dy_xhat) const {
+    if (grad_weight.data == nullptr) return;
+    grad_weight.set(c, load(sum_dy_xhat + c));
+    grad_bias.set(c, load(sum_dy + c));
+  }
+};
+
 template <typename scalar_t, typename acc_t, int VEC>
 void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a, acc_t* sum_dy,
-                   acc_t* sum_dy_xhat, const at::TensorOptions& acc_options, int device,
-                   cudaStream_t stream) {
+                   acc_t* sum_dy_xhat, const ParameterGradsEpilogue& grads,
+                   const at::TensorOptions& acc_options, int device, cudaStream_t stream) {
   Tensor partials;
   int64_t blocks;
   if (v.inner == 1) {
@@ -335,7 +353,7 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_merge_partials<SumsOp<acc_t>, 2, acc_t>(partials.const_data_ptr<acc_t>(), blocks,
-                                                 v.channels, sum_dy, sum_dy_xhat, stream);
+                                                 v.channels, sum_dy, sum_dy_xhat, stream, grads);
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -356,20 +374,27 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_backward_reduce(
     const Tensor& grad_out, const std::optional<Tensor>& output, const Tensor& input,
     const Tensor& mean, const Tensor& invstd, bool write_grad, const std::optional<Tensor>& scale,
-    const std::optional<Tensor>& shift) {
+    const std::optional<Tensor>& shift, std::optional<at::ScalarType> grad_dtype) {
   const Prepared t = prepare(grad_out, output, input, mean, invstd, scale, shift);
+  check_grad_dtype(grad_dtype);
   const int64_t C = t.input.size(1);
   Tensor sum_dy = at::empty({C}, t.mean.options());
   Tensor sum_dy_xhat = at::empty({C}, t.mean.options());
   Tensor masked_grad = write_grad ? at::empty_like(t.input) : at::empty({0}, t.input.options());
+  auto [grad_weight, grad_bias] = empty_parameter_grads(sum_dy, grad_dtype);
   if (t.input.numel() == 0) {
     sum_dy.zero_();
     sum_dy_xhat.zero_();
-    return {sum_dy, sum_dy_xhat, masked_grad};
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias};
   }
+  const ParameterGradsEpilogue grads{
+      grad_dtype ? channel_buffer(grad_weight) : ChannelBuffer{nullptr, at::kFloat},
+      grad_dtype ? channel_buffer(grad_bias) : ChannelBuffer{nullptr, at::kFloat}};
   const c10::cuda::CUDAGuard guard(t.input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ChannelView v = channel_view(t.input);
@@ -379,14 +404,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce(
         const auto a = kernel_args<scalar_t, acc_t>(t, write_grad ? masked_grad : Tensor());
         if (vectorizable(v, a))
           launch_reduce<scalar_t, acc_t, kVec16<scalar_t>>(
-              v, a, sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
-              t.input.get_device(), stream);
+              v, a, sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>(), grads,
+              t.mean.options(), t.input.get_device(), stream);
         else
           launch_reduce<scalar_t, acc_t, 1>(v, a, sum_dy.data_ptr<acc_t>(),
-                                            sum_dy_xhat.data_ptr<acc_t>(), t.mean.options(),
+                                            sum_dy_xhat.data_ptr<acc_t>(), grads, t.mean.options(),
                                             t.input.get_device(), stream);
       });
-  return {sum_dy, sum_dy_xhat, masked_grad};
+  return {sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias};
 }
 
 Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Tensor>& output,
@@ -407,16 +432,15 @@ Tensor batch_norm_backward_input(const Tensor& grad_out, const std::optional<Ten
   const c10::cuda::CUDAGuard guard(t.input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const ChannelView v = channel_view(t.input);
-  const Tensor weight_acc = weight ? weight->to(acc).contiguous() : Tensor();
+  const Tensor weight_ = channel_parameter(weight, acc);
   const Tensor sums0 = sum_dy.contiguous(), sums1 = sum_dy_xhat.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, t.input.scalar_type(), "batch_norm_backward_input", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto a = kernel_args<scalar_t, acc_t>(t);
-        const InputGradParams<acc_t> p{
-            weight_acc.defined() ? weight_acc.const_data_ptr<acc_t>() : nullptr,
-            sums0.const_data_ptr<acc_t>(), sums1.const_data_ptr<acc_t>(),
-            acc_t(1) / static_cast<acc_t>(v.per_channel())};
+        const InputGradParams<acc_t> p{channel_param(weight_), sums0.const_data_ptr<acc_t>(),
+                                       sums1.const_data_ptr<acc_t>(),
+                                       acc_t(1) / static_cast<acc_t>(v.per_channel())};
         scalar_t* dx = grad_input.data_ptr<scalar_t>();
         const scalar_t* e = extra ? extra->const_data_ptr<scalar_t>() : nullptr;
         if (vectorizable(v, a, dx) && aligned16(e))

@@ -86,6 +86,14 @@ struct ShiftedSums {
   }
 };
 
+// num_batches_tracked += 1, by one thread of the statistics kernel: the merge kernel after it
+// reads the new count (a cumulative average's factor), and no thread of the merge writes it.
+__device__ __forceinline__ void count_batch(int64_t* counter) {
+  if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 &&
+      threadIdx.y == 0)
+    store(counter, load(counter) + 1);
+}
+
 // VEC values of x at offset, or with z those of x + z, which are written to sum there.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ Vec<scalar_t, VEC> load_values(const scalar_t* __restrict__ x,
@@ -107,8 +115,9 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 6, 5>)
     stats_channels_last_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
                                scalar_t* __restrict__ sum, int64_t rows, int64_t C,
-                               moment_t* __restrict__ partials) {
+                               moment_t* __restrict__ partials, int64_t* __restrict__ counter) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  count_batch(counter);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   const bool active = c0 < C;
@@ -136,8 +145,10 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ z,
                                             scalar_t* __restrict__ sum, int64_t outer, int64_t C,
-                                            int64_t inner, moment_t* __restrict__ partials) {
+                                            int64_t inner, moment_t* __restrict__ partials,
+                                            int64_t* __restrict__ counter) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  count_batch(counter);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
   const int64_t run_vectors = inner / VEC;
@@ -160,34 +171,8 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
   });
 }
 
-// A BN's weight or bias, read in its own dtype (float, double, half or bfloat16).
-struct ChannelParam {
-  const void* data;  // nullptr: none
-  at::ScalarType type;
-
-  template <typename acc_t>
-  __device__ acc_t get(int64_t c, acc_t absent) const {
-    if (data == nullptr) return absent;
-    switch (type) {
-      case at::kDouble:
-        return static_cast<acc_t>(load(static_cast<const double*>(data) + c));
-      case at::kHalf:
-        return static_cast<acc_t>(static_cast<float>(load(static_cast<const at::Half*>(data) + c)));
-      case at::kBFloat16:
-        return static_cast<acc_t>(
-            static_cast<float>(load(static_cast<const at::BFloat16*>(data) + c)));
-      default:
-        return static_cast<acc_t>(load(static_cast<const float*>(data) + c));
-    }
-  }
-};
-
-inline ChannelParam channel_param(const Tensor& t) {
-  return {t.defined() ? t.const_data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat};
-}
-
 // The merge's epilogue for a training forward: the BN coefficients from the variance it just
-// wrote (../channel_stats.h, Coefficients).
+// wrote, and the running statistics (../channel_stats.h, Coefficients and RunningStats).
 template <typename acc_t>
 struct CoefficientsEpilogue {
   ChannelParam weight, bias;
@@ -195,12 +180,22 @@ struct CoefficientsEpilogue {
   acc_t* invstd;
   acc_t* scale;
   acc_t* shift;
+  ChannelBuffer running_mean, running_var;
+  const int64_t* counter;  // the factor is 1 / *counter without a momentum
+  bool cumulative;
+  acc_t momentum;
+  acc_t bessel;  // M / (M - 1)
 
-  __device__ void operator()(int64_t c, const acc_t* /*mean*/, const acc_t* var) const {
-    const acc_t is = acc_t(1) / sqrt_rn(load(var + c) + eps);
+  __device__ void operator()(int64_t c, const acc_t* mean, const acc_t* var) const {
+    const acc_t v = load(var + c);
+    const acc_t is = acc_t(1) / sqrt_rn(v + eps);
     store(invstd + c, is);
     store(scale + c, is * weight.get(c, acc_t(1)));
     store(shift + c, bias.get(c, acc_t(0)));
+    if (running_mean.data == nullptr) return;
+    const acc_t factor = cumulative ? acc_t(1) / static_cast<acc_t>(load(counter)) : momentum;
+    running_mean.lerp_to(c, load(mean + c), factor);
+    running_var.lerp_to(c, v * bessel, factor);
   }
 };
 
@@ -208,6 +203,9 @@ template <typename scalar_t, typename acc_t, int VEC>
 void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, scalar_t* sum,
                   acc_t* mean, acc_t* var, Coefficients* coefficients,
                   const at::TensorOptions& options, int device, cudaStream_t stream) {
+  const RunningStats* running = coefficients ? &coefficients->running : nullptr;
+  int64_t* counter =
+      running && running->counter.defined() ? running->counter.data_ptr<int64_t>() : nullptr;
   Tensor partials;
   int64_t blocks;
   const auto partial_options = options.dtype(at::kDouble);
@@ -218,7 +216,7 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(moment_t);
     FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
                     stats_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>());
+        x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>(), counter);
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
@@ -226,7 +224,7 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
     const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);
     FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
                     stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>());
+        x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>(), counter);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (coefficients == nullptr) {
@@ -235,9 +233,20 @@ void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, sc
     return;
   }
   Coefficients& k = *coefficients;
-  const CoefficientsEpilogue<acc_t> epilogue{channel_param(k.weight),   channel_param(k.bias),
-                                             static_cast<acc_t>(k.eps), k.invstd.data_ptr<acc_t>(),
-                                             k.scale.data_ptr<acc_t>(), k.shift.data_ptr<acc_t>()};
+  const RunningStats& r = k.running;
+  const CoefficientsEpilogue<acc_t> epilogue{
+      channel_param(k.weight),
+      channel_param(k.bias),
+      static_cast<acc_t>(k.eps),
+      k.invstd.data_ptr<acc_t>(),
+      k.scale.data_ptr<acc_t>(),
+      k.shift.data_ptr<acc_t>(),
+      channel_buffer(r.mean),
+      channel_buffer(r.var),
+      counter,
+      !r.momentum.has_value(),
+      static_cast<acc_t>(r.momentum.value_or(0)),
+      static_cast<acc_t>(static_cast<double>(r.count) / static_cast<double>(r.count - 1))};
   launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
                                              v.channels, mean, var, stream, epilogue);
 }
@@ -250,7 +259,7 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
   if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
     mean.zero_();
     var.zero_();
-    if (coefficients) coefficients_from(var, *coefficients);
+    if (coefficients) coefficients_from(mean, var, *coefficients);
     return;
   }
   const c10::cuda::CUDAGuard guard(input.device());

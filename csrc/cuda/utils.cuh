@@ -123,6 +123,95 @@ inline int elementwise_blocks(int64_t units, int device) {
       1, std::min<int64_t>(ceil_div(units, kBlockThreads), int64_t(sm_count(device)) * 16)));
 }
 
+// ---- per-channel vectors in their own dtype --------------------------------------------
+// A BN's weight or bias, read in its own dtype (float, double, half or bfloat16).
+struct ChannelParam {
+  const void* data;  // nullptr: none
+  at::ScalarType type;
+
+  template <typename acc_t>
+  __device__ acc_t get(int64_t c, acc_t absent) const {
+    if (data == nullptr) return absent;
+    switch (type) {
+      case at::kDouble:
+        return static_cast<acc_t>(load(static_cast<const double*>(data) + c));
+      case at::kHalf:
+        return static_cast<acc_t>(static_cast<float>(load(static_cast<const at::Half*>(data) + c)));
+      case at::kBFloat16:
+        return static_cast<acc_t>(
+            static_cast<float>(load(static_cast<const at::BFloat16*>(data) + c)));
+      default:
+        return static_cast<acc_t>(load(static_cast<const float*>(data) + c));
+    }
+  }
+
+  // f(values): the vector as a typed pointer (nullptr: none), for a thread that reads several
+  // of its values (one switch, not one per value: fewer registers live across the branches).
+  template <typename F>
+  __device__ void visit(F&& f) const {
+    switch (type) {
+      case at::kDouble:
+        f(static_cast<const double*>(data));
+        break;
+      case at::kHalf:
+        f(static_cast<const at::Half*>(data));
+        break;
+      case at::kBFloat16:
+        f(static_cast<const at::BFloat16*>(data));
+        break;
+      default:
+        f(static_cast<const float*>(data));
+    }
+  }
+};
+
+inline ChannelParam channel_param(const at::Tensor& t) {
+  return {t.defined() ? t.const_data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat};
+}
+
+// A per-channel vector written in its own dtype (a running statistic, a parameter's
+// gradient), and read back as ChannelParam.
+struct ChannelBuffer {
+  void* data;  // nullptr: none
+  at::ScalarType type;
+
+  template <typename acc_t>
+  __device__ acc_t get(int64_t c) const {
+    return ChannelParam{data, type}.get(c, acc_t(0));
+  }
+
+  template <typename acc_t>
+  __device__ void set(int64_t c, acc_t value) const {
+    switch (type) {
+      case at::kDouble:
+        store(static_cast<double*>(data) + c, static_cast<double>(value));
+        break;
+      case at::kHalf:
+        store(static_cast<at::Half*>(data) + c, static_cast<at::Half>(static_cast<float>(value)));
+        break;
+      case at::kBFloat16:
+        store(static_cast<at::BFloat16*>(data) + c,
+              static_cast<at::BFloat16>(static_cast<float>(value)));
+        break;
+      default:
+        store(static_cast<float*>(data) + c, static_cast<float>(value));
+    }
+  }
+
+  // (value) moved by `weight` towards target, as torch.lerp computes it (two forms, exact at
+  // weight 0 and 1).
+  template <typename acc_t>
+  __device__ void lerp_to(int64_t c, acc_t target, acc_t weight) const {
+    const acc_t v = get<acc_t>(c);
+    set(c, weight < acc_t(0.5) ? v + weight * (target - v)
+                               : target - (target - v) * (acc_t(1) - weight));
+  }
+};
+
+inline ChannelBuffer channel_buffer(const at::Tensor& t) {
+  return {t.defined() ? t.data_ptr() : nullptr, t.defined() ? t.scalar_type() : at::kFloat};
+}
+
 // ---- per-channel reductions ------------------------------------------------------------
 // A reduction keeps K values per channel. Each block reduces its share of the rows to one
 // partial per channel (layout [K][blocks][C]); merge_partials_kernel then combines those.
