@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "library.h"
 
@@ -107,9 +108,10 @@ inline void check_affine(const std::optional<at::Tensor>& t, const at::Tensor& i
 }
 
 // nn.BatchNorm2d's running statistics, which a training forward updates in place: both or
-// neither of running_mean / running_var (C values, floating, on input's device), the batch
-// counter num_batches_tracked (one int64 on input's device), and momentum None (a cumulative
-// average) only with the counter. prefix: "" or "residual_" (the dual form's second BN).
+// neither of running_mean / running_var (C contiguous values of float, double, half or
+// bfloat16, on input's device: the kernels write them where they are), the batch counter
+// num_batches_tracked (one int64 on input's device), and momentum None (a cumulative average)
+// only with the counter. prefix: "" or "residual_" (the dual form's second BN).
 inline void check_running_stats(const std::optional<at::Tensor>& running_mean,
                                 const std::optional<at::Tensor>& running_var,
                                 const std::optional<at::Tensor>& counter,
@@ -117,8 +119,17 @@ inline void check_running_stats(const std::optional<at::Tensor>& running_mean,
                                 const std::string& prefix) {
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), "fusedres: ", prefix,
               "running_mean and ", prefix, "running_var must both be given or both be None");
-  check_affine(running_mean, input, (prefix + "running_mean").c_str());
-  check_affine(running_var, input, (prefix + "running_var").c_str());
+  for (const auto& [t, name] :
+       {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
+    check_affine(*t, input, (prefix + name).c_str());
+    if (!t->has_value()) continue;
+    const auto type = (*t)->scalar_type();
+    TORCH_CHECK(
+        type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+        "fusedres: ", prefix, name, " must be Float, Double, Half or BFloat16, got ", type);
+    TORCH_CHECK((*t)->is_contiguous(), "fusedres: ", prefix, name,
+                " must be contiguous (it is updated in place)");
+  }
   if (counter) {
     TORCH_CHECK(counter->numel() == 1, "fusedres: ", prefix,
                 "num_batches_tracked must have one element (a counter), got shape ",

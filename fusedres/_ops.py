@@ -9,7 +9,9 @@ namespace (NAMESPACE_OPS) its fake kernel, which checks the contract first, and 
 an op missing from its namespace is an error. The Triton ops run the contract themselves
 (`check`), the C++ ops their TORCH_CHECKs. The fake kernels reproduce the kernels' output
 strides exactly (so torch.compile and opcheck see what runs); the backward formulas call the
-fused backward kernels of the same namespace.
+fused backward kernels of the same namespace. The training ops also update the BN's running
+statistics in place; torch.library gives autograd formulas to functional ops only, so those
+get theirs from _register_mutating_autograd.
 """
 from __future__ import annotations
 
@@ -88,7 +90,8 @@ def _cast(grad, like):
 _CPP_DTYPE_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
                     torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int",
                     torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-                    torch.bool: "Bool", torch.complex64: "ComplexFloat",
+                    torch.bool: "Bool", torch.float8_e4m3fn: "Float8_e4m3fn",
+                    torch.complex64: "ComplexFloat",
                     torch.complex128: "ComplexDouble"}
 
 
@@ -140,15 +143,26 @@ def check_affine(t, x, name):
                  lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
 
 
+_BUFFER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def check_running_stats(running_mean, running_var, counter, momentum, x, prefix=""):
     """nn.BatchNorm2d's running statistics, which a training forward updates in place: both or
-    neither of running_mean / running_var (C floating values on input's device), the counter
-    num_batches_tracked (one int64 on input's device), momentum None only with the counter."""
+    neither of running_mean / running_var (C contiguous float, double, half or bfloat16 values
+    on input's device: the kernels write them where they are), the counter num_batches_tracked
+    (one int64 on input's device), momentum None only with the counter."""
     torch._check((running_mean is None) == (running_var is None),
                  lambda: f"fusedres: {prefix}running_mean and {prefix}running_var must both be "
                          "given or both be None")
-    check_affine(running_mean, x, prefix + "running_mean")
-    check_affine(running_var, x, prefix + "running_var")
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        check_affine(t, x, prefix + name)
+        if t is None:
+            continue
+        torch._check(t.dtype in _BUFFER_DTYPES,
+                     lambda: f"fusedres: {prefix}{name} must be Float, Double, Half or BFloat16, "
+                             f"got {_dtype_name(t.dtype)}")
+        torch._check(t.is_contiguous(), lambda: f"fusedres: {prefix}{name} must be contiguous "
+                                                "(it is updated in place)")
     if counter is not None:
         torch._check(counter.numel() == 1,
                      lambda: f"fusedres: {prefix}num_batches_tracked must have one element "

@@ -198,10 +198,14 @@ def _update_running_stats(running_mean, running_var, mean, var, count, factor):
 
 def _op_running_stats(input, running_mean, running_var, num_batches_tracked, momentum):
     """The running statistics as the training ops take them, to update in their statistics
-    pass (no ops of their own), or None where a counter is not one int64 on input's device
-    (nn.BatchNorm2d's always is): _momentum_factor and _update_running_stats then do it."""
+    pass (no ops of their own), or None where a counter is not one int64 on input's device or
+    a statistic is not contiguous (nn.BatchNorm2d's buffers always are): _momentum_factor and
+    _update_running_stats then do it."""
     if num_batches_tracked is not None and (num_batches_tracked.dtype != torch.int64
                                             or num_batches_tracked.device != input.device):
+        return None
+    if running_mean is not None and not (running_mean.is_contiguous()
+                                         and running_var.is_contiguous()):
         return None
     return (running_mean, running_var, num_batches_tracked,
             None if momentum is None else float(momentum))

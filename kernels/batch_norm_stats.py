@@ -9,6 +9,10 @@ which merged partial means would carry into the variance); the shift is added ba
 
 add_batch_norm_stats: the same statistics of input + residual, whose sum (rounded to the
 dtype, as the add would be) the partial kernel writes as it reads both.
+
+For the training ops the merge also writes the BN coefficients and moves nn.BatchNorm2d's
+running statistics, and the partial kernel counts the batch (channel_stats' affine and
+running arguments): no per-channel torch ops before or after.
 """
 from __future__ import annotations
 

@@ -266,6 +266,25 @@ def test_large_mean_small_variance(target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_strided_running_stats(target):
+    """Running statistics that are views with a stride (the functional API takes any, as
+    F.batch_norm does): the kernels write contiguous buffers only, so the functional API's
+    glue updates these, in place in the viewed storage, as nn.BatchNorm2d would."""
+    device = use(target)
+    C = 5
+    bn = torch.nn.BatchNorm2d(C).to(device)
+    storage = torch.stack([bn.running_mean, bn.running_var], dim=1).clone()  # (C, 2)
+    running_mean, running_var = storage[:, 0], storage[:, 1]
+    assert not running_mean.is_contiguous()
+    x = make((3, C, 4, 4), torch.float32, device)
+    out = FF.batch_norm_relu(x, running_mean, running_var, bn.weight, bn.bias, True, relu=False,
+                             num_batches_tracked=torch.tensor(0, device=device))
+    assert_close(out, bn(x), torch.float32)
+    assert_close(storage[:, 0], bn.running_mean, torch.float32)
+    assert_close(storage[:, 1], bn.running_var, torch.float32)
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_no_running_stats_in_training(target):
     """track_running_stats=False: batch statistics only."""
     device = use(target)
@@ -336,11 +355,13 @@ def test_training_inf_nan_propagate_as_pytorch(target, layout, values, where):
 
 @pytest.mark.parametrize("target", TARGETS_AND_REFERENCE)
 @pytest.mark.parametrize("momenta", [(0.1, 0.6), (None, None)], ids=["ema", "cumulative"])
-def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta):
+@pytest.mark.parametrize("counter", [torch.int64, torch.float32], ids=["int64", "float32"])
+def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta, counter):
     """The dual form against two nn.BatchNorm2d modules whose eps, momentum and counters all
     differ (the shortcut's eps 1e-2 against 1e-5; the shortcut's counter starting at 7): output,
     both running statistics, both counters, and the gradients of input, residual and both
-    affines, in training and then in eval."""
+    affines, in training and then in eval. With float32 counters (which the ops do not take)
+    the functional API's glue updates the running statistics."""
     device = use(target)
     C, momentum, residual_momentum = 5, *momenta
     bn = torch.nn.BatchNorm2d(C, eps=1e-5, momentum=momentum).to(device).double()
@@ -351,7 +372,7 @@ def test_dual_form_keeps_the_shortcut_bn_its_own(target, momenta):
             m.bias.uniform_(-0.5, 0.5)
         bn_res.running_var.fill_(0.02)  # where eps 1e-2 against 1e-5 shows
         bn_res.num_batches_tracked.fill_(7)
-    mine = [{k: v.clone().float() if v.is_floating_point() else v.clone()
+    mine = [{k: v.clone().float() if v.is_floating_point() else v.clone().to(counter)
              for k, v in m.state_dict().items()} for m in (bn, bn_res)]
     params = [(m.weight.detach().float().requires_grad_(), m.bias.detach().float().requires_grad_())
               for m in (bn, bn_res)]

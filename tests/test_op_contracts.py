@@ -146,6 +146,11 @@ CASES = [
     ("train-cumulative-without-counter", train(running_mean=vec(), running_var=vec(),
                                                momentum=None),
      "fusedres: momentum=None (a cumulative average) needs num_batches_tracked"),
+    ("train-running-mean-strided", train(running_mean=vec(2 * C)[::2], running_var=vec()),
+     "fusedres: running_mean must be contiguous (it is updated in place)"),
+    ("train-running-var-float8", train(running_mean=vec(), running_var=vec().to(
+        torch.float8_e4m3fn)),
+     "fusedres: running_var must be Float, Double, Half or BFloat16, got Float8_e4m3fn"),
     ("add-train-running-var-int", add_train(running_mean=vec(),
                                             running_var=torch.ones(C, dtype=torch.int32)),
      "fusedres: running_var must be a floating point tensor, got Int"),
