@@ -8,7 +8,8 @@
 // pass over the input.
 // add_batch_norm_stats: the statistics of input + residual, whose sum (rounded to the dtype,
 // as the add would be) the same pass writes. The training forwards (../batch_norm_train.h)
-// have the merge write the BN coefficients as well: stats, merge, normalize, three kernels.
+// have the merge write the BN coefficients and move the running statistics as well (the
+// statistics kernel counts the batch): stats, merge, normalize, three kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
