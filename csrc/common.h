@@ -107,6 +107,12 @@ inline void check_affine(const std::optional<at::Tensor>& t, const at::Tensor& i
               " but input is on ", input.device());
 }
 
+// The dtypes the kernels read and write per-channel vectors in as they are (ChannelParam /
+// ChannelBuffer of cuda/utils.cuh, the Triton kernels' pointers).
+inline bool is_channel_dtype(at::ScalarType type) {
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+}
+
 // nn.BatchNorm2d's running statistics, which a training forward updates in place: both or
 // neither of running_mean / running_var (C contiguous values of float, double, half or
 // bfloat16, on input's device: the kernels write them where they are), the batch counter
@@ -123,10 +129,8 @@ inline void check_running_stats(const std::optional<at::Tensor>& running_mean,
        {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"}}) {
     check_affine(*t, input, (prefix + name).c_str());
     if (!t->has_value()) continue;
-    const auto type = (*t)->scalar_type();
-    TORCH_CHECK(
-        type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
-        "fusedres: ", prefix, name, " must be Float, Double, Half or BFloat16, got ", type);
+    TORCH_CHECK(is_channel_dtype((*t)->scalar_type()), "fusedres: ", prefix, name,
+                " must be Float, Double, Half or BFloat16, got ", (*t)->scalar_type());
     TORCH_CHECK((*t)->is_contiguous(), "fusedres: ", prefix, name,
                 " must be contiguous (it is updated in place)");
   }
@@ -154,10 +158,7 @@ inline at::ScalarType accumulate_type(at::ScalarType t) {
 // half or bfloat16 (a bfloat16 model's BN costs no casts), else cast to the statistics' dtype.
 inline at::Tensor channel_parameter(const std::optional<at::Tensor>& t, at::ScalarType acc) {
   if (!t) return at::Tensor();
-  const auto type = t->scalar_type();
-  const bool read_as_is =
-      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-  return (read_as_is ? *t : t->to(acc)).contiguous();
+  return (is_channel_dtype(t->scalar_type()) ? *t : t->to(acc)).contiguous();
 }
 
 // The parameters' gradients of batch_norm_backward_reduce: a floating dtype, or none.
