@@ -266,7 +266,7 @@ def scale_triton(c: _cost.Count, n: int, to: int, channels: int, side: int) -> C
                 whole = t["read_bytes"] in (0, activation) and t["write_bytes"] in (0, activation)
                 factor = Fraction(to, n) if whole else Fraction(1)  # else: its first row
             elif "part_ptr" in t["names"]:
-                factor = Fraction(programs_to, t["shape"][1])  # [K][programs][C]
+                factor = Fraction(programs_to, t["shape"][-2])  # [(2,) K, programs, C]
             kr += t["read_bytes"] * factor
             kw += t["write_bytes"] * factor
         if sum(t["read_bytes"] for t in launch.tensors) != launch.read_bytes:

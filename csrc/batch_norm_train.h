@@ -3,7 +3,8 @@
 // normalize (+ residual) (+ ReLU) pass (the batch_norm_apply op). On a GPU that is three
 // kernels and no per-channel ops between or after them: the statistics' merge also writes
 // the coefficients and updates the running statistics. The autograd formula lives in
-// fusedres/_ops.py; each device registers these with its own channel_stats.
+// fusedres/_ops.py; each device registers these with its own channel_stats (the dual form:
+// dual_channel_stats, both BNs' statistics in the same two launches).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -53,13 +54,10 @@ inline RunningStats running_stats(const at::Tensor& input, const OptTensor& runn
           input.numel() == 0 ? 0 : input.numel() / input.size(1)};
 }
 
-// Statistics and coefficients of x (dense), of x + residual with `sum`: (mean, var) and the
-// coefficients, each a fresh tensor (they are an op's outputs; the backward reuses the very
-// coefficients: it recomputes the ReLU mask with them). The running statistics are updated.
-template <StatsKernel stats>
-std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(
-    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps,
-    RunningStats running, const at::Tensor* residual = nullptr, at::Tensor* sum = nullptr) {
+// Fresh tensors for x's statistics and coefficients (they are an op's outputs; the backward
+// reuses the very coefficients: it recomputes the ReLU mask with them).
+inline Statistics new_statistics(const at::Tensor& x, const OptTensor& weight,
+                                 const OptTensor& bias, double eps, RunningStats running) {
   auto [mean, var] = empty_statistics(x);
   const auto acc = mean.scalar_type();
   Coefficients c{channel_parameter(weight, acc),
@@ -69,8 +67,18 @@ std::tuple<at::Tensor, at::Tensor, Coefficients> statistics(
                  at::empty_like(mean),
                  at::empty_like(mean),
                  std::move(running)};
-  stats(x, residual, sum, mean, var, &c);
-  return {mean, var, c};
+  return {mean, var, std::move(c)};
+}
+
+// Statistics and coefficients of x (dense), of x + residual with `sum`. The running
+// statistics are updated.
+template <StatsKernel stats>
+Statistics statistics(const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                      double eps, RunningStats running, const at::Tensor* residual = nullptr,
+                      at::Tensor* sum = nullptr) {
+  Statistics s = new_statistics(x, weight, bias, eps, std::move(running));
+  stats(x, residual, sum, s.mean, s.var, &s.coefficients);
+  return s;
 }
 
 template <StatsKernel stats>
@@ -116,7 +124,9 @@ add_batch_norm_act_train(const at::Tensor& input, const at::Tensor& residual_,
   return {out, sum, mean, var, c.invstd, c.scale, c.shift};
 }
 
-template <StatsKernel stats>
+// The statistics of both BNs come from one call of dual_stats (one statistics launch and one
+// merge on a GPU); the shortcut is read in input's layout.
+template <DualStatsKernel dual_stats>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dual_batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
                           const at::Tensor& residual, const OptTensor& residual_weight,
@@ -139,10 +149,13 @@ dual_batch_norm_act_train(const at::Tensor& input, const OptTensor& weight, cons
       running_stats(input, residual_running_mean, residual_running_var,
                     residual_num_batches_tracked, residual_momentum, "residual_");
   const at::Tensor x = dense_for_kernels(input);
-  const at::Tensor z = dense_for_kernels(residual);
-  auto [mean, var, c] = statistics<stats>(x, weight, bias, eps, std::move(running));
-  auto [residual_mean, residual_var, r] = statistics<stats>(
-      z, residual_weight, residual_bias, residual_eps, std::move(residual_running));
+  const at::Tensor z = match_layout(residual, x);
+  Statistics sx = new_statistics(x, weight, bias, eps, std::move(running));
+  Statistics sz =
+      new_statistics(z, residual_weight, residual_bias, residual_eps, std::move(residual_running));
+  dual_stats(x, z, sx, sz);
+  auto& [mean, var, c] = sx;
+  auto& [residual_mean, residual_var, r] = sz;
   at::Tensor out =
       call_batch_norm_apply(x, mean, c.scale, c.shift, z, residual_mean, r.scale, r.shift, relu);
   return {out, mean, var, c.invstd, residual_mean, residual_var, r.invstd};

@@ -43,15 +43,26 @@ struct Coefficients {
   RunningStats running;
 };
 
+// One tensor's statistics and BN coefficients, as a training forward computes them.
+struct Statistics {
+  at::Tensor mean, var;
+  Coefficients coefficients;
+};
+
 // residual and sum: both nullptr, or both given. coefficients: nullptr, or also written.
+// dual_channel_stats: the dual form's two BNs, of x and of z (dense, of one shape and layout),
+// each with its coefficients: on a GPU one statistics kernel reads both and one merge writes
+// both (three launches a dual forward, with the normalize).
 namespace cpu {
 void channel_stats(const at::Tensor& input, const at::Tensor* residual, at::Tensor* sum,
                    at::Tensor& mean, at::Tensor& var, Coefficients* coefficients);
-}
+void dual_channel_stats(const at::Tensor& x, const at::Tensor& z, Statistics& sx, Statistics& sz);
+}  // namespace cpu
 namespace cuda {
 void channel_stats(const at::Tensor& input, const at::Tensor* residual, at::Tensor* sum,
                    at::Tensor& mean, at::Tensor& var, Coefficients* coefficients);
-}
+void dual_channel_stats(const at::Tensor& x, const at::Tensor& z, Statistics& sx, Statistics& sz);
+}  // namespace cuda
 
 // The coefficients (and the running statistics) from mean and var with ATen ops: the CPU's way
 // (per-channel ops cost next to nothing there) and either device's for an empty input.
@@ -77,6 +88,7 @@ inline void coefficients_from(const at::Tensor& mean, const at::Tensor& var, Coe
 
 using StatsKernel = void (*)(const at::Tensor&, const at::Tensor*, at::Tensor*, at::Tensor&,
                              at::Tensor&, Coefficients*);
+using DualStatsKernel = void (*)(const at::Tensor&, const at::Tensor&, Statistics&, Statistics&);
 
 inline std::tuple<at::Tensor, at::Tensor> empty_statistics(const at::Tensor& input) {
   const auto options = input.options().dtype(accumulate_type(input.scalar_type()));

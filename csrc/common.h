@@ -162,9 +162,10 @@ inline at::Tensor channel_parameter(const std::optional<at::Tensor>& t, at::Scal
 }
 
 // The parameters' gradients of batch_norm_backward_reduce: a floating dtype, or none.
-inline void check_grad_dtype(std::optional<at::ScalarType> grad_dtype) {
-  TORCH_CHECK(!grad_dtype || at::isFloatingType(*grad_dtype),
-              "fusedres: grad_dtype must be a floating point type, got ", *grad_dtype);
+inline void check_grad_dtype(std::optional<at::ScalarType> grad_dtype,
+                             const char* name = "grad_dtype") {
+  TORCH_CHECK(!grad_dtype || at::isFloatingType(*grad_dtype), "fusedres: ", name,
+              " must be a floating point type, got ", *grad_dtype);
 }
 
 // grad_weight and grad_bias of batch_norm_backward_reduce: empty without grad_dtype.
@@ -173,6 +174,24 @@ inline std::tuple<at::Tensor, at::Tensor> empty_parameter_grads(
   const auto options = sums.options().dtype(grad_dtype.value_or(sums.scalar_type()));
   const int64_t n = grad_dtype ? sums.size(0) : 0;
   return {at::empty({n}, options), at::empty({n}, options)};
+}
+
+// The arguments of dual_batch_norm_backward beyond those check_backward_args checks.
+inline void check_dual_backward_args(const at::Tensor& input,
+                                     const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& residual, const at::Tensor& residual_mean,
+                                     const at::Tensor& residual_invstd,
+                                     const std::optional<at::Tensor>& residual_weight,
+                                     std::optional<at::ScalarType> grad_dtype,
+                                     std::optional<at::ScalarType> residual_grad_dtype) {
+  check_same(residual, input, "residual");
+  const auto acc = accumulate_type(input.scalar_type());
+  check_channel_vector(residual_mean, input, acc, "residual_mean");
+  check_channel_vector(residual_invstd, input, acc, "residual_invstd");
+  check_affine(weight, input, "weight");
+  check_affine(residual_weight, input, "residual_weight");
+  check_grad_dtype(grad_dtype);
+  check_grad_dtype(residual_grad_dtype, "residual_grad_dtype");
 }
 
 // Arguments of batch_norm_apply, checked before any kernel runs.

@@ -39,6 +39,10 @@
 //                             cuda: csrc/cuda/batch_norm_backward.cu
 //                             triton: kernels/batch_norm_backward.py
 //                             used by: fusedres/_ops.py (backwards), fusedres/sync_batchnorm.py
+// dual_batch_norm_backward    cpu: csrc/cpu/batch_norm_backward.cpp
+//                             cuda: csrc/cuda/batch_norm_backward.cu
+//                             triton: kernels/batch_norm_backward.py
+//                             used by: fusedres/_ops.py (dual_batch_norm_act_train's backward)
 // add_relu                    cpu: csrc/cpu/add_relu.cpp   cuda: csrc/cuda/add_relu.cu
 //                             triton: kernels/add_relu.py
 //                             used by: fusedres/functional.py (add_relu)
@@ -151,6 +155,21 @@ FUSEDRES_LIBRARY_DEF(m) {
       "Tensor invstd, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat, Tensor? scale=None, "
       "Tensor? shift=None, Tensor? extra_grad=None) -> Tensor");
 
+  // Backward of dual_batch_norm_act_train (relu(bn(input) + bn_r(residual))) in one reduce
+  // and one input-gradient pass over (grad_out, output, input, residual): g = grad_out masked
+  // where output <= 0 (no output: no ReLU); sum_dy = sum(g) is both BNs' bias gradient,
+  // grad_weight = sum(g * xhat), grad_residual_weight = sum(g * rhat) (xhat, rhat each BN's
+  // normalized value); grad_input and grad_residual as batch_norm_backward_input computes
+  // each BN's. The parameters' gradients in grad_dtype / residual_grad_dtype, else float
+  // (double for double inputs).
+  m.def(
+      "dual_batch_norm_backward(Tensor grad_out, Tensor? output, Tensor input, Tensor mean, "
+      "Tensor invstd, Tensor? weight, Tensor residual, Tensor residual_mean, "
+      "Tensor residual_invstd, Tensor? residual_weight, ScalarType? grad_dtype=None, "
+      "ScalarType? residual_grad_dtype=None) -> (Tensor grad_input, Tensor grad_residual, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual_weight, "
+      "Tensor grad_residual_bias)");
+
   // out = relu(input + residual): the residual epilogue on its own.
   m.def("add_relu(Tensor input, Tensor residual) -> Tensor");
 
@@ -178,4 +197,5 @@ FUSEDRES_LIBRARY_IMPL(Autograd, m) {
   m.impl("batch_norm_stats", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_reduce", torch::CppFunction::makeFallthrough());
   m.impl("batch_norm_backward_input", torch::CppFunction::makeFallthrough());
+  m.impl("dual_batch_norm_backward", torch::CppFunction::makeFallthrough());
 }

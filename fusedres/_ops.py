@@ -493,19 +493,17 @@ def _backward_dual(ctx, grad, *_grad_stats):
     (input, weight, bias, mean, invstd, residual, residual_weight, residual_bias,
      residual_mean, residual_invstd, out) = ctx.saved_tensors
     need = ctx.needs_input_grad
-    # The first reduce applies the ReLU mask and writes the masked gradient, which the other
-    # three passes read.
-    gi, gw, gb, g = _bn_train_grads(ctx.ops, grad, out, input, mean, invstd, weight, bias,
-                                    need[0], write_grad=ctx.relu)
-    g = grad if g is None else g
-    gr, grw, grb, _ = _bn_train_grads(
-        ctx.ops, g, None, residual, residual_mean, residual_invstd, residual_weight,
-        residual_bias, need[3])
+    # Both BNs' gradients in one reduce and one input-gradient pass over (grad, out, input,
+    # residual); the parameters' gradients in their dtype where the merge can write them so.
+    gi, gr, gw, gb, grw, grb = ctx.ops.dual_batch_norm_backward(
+        grad, out, input, mean, invstd, weight, residual, residual_mean, residual_invstd,
+        residual_weight, _grad_dtype(weight, bias, mean.dtype),
+        _grad_dtype(residual_weight, residual_bias, mean.dtype))
     return (
-        gi,
+        gi if need[0] else None,
         _cast(gw, weight) if need[1] else None,
         _cast(gb, bias) if need[2] else None,
-        gr,
+        gr if need[3] else None,
         _cast(grw, residual_weight) if need[4] else None,
         _cast(grb, residual_bias) if need[5] else None,
     ) + (None,) * 11  # eps, residual_eps, relu, both BNs' running statistics
@@ -561,6 +559,33 @@ def check_batch_norm_backward_input(grad_out, output, input, mean, invstd, weigh
 def _fake_batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum_dy,
                                     sum_dy_xhat, scale=None, shift=None, extra_grad=None):
     return empty_like_kernel_output(input)
+
+
+# ---- dual_batch_norm_backward --------------------------------------------------------------
+
+
+def check_dual_batch_norm_backward(grad_out, output, input, mean, invstd, weight, residual,
+                                   residual_mean, residual_invstd, residual_weight,
+                                   grad_dtype=None, residual_grad_dtype=None):
+    check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, False, None, None,
+                                     grad_dtype)
+    check_same(residual, input, "residual")
+    acc = accumulate_dtype(input.dtype)
+    check_channel_vector(residual_mean, input, acc, "residual_mean")
+    check_channel_vector(residual_invstd, input, acc, "residual_invstd")
+    check_affine(weight, input, "weight")
+    check_affine(residual_weight, input, "residual_weight")
+    torch._check(residual_grad_dtype is None or residual_grad_dtype.is_floating_point,
+                 lambda: f"fusedres: residual_grad_dtype must be a floating point type, got "
+                         f"{_dtype_name(residual_grad_dtype)}")
+
+
+def _fake_dual_batch_norm_backward(grad_out, output, input, mean, invstd, weight, residual,
+                                   residual_mean, residual_invstd, residual_weight,
+                                   grad_dtype=None, residual_grad_dtype=None):
+    grads = [mean.new_empty(mean.shape[0], dtype=dtype or mean.dtype)
+             for dtype in (grad_dtype, grad_dtype, residual_grad_dtype, residual_grad_dtype)]
+    return empty_like_kernel_output(input), empty_like_kernel_output(input), *grads
 
 
 # ---- add_relu ----------------------------------------------------------------------------
@@ -729,6 +754,8 @@ OPS = {
                                      _fake_batch_norm_backward_reduce),
     "batch_norm_backward_input": Op(check_batch_norm_backward_input,
                                     _fake_batch_norm_backward_input),
+    "dual_batch_norm_backward": Op(check_dual_batch_norm_backward,
+                                   _fake_dual_batch_norm_backward),
     "add_relu": Op(check_add_relu, _fake_add_relu, _setup_add_relu, _backward_add_relu),
     "conv_bias_relu": Op(check_conv_bias_relu, _fake_conv_bias_relu, _setup_conv, _backward_conv),
     "conv_bias_add_relu": Op(check_conv_bias_add_relu, _fake_conv_bias_add_relu, _setup_conv,
@@ -740,7 +767,7 @@ OPS = {
 _BN_OPS = ["batch_norm_stats", "add_batch_norm_stats", "batch_norm_apply",
            "batch_norm_act_train", "add_batch_norm_act_train", "dual_batch_norm_act_train",
            "batch_norm_backward_reduce", "batch_norm_backward_input",
-           "add_relu"]
+           "dual_batch_norm_backward", "add_relu"]
 # The ops each namespace must define (fold_conv_bn, a CompositeImplicitAutograd C++ op, needs
 # neither a fake kernel nor autograd).
 NAMESPACE_OPS = {

@@ -229,6 +229,25 @@ def batch_norm_backward_input(grad_out, output, input, mean, invstd, weight, sum
     return out.to(input.dtype)
 
 
+def dual_batch_norm_backward(grad_out, output, input, mean, invstd, weight, residual,
+                             residual_mean, residual_invstd, residual_weight, grad_dtype=None,
+                             residual_grad_dtype=None):
+    """Both BNs' gradients of relu(bn(input) + bn_r(residual)), each as
+    batch_norm_backward_reduce and batch_norm_backward_input give it for the masked gradient:
+    (grad_input, grad_residual, grad_weight, grad_bias, grad_residual_weight,
+    grad_residual_bias)."""
+    g = _masked(grad_out, output, input, mean, None, None)
+    inputs, params = [], []
+    for x, m, i, w, dtype in [(input, mean, invstd, weight, grad_dtype),
+                              (residual, residual_mean, residual_invstd, residual_weight,
+                               residual_grad_dtype)]:
+        sum_dy, sum_dy_xhat, *_ = batch_norm_backward_reduce(g, None, x, m, i)
+        inputs.append(batch_norm_backward_input(g, None, x, m, i, w, sum_dy, sum_dy_xhat)
+                      .to(input.dtype))
+        params += [sum_dy_xhat.to(dtype or sum_dy.dtype), sum_dy.to(dtype or sum_dy.dtype)]
+    return (*inputs, *params)
+
+
 def conv_bias_relu(input, weight, bias, stride, padding, dilation, groups):
     return conv_bias_act(input, weight, bias, None, stride, padding, dilation, groups)
 

@@ -6,6 +6,10 @@ g = grad_out, zeroed where the forward's output is <= 0 (the ReLU mask: read fro
 output, or recomputed from input with the forward's scale and shift); xhat = (input - mean) *
 invstd. The reduce pass writes one partial per program, summed by a
 second kernel in a fixed order (deterministic, no atomics).
+
+dual_batch_norm_backward: the same three launches for both BNs of relu(bn(x) + bn_r(r)): the
+reduce also sums g * (r - r_mean), the merge writes both BNs' sums, and the input pass writes
+both gradients from one read of (grad_out, output, x, r).
 """
 from __future__ import annotations
 
@@ -62,18 +66,23 @@ def _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK: tl.constexpr,
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr, g_ptr,
-                           rows, C, inner, rows_per_program, MASK: tl.constexpr,
-                           HAS_SHIFT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                           r_ptr, r_mean_ptr, rows, C, inner, rows_per_program,
+                           MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                           DUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # grid: (channel blocks, row programs), as _stats_partial_kernel
+    # grid: (channel blocks, row programs), as _stats_partial_kernel. DUAL: also sum(g * (r -
+    # r_mean)), the dual form's second BN's, as the partials' third row.
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_r = tl.program_id(1).to(tl.int64)
     col_ok = cols < C
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     scale, shift = _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK, HAS_SHIFT, ACC)
+    r_mean = tl.zeros([BLOCK_C], ACC)
+    if DUAL:
+        r_mean = tl.load(r_mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     sum_g = tl.zeros([BLOCK_C], ACC)
     sum_gx = tl.zeros([BLOCK_C], ACC)
+    sum_gr = tl.zeros([BLOCK_C], ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -86,28 +95,51 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0)
+        if DUAL:
+            r = tl.load(r_ptr + offsets, mask=ok, other=0.0).to(ACC)
+            sum_gr += tl.sum(g * tl.where(ok, r - r_mean[None, :], 0.0), axis=0)
     out = part_ptr + pid_r * C + cols
+    programs = tl.num_programs(1).to(tl.int64)
     tl.store(out, sum_g, mask=col_ok)
-    tl.store(out + tl.num_programs(1).to(tl.int64) * C, sum_gx, mask=col_ok)
+    tl.store(out + programs * C, sum_gx, mask=col_ok)
+    if DUAL:
+        tl.store(out + 2 * programs * C, sum_gr, mask=col_ok)
 
 
 @triton.jit
 def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
-                         grad_bias_ptr, programs, C, ACC: tl.constexpr, GRADS: tl.constexpr,
-                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                         grad_bias_ptr, r_invstd_ptr, sum_dy_rhat_ptr, r_grad_weight_ptr,
+                         r_grad_bias_ptr, programs, C, ACC: tl.constexpr, GRADS: tl.constexpr,
+                         DUAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sums the partial rows, BLOCK_P at a time as a tree (tl.sum): a serial sum over
     hundreds of rows is a chain of dependent loads and adds per channel. GRADS: also writes
-    the sums as the parameters' gradients, in their pointers' dtype."""
+    the sums as the parameters' gradients, in their pointers' dtype. DUAL: the third row too,
+    the second BN's sum_dy_rhat and its parameters' gradients (r_*)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     sum_g = tl.zeros([BLOCK_C], ACC)
     sum_gx = tl.zeros([BLOCK_C], ACC)
+    sum_gr = tl.zeros([BLOCK_C], ACC)
     for p0 in range(0, programs, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         ok = (p < programs)[:, None] & col_ok[None, :]
         part = part_ptr + p[:, None] * C + cols[None, :]
         sum_g += tl.sum(tl.load(part, mask=ok, other=0.0), axis=0)
         sum_gx += tl.sum(tl.load(part + programs * C, mask=ok, other=0.0), axis=0)
+        if DUAL:
+            sum_gr += tl.sum(tl.load(part + 2 * programs * C, mask=ok, other=0.0), axis=0)
+    _store_sums(sum_g, sum_gx, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
+                grad_bias_ptr, cols, col_ok, ACC, GRADS)
+    if DUAL:
+        _store_sums(sum_g, sum_gr, r_invstd_ptr, sum_dy_ptr, sum_dy_rhat_ptr, r_grad_weight_ptr,
+                    r_grad_bias_ptr, cols, col_ok, ACC, GRADS)
+
+
+@triton.jit
+def _store_sums(sum_g, sum_gx, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
+                grad_bias_ptr, cols, col_ok, ACC: tl.constexpr, GRADS: tl.constexpr):
+    """One BN's merged sums: sum_dy, sum_dy_xhat = sum(g * (x - mean)) * invstd, and with
+    GRADS the same as its parameters' gradients."""
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
     tl.store(sum_dy_ptr + cols, sum_g, mask=col_ok)
     tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
@@ -130,28 +162,25 @@ def _divide(a, b, ACC: tl.constexpr):
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr,
-                       sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, extra_ptr, count, rows,
-                       C, inner, MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                       HAS_WEIGHT: tl.constexpr, HAS_EXTRA: tl.constexpr,
-                       CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, extra_ptr, r_ptr,
+                       dr_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, sum_dy_rhat_ptr, count,
+                       rows, C, inner, MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       HAS_WEIGHT: tl.constexpr, HAS_EXTRA: tl.constexpr, DUAL: tl.constexpr,
+                       HAS_R_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = k * (g - mean_dy - (x - mean) * proj) (+ the extra gradient, with HAS_EXTRA), the
     per-channel k = weight * invstd, mean_dy = sum_dy / count, proj = sum_dy_xhat * invstd /
     count computed here for the tile's channels (no per-channel torch ops before the
-    launch)."""
-    r, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
+    launch). DUAL: also the dual form's second BN's gradient dr, the same of r with its r_*
+    vectors, from the same g."""
+    rows_, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
-    ok = (r < rows)[:, None] & col_ok[None, :]
-    offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    k = invstd
-    if HAS_WEIGHT:
-        k = invstd * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    ok = (rows_ < rows)[:, None] & col_ok[None, :]
+    offsets = tile_offsets(rows_, cols, C, inner, CHANNELS_LAST)
     n = tl.full([BLOCK_C], count, ACC)
     mean_dy = _divide(tl.load(sum_dy_ptr + cols, mask=col_ok, other=0.0).to(ACC), n, ACC)
-    proj = _divide(tl.load(sum_dy_xhat_ptr + cols, mask=col_ok, other=0.0).to(ACC) * invstd, n,
-                   ACC)
+    mean, k, proj = _grad_coefficients(mean_ptr, invstd_ptr, weight_ptr, sum_dy_xhat_ptr, n,
+                                       cols, col_ok, HAS_WEIGHT, ACC)
     scale, shift = _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK, HAS_SHIFT, ACC)
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
     g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
@@ -159,6 +188,27 @@ def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weigh
     if HAS_EXTRA:
         dx += tl.load(extra_ptr + offsets, mask=ok, other=0.0).to(ACC)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if DUAL:
+        r_mean, r_k, r_proj = _grad_coefficients(r_mean_ptr, r_invstd_ptr, r_weight_ptr,
+                                                 sum_dy_rhat_ptr, n, cols, col_ok, HAS_R_WEIGHT,
+                                                 ACC)
+        r = tl.load(r_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        dr = r_k[None, :] * (g - mean_dy[None, :] - (r - r_mean[None, :]) * r_proj[None, :])
+        tl.store(dr_ptr + offsets, dr.to(dr_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _grad_coefficients(mean_ptr, invstd_ptr, weight_ptr, sum_dy_xhat_ptr, n, cols, col_ok,
+                       HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """One BN's per-channel (mean, k = weight * invstd, proj = sum_dy_xhat * invstd / n)."""
+    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    k = invstd
+    if HAS_WEIGHT:
+        k = invstd * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(ACC)
+    proj = _divide(tl.load(sum_dy_xhat_ptr + cols, mask=col_ok, other=0.0).to(ACC) * invstd, n,
+                   ACC)
+    return mean, k, proj
 
 
 def _prepare(grad_out, output, input):
@@ -203,12 +253,12 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
     (y, scale, shift), mask = _mask_args(y, scale, shift, dy)
     launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
            x.device, dy, y, x, mean.contiguous(), scale, shift, partials,
-           masked_grad if write_grad else dy, rows, C, inner, rows_per_program, **mask,
-           WRITE_GRAD=write_grad, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+           masked_grad if write_grad else dy, x, mean, rows, C, inner, rows_per_program, **mask,
+           WRITE_GRAD=write_grad, DUAL=False, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     grads = (grad_weight, grad_bias) if grad_dtype is not None else (sum_dy, sum_dy)
     launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd.contiguous(),
-           sum_dy, sum_dy_xhat, *grads, programs, C, ACC=tl_acc(x.dtype),
-           GRADS=grad_dtype is not None, BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+           sum_dy, sum_dy_xhat, *grads, *(partials,) * 4, programs, C, ACC=tl_acc(x.dtype),
+           GRADS=grad_dtype is not None, DUAL=False, BLOCK_P=MERGE_ROWS, BLOCK_C=32)
     return sum_dy, sum_dy_xhat, masked_grad, grad_weight, grad_bias
 
 
@@ -233,6 +283,55 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
         dy, y, x, grad_input, mean.contiguous(), invstd.contiguous(),
         weight.contiguous() if weight is not None else invstd, sum_dy.contiguous(),
         sum_dy_xhat.contiguous(), scale, shift, extra if extra is not None else dy,
-        x.numel() // C, rows, C, inner, **mask, HAS_WEIGHT=weight is not None,
-        HAS_EXTRA=extra is not None, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+        *(x, grad_input), *(invstd,) * 4, x.numel() // C, rows, C, inner, **mask,
+        HAS_WEIGHT=weight is not None, HAS_EXTRA=extra is not None, DUAL=False,
+        HAS_R_WEIGHT=False, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
     return grad_input
+
+
+@torch.library.custom_op("fusedres_triton::dual_batch_norm_backward", mutates_args=())
+def dual_batch_norm_backward(grad_out: torch.Tensor, output: Optional[torch.Tensor],
+                             input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                             weight: Optional[torch.Tensor], residual: torch.Tensor,
+                             residual_mean: torch.Tensor, residual_invstd: torch.Tensor,
+                             residual_weight: Optional[torch.Tensor],
+                             grad_dtype: Optional[torch.dtype] = None,
+                             residual_grad_dtype: Optional[torch.dtype] = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor]:
+    """Both BNs of the dual form in three launches: one reduce over (grad_out, output, input,
+    residual) for both BNs' sums, one merge for both, one pass writing both gradients."""
+    check("dual_batch_norm_backward", grad_out, output, input, mean, invstd, weight, residual,
+          residual_mean, residual_invstd, residual_weight, grad_dtype, residual_grad_dtype)
+    dy, y, x = _prepare(grad_out, output, input)
+    r = match_layout(residual, x)
+    rows, C, inner = channel_view(x)
+    acc = acc_dtype(x.dtype)
+    grads = [torch.empty(C, dtype=dtype or acc, device=x.device)
+             for dtype in (grad_dtype, grad_dtype, residual_grad_dtype, residual_grad_dtype)]
+    grad_input, grad_residual = torch.empty_like(x), torch.empty_like(x)
+    if x.numel() == 0:
+        return grad_input, grad_residual, *(g.zero_() for g in grads)
+    sum_dy, sum_dy_xhat, sum_dy_rhat = (torch.empty(C, dtype=acc, device=x.device)
+                                        for _ in range(3))
+    programs, rows_per_program = row_split(rows, C, x.device)
+    partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
+    (y, scale, shift), mask = _mask_args(y, None, None, dy)
+    mean, invstd = mean.contiguous(), invstd.contiguous()
+    r_mean, r_invstd = residual_mean.contiguous(), residual_invstd.contiguous()
+    launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
+           x.device, dy, y, x, mean, scale, shift, partials, dy, r, r_mean, rows, C, inner,
+           rows_per_program, **mask, WRITE_GRAD=False, DUAL=True, CHANNELS_LAST=inner == 1,
+           ACC=tl_acc(x.dtype))
+    launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd, sum_dy,
+           sum_dy_xhat, grads[0], grads[1], r_invstd, sum_dy_rhat, grads[2], grads[3], programs,
+           C, ACC=tl_acc(x.dtype), GRADS=True, DUAL=True, BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+    launch(
+        _input_grad_kernel, tile_grid(rows, C), x.device,
+        dy, y, x, grad_input, mean, invstd, weight.contiguous() if weight is not None else invstd,
+        sum_dy, sum_dy_xhat, scale, shift, dy, r, grad_residual, r_mean, r_invstd,
+        residual_weight.contiguous() if residual_weight is not None else r_invstd, sum_dy_rhat,
+        x.numel() // C, rows, C, inner, **mask, HAS_WEIGHT=weight is not None, HAS_EXTRA=False,
+        DUAL=True, HAS_R_WEIGHT=residual_weight is not None, CHANNELS_LAST=inner == 1,
+        ACC=tl_acc(x.dtype))
+    return grad_input, grad_residual, *grads

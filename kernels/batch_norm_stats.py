@@ -52,26 +52,40 @@ def load_values(x_ptr, z_ptr, offsets, mask, ADD: tl.constexpr, ACC: tl.constexp
     return x
 
 
-@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED, restore=["counter_ptr"])
+@autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED,
+           restore=["counter_ptr", "second_counter_ptr"])
 @triton.jit
-def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, rows, C, inner,
-                          rows_per_program, ADD: tl.constexpr, COUNT: tl.constexpr,
+def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_ptr,
+                          second_counter_ptr, rows, C, inner, rows_per_program, ADD: tl.constexpr,
+                          COUNT: tl.constexpr, SECOND_COUNT: tl.constexpr,
                           CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # ADD: the statistics of x + z, which this kernel writes to sum. COUNT: one program adds
     # the batch to the counter (num_batches_tracked), which the merge after it reads.
-    # grid: (channel blocks, row programs); the channel blocks, up to C / 8, on the x axis
-    # (2**31 - 1), the few row programs on y (65535).
+    # grid: (channel blocks, row programs, tensors); the channel blocks, up to C / 8, on the x
+    # axis (2**31 - 1), the few row programs on y (65535). The dual form's second tensor
+    # (second_ptr, of x's shape and layout) is read by the programs of axis 2 == 1, into the
+    # second half of the partials, and counted in second_counter (SECOND_COUNT).
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     pid_r = tl.program_id(1).to(tl.int64)
-    if COUNT:
-        if (tl.program_id(0) == 0) & (pid_r == 0):
-            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+    programs = tl.num_programs(1).to(tl.int64)
+    first = (tl.program_id(0) == 0) & (pid_r == 0)
+    if tl.program_id(2) == 0:
+        src_ptr = x_ptr
+        if COUNT:
+            if first:
+                tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+    else:
+        src_ptr = second_ptr
+        part_ptr += 3 * programs * C
+        if SECOND_COUNT:
+            if first:
+                tl.store(second_counter_ptr, tl.load(second_counter_ptr) + 1)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    shift = channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
+    shift = channel_shift(src_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -79,7 +93,7 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, rows, C,
         row_ok = r < end
         ok = row_ok[:, None] & col_ok[None, :]
         offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
-        x = load_values(x_ptr, z_ptr, offsets, ok, ADD, ACC)
+        x = load_values(src_ptr, z_ptr, offsets, ok, ADD, ACC)
         if ADD:
             tl.store(sum_ptr + offsets, x, mask=ok)
         x = x.to(ACC)
@@ -89,7 +103,6 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, rows, C,
         d = tl.where(ok, x - tile_mean[None, :], 0.0)
         n, mean, m2 = chan_merge(n, mean, m2, count, tile_mean, tl.sum(d * d, axis=0))
     out = part_ptr + pid_r * C + cols
-    programs = tl.num_programs(1).to(tl.int64)
     tl.store(out, n, mask=col_ok)
     tl.store(out + programs * C, mean, mask=col_ok)
     tl.store(out + 2 * programs * C, m2, mask=col_ok)
@@ -138,23 +151,14 @@ def lerp_to(ptr, cols, col_ok, target, weight, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, z_ptr, inner,
-                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr,
-                        running_mean_ptr, running_var_ptr, counter_ptr, eps_hi, eps_lo,
-                        momentum_hi, momentum_lo, bessel_hi, bessel_lo,
-                        SHIFTED: tl.constexpr, ADD: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                        ACC: tl.constexpr,
-                        AFFINE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
-    apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
-    first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
-    1 / sqrt(var + eps), scale = weight * invstd and shift = bias (0 without one), so no
-    per-channel torch ops follow. eps = eps_hi + eps_lo (float_pair: exact in float64), as
-    the momentum and bessel = M / (M - 1). RUNNING: updates the running statistics as
-    nn.BatchNorm2d: factor = momentum, or with CUMULATIVE 1 / the counter (which the partial
-    kernel has counted the batch in)."""
+def _merge_channels(part_ptr, programs, plane, C, inner, x_ptr, z_ptr, mean_ptr, var_ptr,
+                    weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, running_mean_ptr,
+                    running_var_ptr, counter_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
+                    bessel_hi, bessel_lo, SHIFTED: tl.constexpr, ADD: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, AFFINE: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
+                    CUMULATIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """_stats_merge_kernel's work for one tensor's statistics."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     n = tl.zeros([BLOCK_C], ACC)
@@ -200,14 +204,62 @@ def _stats_merge_kernel(part_ptr, mean_ptr, var_ptr, programs, plane, C, x_ptr, 
         lerp_to(running_var_ptr, cols, col_ok, unbiased, factor, ACC)
 
 
-def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=None,
-                running=None):
-    """(mean, var) from the [3][rows][C] partials of x's statistics (x: the tensor whose first
-    values shifted them, or None if unshifted; with residual, x + residual's), written into
-    `out` if given; with affine = (weight, bias, eps) also (invstd, scale, shift) as
-    batch_norm_act_train returns them; with running = (running_mean, running_var, counter,
-    momentum, count) also updates those (RunningStats of csrc/channel_stats.h). One launch."""
-    _, rows, C = partials.shape
+# The arguments _stats_merge_kernel takes for each tensor's statistics (the second's: b_*).
+_MERGE_ARGS = ("x_ptr", "z_ptr", "mean_ptr", "var_ptr", "weight_ptr", "bias_ptr", "invstd_ptr",
+               "scale_ptr", "shift_ptr", "running_mean_ptr", "running_var_ptr", "counter_ptr",
+               "eps_hi", "eps_lo", "momentum_hi", "momentum_lo", "bessel_hi", "bessel_lo",
+               "SHIFTED", "ADD", "AFFINE", "HAS_WEIGHT", "HAS_BIAS", "RUNNING", "CUMULATIVE")
+
+
+@triton.jit
+def _stats_merge_kernel(part_ptr, programs, plane, C, inner,
+                        x_ptr, z_ptr, mean_ptr, var_ptr, weight_ptr, bias_ptr, invstd_ptr,
+                        scale_ptr, shift_ptr, running_mean_ptr, running_var_ptr, counter_ptr,
+                        eps_hi, eps_lo, momentum_hi, momentum_lo, bessel_hi, bessel_lo,
+                        b_x_ptr, b_z_ptr, b_mean_ptr, b_var_ptr, b_weight_ptr, b_bias_ptr,
+                        b_invstd_ptr, b_scale_ptr, b_shift_ptr, b_running_mean_ptr,
+                        b_running_var_ptr, b_counter_ptr, b_eps_hi, b_eps_lo, b_momentum_hi,
+                        b_momentum_lo, b_bessel_hi, b_bessel_lo,
+                        SHIFTED: tl.constexpr, ADD: tl.constexpr, AFFINE: tl.constexpr,
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr,
+                        b_SHIFTED: tl.constexpr, b_ADD: tl.constexpr, b_AFFINE: tl.constexpr,
+                        b_HAS_WEIGHT: tl.constexpr, b_HAS_BIAS: tl.constexpr,
+                        b_RUNNING: tl.constexpr, b_CUMULATIVE: tl.constexpr,
+                        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
+    apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
+    first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
+    1 / sqrt(var + eps), scale = weight * invstd and shift = bias (0 without one), so no
+    per-channel torch ops follow. eps = eps_hi + eps_lo (float_pair: exact in float64), as
+    the momentum and bessel = M / (M - 1). RUNNING: updates the running statistics as
+    nn.BatchNorm2d: factor = momentum, or with CUMULATIVE 1 / the counter (which the partial
+    kernel has counted the batch in).
+    grid: (channel blocks, tensors): the programs of axis 1 == 1 merge the dual form's second
+    tensor's partials (the next [3][rows][C]) with the b_* arguments, as the others do with
+    theirs."""
+    if tl.program_id(1) == 0:
+        _merge_channels(part_ptr, programs, plane, C, inner, x_ptr, z_ptr, mean_ptr, var_ptr,
+                        weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr,
+                        running_mean_ptr, running_var_ptr, counter_ptr, eps_hi, eps_lo,
+                        momentum_hi, momentum_lo, bessel_hi, bessel_lo, SHIFTED, ADD,
+                        CHANNELS_LAST, ACC, AFFINE, HAS_WEIGHT, HAS_BIAS, RUNNING, CUMULATIVE,
+                        BLOCK_P, BLOCK_C)
+    else:
+        _merge_channels(part_ptr + 3 * plane, programs, plane, C, inner, b_x_ptr, b_z_ptr,
+                        b_mean_ptr, b_var_ptr, b_weight_ptr, b_bias_ptr, b_invstd_ptr,
+                        b_scale_ptr, b_shift_ptr, b_running_mean_ptr, b_running_var_ptr,
+                        b_counter_ptr, b_eps_hi, b_eps_lo, b_momentum_hi, b_momentum_lo,
+                        b_bessel_hi, b_bessel_lo, b_SHIFTED, b_ADD, CHANNELS_LAST, ACC,
+                        b_AFFINE, b_HAS_WEIGHT, b_HAS_BIAS, b_RUNNING, b_CUMULATIVE, BLOCK_P,
+                        BLOCK_C)
+
+
+def _merge_outputs(partials, x, inner, affine, out, residual, running):
+    """The outputs of one tensor's merge (mean, var, and with affine invstd, scale, shift)
+    and _stats_merge_kernel's arguments for it (_MERGE_ARGS)."""
+    C = partials.shape[-1]
     mean, var = out if out is not None else (
         torch.empty(C, dtype=partials.dtype, device=partials.device) for _ in range(2))
     weight, bias, eps = affine if affine is not None else (None, None, 0.0)
@@ -215,18 +267,38 @@ def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=No
         else (None, None, None)
     running_mean, running_var, counter, momentum, count = running or (None, None, None, 0.0, 2)
     dummy = partials  # stands in for absent pointers; never read
-    launch(_stats_merge_kernel, (triton.cdiv(C, 32),), partials.device, partials, mean, var,
-           programs, rows * C, C, x if x is not None else dummy,
-           residual if residual is not None else dummy, inner,
-           *[t if t is not None else dummy
-             for t in (weight, bias, invstd, scale, shift, running_mean, running_var, counter)],
-           *float_pair(eps), *float_pair(momentum or 0.0), *float_pair(count / (count - 1)),
-           SHIFTED=x is not None, ADD=residual is not None, CHANNELS_LAST=inner == 1,
-           ACC=tl_acc(partials.dtype),
-           AFFINE=affine is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-           RUNNING=running_mean is not None, CUMULATIVE=momentum is None,
-           BLOCK_P=MERGE_ROWS, BLOCK_C=32)
-    return (mean, var) if affine is None else (mean, var, invstd, scale, shift)
+    pointers = [x, residual, mean, var, weight, bias, invstd, scale, shift, running_mean,
+                running_var, counter]
+    values = ([t if t is not None else dummy for t in pointers]
+              + [*float_pair(eps), *float_pair(momentum or 0.0), *float_pair(count / (count - 1)),
+                 x is not None, residual is not None, affine is not None, weight is not None,
+                 bias is not None, running_mean is not None, momentum is None])
+    outputs = (mean, var) if affine is None else (mean, var, invstd, scale, shift)
+    return outputs, dict(zip(_MERGE_ARGS, values))
+
+
+def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=None,
+                running=None, second=None):
+    """(mean, var) from the [(1,) 3, rows, C] partials of x's statistics (x: the tensor whose first
+    values shifted them, or None if unshifted; with residual, x + residual's), written into
+    `out` if given; with affine = (weight, bias, eps) also (invstd, scale, shift) as
+    batch_norm_act_train returns them; with running = (running_mean, running_var, counter,
+    momentum, count) also updates those (RunningStats of csrc/channel_stats.h). One launch.
+    second: the dual form's second tensor's (x, affine, running), whose partials follow x's
+    ([2][3][rows][C]): the same launch merges them, and returns both tensors' outputs."""
+    rows, C = partials.shape[-2:]
+    outputs, args = _merge_outputs(partials, x, inner, affine, out, residual, running)
+    if second is not None:
+        y, y_affine, y_running = second
+        second_outputs, second_args = _merge_outputs(partials, y, inner, y_affine, None, None,
+                                                     y_running)
+    else:
+        second_outputs, second_args = None, args
+    launch(_stats_merge_kernel, (triton.cdiv(C, 32), 1 if second is None else 2),
+           partials.device, partials, programs, rows * C, C, inner, **args,
+           **{"b_" + k: v for k, v in second_args.items()},
+           CHANNELS_LAST=inner == 1, ACC=tl_acc(partials.dtype), BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+    return outputs if second is None else (outputs, second_outputs)
 
 
 @torch.library.custom_op("fusedres_triton::batch_norm_stats", mutates_args=())
@@ -242,35 +314,62 @@ def add_batch_norm_stats(input: torch.Tensor, residual: torch.Tensor
     return channel_stats(input, residual=residual)
 
 
-def channel_stats(input: torch.Tensor, affine=None, residual=None, running=None):
+def channel_stats(input: torch.Tensor, affine=None, residual=None, running=None, second=None):
     """The launches of batch_norm_stats, on arguments already checked (the training ops):
     (mean, var), and with affine = (weight, bias, eps) also the BN's (invstd, scale, shift).
     With residual: the statistics of input + residual, and the sum first: (sum, mean, ...).
     running = (running_mean, running_var, counter, momentum) (each but momentum may be None):
-    nn.BatchNorm2d's running statistics, updated (the training ops' RunningStats)."""
-    running_mean, running_var, counter, momentum = running or (None, None, None, 0.1)
+    nn.BatchNorm2d's running statistics, updated (the training ops' RunningStats).
+    second = (tensor, affine, running): the dual form's second BN (no residual then), of a
+    tensor of input's shape: the same two launches give both BNs' statistics, returned as a
+    pair of tuples."""
     x = dense(input)
     rows, C, inner = channel_view(x)
     acc = acc_dtype(x.dtype)
     z = match_layout(residual, x)
+    y = match_layout(second[0], x) if second is not None else None
     total = torch.empty_like(x) if residual is not None else None
     if x.numel() == 0:
-        mean, var = torch.zeros(C, dtype=acc, device=x.device), torch.zeros(C, dtype=acc,
-                                                                            device=x.device)
-        statistics = (mean, var) if affine is None else (
-            mean, var, *train_coefficients(var, *affine))
-        if counter is not None:  # an empty batch is counted, and changes nothing else
-            counter.add_(1)
+        statistics = _empty_statistics(x, affine, running)
+        if second is not None:
+            statistics = (statistics, _empty_statistics(y, *second[1:]))
     else:
+        counters = [r[2] if r is not None else None
+                    for r in (running, second[2] if second is not None else None)]
         programs, rows_per_program = row_split(rows, C, x.device)
-        partials = torch.empty(3, programs, C, dtype=acc, device=x.device)
-        launch(_stats_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
+        partials = torch.empty(1 if second is None else 2, 3, programs, C, dtype=acc,
+                               device=x.device)
+        launch(_stats_partial_kernel,
+               lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs,
+                             1 if second is None else 2),
                x.device, x, z if z is not None else x, total if total is not None else x,
-               partials, counter if counter is not None else partials, rows, C, inner,
-               rows_per_program, ADD=z is not None, COUNT=counter is not None,
+               partials, counters[0] if counters[0] is not None else partials,
+               y if y is not None else x, counters[1] if counters[1] is not None else partials,
+               rows, C, inner, rows_per_program, ADD=z is not None,
+               COUNT=counters[0] is not None, SECOND_COUNT=counters[1] is not None,
                CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
         statistics = merge_stats(
             partials, programs, x, inner, affine, residual=z,
-            running=(running_mean, running_var, counter, momentum, rows)
-            if running_mean is not None else None)
+            running=_merge_running(running, rows), second=(y, second[1], _merge_running(second[2], rows))
+            if second is not None else None)
     return statistics if residual is None else (total, *statistics)
+
+
+def _merge_running(running, rows):
+    """merge_stats' running = (..., count) from the ops' (running_mean, running_var, counter,
+    momentum), or None without running statistics."""
+    if running is None or running[0] is None:
+        return None
+    return (*running, rows)
+
+
+def _empty_statistics(x, affine, running):
+    """The statistics of an empty x: zeros, and its coefficients; the batch is counted and
+    changes nothing else."""
+    C = x.shape[1]
+    mean = torch.zeros(C, dtype=acc_dtype(x.dtype), device=x.device)
+    var = torch.zeros_like(mean)
+    counter = running[2] if running is not None else None
+    if counter is not None:
+        counter.add_(1)
+    return (mean, var) if affine is None else (mean, var, *train_coefficients(var, *affine))

@@ -72,13 +72,14 @@ def dual_batch_norm_act_train(input, weight, bias, residual, residual_weight, re
           residual_bias, eps, residual_eps, relu, running_mean, running_var, num_batches_tracked,
           momentum, residual_running_mean, residual_running_var, residual_num_batches_tracked,
           residual_momentum)
-    mean, var, invstd, scale, shift = channel_stats(
-        input, (weight, bias, eps), running=(running_mean, running_var, num_batches_tracked,
-                                             momentum))
-    residual_mean, residual_var, residual_invstd, residual_scale, residual_shift = channel_stats(
-        residual, (residual_weight, residual_bias, residual_eps),
-        running=(residual_running_mean, residual_running_var, residual_num_batches_tracked,
-                 residual_momentum))
+    # Both BNs' statistics in one statistics launch and one merge.
+    ((mean, var, invstd, scale, shift),
+     (residual_mean, residual_var, residual_invstd, residual_scale, residual_shift)) = \
+        channel_stats(input, (weight, bias, eps),
+                      running=(running_mean, running_var, num_batches_tracked, momentum),
+                      second=(residual, (residual_weight, residual_bias, residual_eps),
+                              (residual_running_mean, residual_running_var,
+                               residual_num_batches_tracked, residual_momentum)))
     out = normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                         residual_shift, relu)
     return out, mean, var, invstd, residual_mean, residual_var, residual_invstd

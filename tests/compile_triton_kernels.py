@@ -69,6 +69,9 @@ def bn_workload(dtype, layouts=("channels_last", "nchw"), batch=16):
                     s = ops.batch_norm_backward_reduce(x, y, x, mean, invstd, y is not None,
                                                        *mask)
                     ops.batch_norm_backward_input(x, y, x, mean, invstd, w, *s[:2], *mask)
+                for y, grads in ((out, (None, None)), (None, (BF16, BF16))):
+                    ops.dual_batch_norm_backward(x, y, x, mean, invstd, w, x, mean, invstd, w,
+                                                 *grads)
                 ops.add_relu(x, x)
     return work
 

@@ -232,6 +232,39 @@ def test_counts_repeat_exactly(target):
 
 
 @pytest.mark.parametrize("target", BOTH)
+def test_dual_bn_relu_moves_its_floor(target):
+    """dual_batch_norm_add_relu (a projection shortcut's relu(bn(x) + bn_r(z))) in training:
+    the forward reads x and z for both BNs' statistics in one kernel, then both again and
+    writes the output: 5 passes; the backward reads the gradient, the output, x and z for both
+    BNs' sums in one kernel, then all four again and writes both input gradients: 10 passes.
+    Within 2% in bytes besides the merges' partials, 3 kernels each way and no glue (the
+    running statistics of both BNs are updated by the kernels)."""
+    use(target)
+    shape = (8, 64, 8, 8)
+    x, z = (make(shape, torch.bfloat16, "cpu", "channels_last", requires_grad=True)
+            for _ in range(2))
+    bns = [(torch.zeros(64), torch.ones(64), *[v.requires_grad_() for v in channel_vectors(64, 2)],
+            torch.tensor(0)) for _ in range(2)]
+    (rm, rv, w, b, nbt), (rrm, rrv, rw, rb, rnbt) = bns
+    grad = make(shape, torch.bfloat16, "cpu", "channels_last")
+    tensor = x.numel() * x.element_size()
+    with _cost.count(strict=target == EMULATED) as forward:
+        out = FF.dual_batch_norm_add_relu(x, z, rm, rv, rrm, rrv, w, b, rw, rb, True,
+                                          num_batches_tracked=nbt,
+                                          residual_num_batches_tracked=rnbt)
+    with _cost.count(strict=target == EMULATED) as backward:
+        torch.autograd.grad(out, (x, z, w, b, rw, rb), grad)
+    assert nbt.item() == rnbt.item() == 1
+    for c, passes in ((forward, 5), (backward, 10)):
+        moved = c.read_bytes + c.write_bytes
+        partials = sum(2 * launch.read_bytes + launch.write_bytes for launch in c.launches
+                       if "merge" in launch.kernel)
+        assert passes * tensor * 0.98 <= moved - partials <= passes * tensor * 1.02, (
+            passes, moved / tensor, partials / tensor)
+        assert len(c.launches) == 3 and c.aten == [], (c.kernels(), c.aten)
+
+
+@pytest.mark.parametrize("target", BOTH)
 def test_glue_ops_are_listed(target):
     """The ATen ops of a training forward besides its kernels. With nn.BatchNorm2d's buffers
     there are none: the statistics kernel counts the batch and the merge updates the running

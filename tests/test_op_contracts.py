@@ -85,6 +85,11 @@ grad_input = call_of("batch_norm_backward_input", lambda: dict(
     grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), sum_dy=vec(),
     sum_dy_xhat=vec(), scale=None, shift=None, extra_grad=None))
 
+dual_backward = call_of("dual_batch_norm_backward", lambda: dict(
+    grad_out=x(), output=x(), input=x(), mean=vec(), invstd=vec(), weight=vec(), residual=x(),
+    residual_mean=vec(), residual_invstd=vec(), residual_weight=vec(), grad_dtype=None,
+    residual_grad_dtype=None))
+
 
 # (id, call, the error's first line); each call is (op name, *args).
 CASES = [
@@ -185,6 +190,18 @@ CASES = [
      "fusedres: weight must have shape (4,), got [5]"),
     ("input-weight-device", grad_input(weight=meta_vec()),
      "fusedres: weight is on meta but input is on cpu"),
+    ("dual-backward-output-shape", dual_backward(output=x(2, C, 3, 1)),
+     "fusedres: output must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 1]"),
+    ("dual-backward-residual-dtype", dual_backward(residual=x(dtype=F64)),
+     "fusedres: residual must have the dtype of input (Float), got Double"),
+    ("dual-backward-residual-mean-length", dual_backward(residual_mean=vec(3)),
+     "fusedres: residual_mean must have shape (4,), got [3]"),
+    ("dual-backward-residual-invstd-dtype", dual_backward(residual_invstd=vec(dtype=F64)),
+     "fusedres: residual_invstd must be Float, got Double"),
+    ("dual-backward-residual-weight-device", dual_backward(residual_weight=meta_vec()),
+     "fusedres: residual_weight is on meta but input is on cpu"),
+    ("dual-backward-grad-dtype-int", dual_backward(residual_grad_dtype=torch.int32),
+     "fusedres: residual_grad_dtype must be a floating point type, got Int"),
     ("add-relu-shape", ("add_relu", x(), x(2, C, 3, 4)),
      "fusedres: residual must have the shape of input [2, 4, 3, 3], got [2, 4, 3, 4]"),
     ("add-relu-dtype", ("add_relu", x(), x(dtype=F64)),

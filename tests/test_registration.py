@@ -81,6 +81,13 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("batch_norm_backward_input", (x().detach(), None, x().detach(), mean, invstd, None,
                                          mean, invstd, vec(True).detach(), vec().detach(),
                                          x().detach())),
+        ("dual_batch_norm_backward", (x().detach(), out, x().detach(), mean, invstd,
+                                       vec().detach(), x().detach(), vec().detach(),
+                                       vec(True).detach(), vec(True).detach())),
+        # no ReLU, no weights; the parameters' gradients in another dtype (float64: exact)
+        ("dual_batch_norm_backward", (x().detach(), None, x().detach(), mean, invstd, None,
+                                       x().detach(), mean, invstd, None, torch.float64,
+                                       torch.float64)),
         ("add_relu", (x(), x())),
         ("conv_bias_relu", (x(), conv_w, per_channel(6, device, dtype, requires_grad=requires_grad),
                               [1, 1], [1, 1], [1, 1], 1)),

@@ -194,12 +194,12 @@ def test_grids_within_cuda_limits_for_a_million_channels(monkeypatch):
 
 def test_grid_over_the_limit_is_a_clear_error():
     x = torch.zeros(4)
+    partials = torch.zeros(3, 1, 4)
+    _, args = batch_norm_stats._merge_outputs(partials, None, 1, None, None, None, None)
     with pytest.raises(RuntimeError, match=r"_stats_merge_kernel: 70000 programs on grid axis 1"):
-        _common.launch(batch_norm_stats._stats_merge_kernel, (1, 70000), x.device, x, x, x, 1, 4,
-                       4, x, x, 1, x, x, x, x, x, x, x, x, 1e-5, 0.0, 0.1, 0.0, 2.0, 0.0,
-                       SHIFTED=False, ADD=False, CHANNELS_LAST=True,
-                       ACC=triton.language.float32, AFFINE=False, HAS_WEIGHT=False,
-                       HAS_BIAS=False, RUNNING=False, CUMULATIVE=False, BLOCK_P=64, BLOCK_C=32)
+        _common.launch(batch_norm_stats._stats_merge_kernel, (1, 70000), x.device, partials, 1,
+                       4, 4, 1, **args, **{"b_" + k: v for k, v in args.items()},
+                       CHANNELS_LAST=True, ACC=triton.language.float32, BLOCK_P=64, BLOCK_C=32)
 
 
 # ---- the convolution's statistics and defects -----------------------------------------------

@@ -296,11 +296,50 @@ Tensor batch_norm_backward_input(const Tensor& grad_out_, const std::optional<Te
   return grad_input;
 }
 
+// The dual form's backward as the two BNs' reduce and input passes in turn (the CPU has no
+// launches to save): the first reduce applies the ReLU mask and writes the masked gradient,
+// which the other three read.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_batch_norm_backward(
+    const Tensor& grad_out, const std::optional<Tensor>& output, const Tensor& input,
+    const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+    const Tensor& residual, const Tensor& residual_mean, const Tensor& residual_invstd,
+    const std::optional<Tensor>& residual_weight, std::optional<at::ScalarType> grad_dtype,
+    std::optional<at::ScalarType> residual_grad_dtype) {
+  check_backward_args(grad_out, output, input, mean, invstd);
+  check_dual_backward_args(input, weight, residual, residual_mean, residual_invstd, residual_weight,
+                           grad_dtype, residual_grad_dtype);
+  const bool relu = output.has_value();
+  // (the shortcut's gradient comes out in input's layout, as the GPU's does)
+  const Tensor r = match_layout(residual, dense_for_kernels(input));
+  auto [sum_dy, sum_dy_xhat, masked, gw, gb] = batch_norm_backward_reduce(
+      grad_out, output, input, mean, invstd, relu, std::nullopt, std::nullopt, std::nullopt);
+  const Tensor g = relu ? masked : grad_out;
+  Tensor grad_input =
+      batch_norm_backward_input(g, std::nullopt, input, mean, invstd, weight, sum_dy, sum_dy_xhat,
+                                std::nullopt, std::nullopt, std::nullopt);
+  auto [sum_dy_r, sum_dy_rhat, unused, rgw, rgb] =
+      batch_norm_backward_reduce(g, std::nullopt, r, residual_mean, residual_invstd, false,
+                                 std::nullopt, std::nullopt, std::nullopt);
+  Tensor grad_residual =
+      batch_norm_backward_input(g, std::nullopt, r, residual_mean, residual_invstd, residual_weight,
+                                sum_dy_r, sum_dy_rhat, std::nullopt, std::nullopt, std::nullopt);
+  auto as = [](const Tensor& t, std::optional<at::ScalarType> dtype) {
+    return dtype ? t.to(*dtype) : t;
+  };
+  return {grad_input,
+          grad_residual,
+          as(sum_dy_xhat, grad_dtype),
+          as(sum_dy, grad_dtype),
+          as(sum_dy_rhat, residual_grad_dtype),
+          as(sum_dy_r, residual_grad_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
   m.impl("batch_norm_backward_input", &batch_norm_backward_input);
+  m.impl("dual_batch_norm_backward", &dual_batch_norm_backward);
 }
 
 }  // namespace fusedres::cpu

@@ -174,12 +174,18 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
   if (coefficients) coefficients_from(mean, var, *coefficients);
 }
 
+// (../channel_stats.h) Two passes: the CPU has no launches to save.
+void dual_channel_stats(const Tensor& x, const Tensor& z, Statistics& sx, Statistics& sz) {
+  channel_stats(x, nullptr, nullptr, sx.mean, sx.var, &sx.coefficients);
+  channel_stats(z, nullptr, nullptr, sz.mean, sz.var, &sz.coefficients);
+}
+
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats_op<channel_stats>);
   m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
   m.impl("batch_norm_act_train", &batch_norm_act_train<channel_stats>);
   m.impl("add_batch_norm_act_train", &add_batch_norm_act_train<channel_stats>);
-  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<channel_stats>);
+  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<dual_channel_stats>);
 }
 
 }  // namespace fusedres::cpu

@@ -95,6 +95,25 @@ __device__ __forceinline__ void count_batch(int64_t* counter) {
     store(counter, load(counter) + 1);
 }
 
+// The dual form's second tensor (the shortcut's), of x's shape and layout: the blocks of
+// blockIdx.z == 1 read it instead of x (there is no z then), into the second half of the
+// partials, and count its own batch.
+template <typename scalar_t>
+struct SecondInput {
+  const scalar_t* x;  // nullptr: none (a grid of one z)
+  int64_t* counter;
+
+  // (the kernel's own parameters, __restrict__ as they are)
+  template <typename X, typename P, typename N>
+  __device__ __forceinline__ void select(X& first, P& partials, N& first_counter,
+                                         int64_t plane) const {
+    if (blockIdx.z == 0) return;
+    first = x;
+    first_counter = counter;
+    partials += plane;
+  }
+};
+
 // VEC values of x at offset, or with z those of x + z, which are written to sum there.
 template <typename scalar_t, typename acc_t, int VEC>
 __device__ __forceinline__ Vec<scalar_t, VEC> load_values(const scalar_t* __restrict__ x,
@@ -116,8 +135,10 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kBlockThreads, min_blocks_per_sm<scalar_t, VEC, 4, 6, 5>)
     stats_channels_last_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
                                scalar_t* __restrict__ sum, int64_t rows, int64_t C,
-                               moment_t* __restrict__ partials, int64_t* __restrict__ counter) {
+                               moment_t* __restrict__ partials, int64_t* __restrict__ counter,
+                               SecondInput<scalar_t> second) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  second.select(x, partials, counter, 3 * int64_t(gridDim.y) * C);
   count_batch(counter);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
@@ -147,8 +168,10 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ z,
                                             scalar_t* __restrict__ sum, int64_t outer, int64_t C,
                                             int64_t inner, moment_t* __restrict__ partials,
-                                            int64_t* __restrict__ counter) {
+                                            int64_t* __restrict__ counter,
+                                            SecondInput<scalar_t> second) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
+  second.select(x, partials, counter, 3 * int64_t(gridDim.y) * C);
   count_batch(counter);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
@@ -200,56 +223,114 @@ struct CoefficientsEpilogue {
   }
 };
 
+// One tensor's statistics as a launch of launch_stats computes them: its values, where the
+// merge writes (mean, var), and with coefficients the BN's coefficients and running
+// statistics too (for both tensors of the dual form, or for neither).
+template <typename scalar_t, typename acc_t>
+struct StatsPlane {
+  const scalar_t* x;
+  acc_t* mean;
+  acc_t* var;
+  Coefficients* coefficients;
+};
+
+template <typename acc_t>
+CoefficientsEpilogue<acc_t> coefficients_epilogue(Coefficients& k) {
+  const RunningStats& r = k.running;
+  return {channel_param(k.weight),
+          channel_param(k.bias),
+          static_cast<acc_t>(k.eps),
+          k.invstd.data_ptr<acc_t>(),
+          k.scale.data_ptr<acc_t>(),
+          k.shift.data_ptr<acc_t>(),
+          channel_buffer(r.mean),
+          channel_buffer(r.var),
+          r.counter.defined() ? r.counter.data_ptr<int64_t>() : nullptr,
+          !r.momentum.has_value(),
+          static_cast<acc_t>(r.momentum.value_or(0)),
+          static_cast<acc_t>(static_cast<double>(r.count) / static_cast<double>(r.count - 1))};
+}
+
+inline int64_t* counter_of(const Coefficients* c) {
+  return c && c->running.counter.defined() ? c->running.counter.data_ptr<int64_t>() : nullptr;
+}
+
+// The statistics of p (z, sum: of p.x + z), or with q also those of q.x (the dual form): one
+// statistics launch, its grid's z axis over the tensors, and one merge.
 template <typename scalar_t, typename acc_t, int VEC>
-void launch_stats(const ChannelView& v, const scalar_t* x, const scalar_t* z, scalar_t* sum,
-                  acc_t* mean, acc_t* var, Coefficients* coefficients,
+void launch_stats(const ChannelView& v, const StatsPlane<scalar_t, acc_t>& p,
+                  const StatsPlane<scalar_t, acc_t>* q, const scalar_t* z, scalar_t* sum,
                   const at::TensorOptions& options, int device, cudaStream_t stream) {
-  const RunningStats* running = coefficients ? &coefficients->running : nullptr;
-  int64_t* counter =
-      running && running->counter.defined() ? running->counter.data_ptr<int64_t>() : nullptr;
+  const SecondInput<scalar_t> second{q ? q->x : nullptr, q ? counter_of(q->coefficients) : nullptr};
+  const unsigned planes = q ? 2 : 1;
   Tensor partials;
   int64_t blocks;
   const auto partial_options = options.dtype(at::kDouble);
   if (v.inner == 1) {
     const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
     blocks = g.grid.y;
-    partials = at::empty({3, blocks, v.channels}, partial_options);
+    partials = at::empty({planes, 3, blocks, v.channels}, partial_options);
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(moment_t);
-    FUSEDRES_LAUNCH(g.grid, g.block, smem, stream,
+    FUSEDRES_LAUNCH(dim3(g.grid.x, g.grid.y, planes), g.block, smem, stream,
                     stats_channels_last_kernel<scalar_t, acc_t, VEC>)(
-        x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>(), counter);
+        p.x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>(), counter_of(p.coefficients),
+        second);
   } else {
     const dim3 grid = channels_first_grid(v, device);
     blocks = grid.y;
-    partials = at::empty({3, blocks, v.channels}, partial_options);
+    partials = at::empty({planes, 3, blocks, v.channels}, partial_options);
     const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);
-    FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
+    FUSEDRES_LAUNCH(dim3(grid.x, grid.y, planes), kBlockThreads, smem, stream,
                     stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>(), counter);
+        p.x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>(),
+        counter_of(p.coefficients), second);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (coefficients == nullptr) {
-    launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
-                                               v.channels, mean, var, stream);
+  const moment_t* parts = partials.const_data_ptr<moment_t>();
+  if (p.coefficients == nullptr) {
+    launch_merge_partials<MomentsOp<acc_t>, 3>(parts, blocks, v.channels, p.mean, p.var, stream);
     return;
   }
-  Coefficients& k = *coefficients;
-  const RunningStats& r = k.running;
-  const CoefficientsEpilogue<acc_t> epilogue{
-      channel_param(k.weight),
-      channel_param(k.bias),
-      static_cast<acc_t>(k.eps),
-      k.invstd.data_ptr<acc_t>(),
-      k.scale.data_ptr<acc_t>(),
-      k.shift.data_ptr<acc_t>(),
-      channel_buffer(r.mean),
-      channel_buffer(r.var),
-      counter,
-      !r.momentum.has_value(),
-      static_cast<acc_t>(r.momentum.value_or(0)),
-      static_cast<acc_t>(static_cast<double>(r.count) / static_cast<double>(r.count - 1))};
-  launch_merge_partials<MomentsOp<acc_t>, 3>(partials.const_data_ptr<moment_t>(), blocks,
-                                             v.channels, mean, var, stream, epilogue);
+  using Outputs = MergeOutputs<acc_t, CoefficientsEpilogue<acc_t>>;
+  const Outputs first{p.mean, p.var, coefficients_epilogue<acc_t>(*p.coefficients)};
+  if (q == nullptr) {
+    launch_merge_partials<MomentsOp<acc_t>, 3>(parts, blocks, v.channels, first, stream);
+    return;
+  }
+  const Outputs other{q->mean, q->var, coefficients_epilogue<acc_t>(*q->coefficients)};
+  launch_merge_partials<MomentsOp<acc_t>, 3>(parts, blocks, v.channels, first, stream, &other);
+}
+
+// The launches for input (with residual: input + residual, into sum), or with second also for
+// second (the dual form: a tensor of input's shape and layout, its statistics into s).
+void statistics_launches(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
+                         Tensor& var, Coefficients* coefficients, const Tensor* second = nullptr,
+                         Statistics* s = nullptr) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const ChannelView v = channel_view(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        using Plane = StatsPlane<scalar_t, acc_t>;
+        const Plane p{input.const_data_ptr<scalar_t>(), mean.data_ptr<acc_t>(),
+                      var.data_ptr<acc_t>(), coefficients};
+        const Plane q = second
+                            ? Plane{second->const_data_ptr<scalar_t>(), s->mean.data_ptr<acc_t>(),
+                                    s->var.data_ptr<acc_t>(), &s->coefficients}
+                            : Plane{};
+        const Plane* other = second ? &q : nullptr;
+        const scalar_t* z = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* out = sum ? sum->data_ptr<scalar_t>() : nullptr;
+        constexpr int V = kVec16<scalar_t>;
+        if (can_vectorize(v, V) && aligned16(p.x) && aligned16(q.x) && aligned16(z) &&
+            aligned16(out))
+          launch_stats<scalar_t, acc_t, V>(v, p, other, z, out, mean.options(), input.get_device(),
+                                           stream);
+        else
+          launch_stats<scalar_t, acc_t, 1>(v, p, other, z, out, mean.options(), input.get_device(),
+                                           stream);
+      });
 }
 
 }  // namespace
@@ -263,26 +344,17 @@ void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Ten
     if (coefficients) coefficients_from(mean, var, *coefficients);
     return;
   }
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const ChannelView v = channel_view(input);
-  const auto options = mean.options();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* x = input.const_data_ptr<scalar_t>();
-        const scalar_t* z = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
-        scalar_t* s = sum ? sum->data_ptr<scalar_t>() : nullptr;
-        constexpr int V = kVec16<scalar_t>;
-        if (can_vectorize(v, V) && aligned16(x) && aligned16(z) && aligned16(s))
-          launch_stats<scalar_t, acc_t, V>(v, x, z, s, mean.data_ptr<acc_t>(),
-                                           var.data_ptr<acc_t>(), coefficients, options,
-                                           input.get_device(), stream);
-        else
-          launch_stats<scalar_t, acc_t, 1>(v, x, z, s, mean.data_ptr<acc_t>(),
-                                           var.data_ptr<acc_t>(), coefficients, options,
-                                           input.get_device(), stream);
-      });
+  statistics_launches(input, residual, sum, mean, var, coefficients);
+}
+
+// (../channel_stats.h)
+void dual_channel_stats(const Tensor& x, const Tensor& z, Statistics& sx, Statistics& sz) {
+  if (x.numel() == 0) {
+    channel_stats(x, nullptr, nullptr, sx.mean, sx.var, &sx.coefficients);
+    channel_stats(z, nullptr, nullptr, sz.mean, sz.var, &sz.coefficients);
+    return;
+  }
+  statistics_launches(x, nullptr, nullptr, sx.mean, sx.var, &sx.coefficients, &z, &sz);
 }
 
 FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
@@ -290,7 +362,7 @@ FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("add_batch_norm_stats", &add_batch_norm_stats_op<channel_stats>);
   m.impl("batch_norm_act_train", &batch_norm_act_train<channel_stats>);
   m.impl("add_batch_norm_act_train", &add_batch_norm_act_train<channel_stats>);
-  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<channel_stats>);
+  m.impl("dual_batch_norm_act_train", &dual_batch_norm_act_train<dual_channel_stats>);
 }
 
 }  // namespace fusedres::cuda

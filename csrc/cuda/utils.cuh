@@ -315,12 +315,25 @@ struct NoEpilogue {
   __device__ void operator()(int64_t, const out_t*, const out_t*) const {}
 };
 
+// Where the merge of one reduction writes: the two outputs and the epilogue after them.
+template <typename out_t, class Epilogue>
+struct MergeOutputs {
+  out_t* out0;
+  out_t* out1;
+  Epilogue epilogue;
+};
+
+// blockIdx.y picks the reduction: 0 the first, 1 the second (the dual form's two BNs, merged
+// by one launch), whose partials follow the first's ([2][K][blocks][C]).
 template <class Op, int K, typename state_t, typename out_t, class Epilogue>
 __global__ void __launch_bounds__(32 * kMergeRows)
     merge_partials_kernel(const state_t* __restrict__ partials, int64_t blocks, int64_t C,
-                          out_t* __restrict__ out0, out_t* __restrict__ out1, Epilogue epilogue) {
+                          MergeOutputs<out_t, Epilogue> first,
+                          MergeOutputs<out_t, Epilogue> second) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);  // [K][kMergeRows][32]
   state_t* smem = reinterpret_cast<state_t*>(smem_bytes);
+  const MergeOutputs<out_t, Epilogue> o = blockIdx.y == 0 ? first : second;
+  partials += int64_t(blockIdx.y) * K * blocks * C;
   const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   state_t state[1][K];
   Op::init(state[0]);
@@ -347,19 +360,28 @@ __global__ void __launch_bounds__(32 * kMergeRows)
   tree_merge<Op, K, 1>(state, smem, threadIdx.x, 32, threadIdx.y, kMergeRows,
                        [&](int, int k, state_t value) { state[0][k] = value; });
   if (threadIdx.y == 0 && c < C) {
-    Op::finish(state[0], out0 + c, out1 + c);
-    epilogue(c, out0, out1);
+    Op::finish(state[0], o.out0 + c, o.out1 + c);
+    o.epilogue(c, o.out0, o.out1);
   }
+}
+
+// Merges one reduction's partials, or with `second` also a second one's (one launch).
+template <class Op, int K, typename state_t, typename out_t, class Epilogue>
+void launch_merge_partials(const state_t* partials, int64_t blocks, int64_t C,
+                           const MergeOutputs<out_t, Epilogue>& first, cudaStream_t stream,
+                           const MergeOutputs<out_t, Epilogue>* second = nullptr) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), second != nullptr ? 2 : 1);
+  FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), kMergeRows * 32 * K * sizeof(state_t), stream,
+                  merge_partials_kernel<Op, K, state_t, out_t, Epilogue>)(
+      partials, blocks, C, first, second != nullptr ? *second : first);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class Op, int K, typename state_t, typename out_t, class Epilogue = NoEpilogue>
 void launch_merge_partials(const state_t* partials, int64_t blocks, int64_t C, out_t* out0,
                            out_t* out1, cudaStream_t stream, Epilogue epilogue = {}) {
-  const unsigned grid = static_cast<unsigned>(ceil_div(C, 32));
-  FUSEDRES_LAUNCH(grid, dim3(32, kMergeRows), kMergeRows * 32 * K * sizeof(state_t), stream,
-                  merge_partials_kernel<Op, K, state_t, out_t, Epilogue>)(partials, blocks, C, out0,
-                                                                          out1, epilogue);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge_partials<Op, K>(partials, blocks, C,
+                               MergeOutputs<out_t, Epilogue>{out0, out1, epilogue}, stream);
 }
 
 // Square roots rounded as IEEE (nvcc's default -prec-sqrt=true; the host's sqrt).
