@@ -86,6 +86,17 @@ inline void coefficients_from(const at::Tensor& mean, const at::Tensor& var, Coe
   }
 }
 
+// Either device's channel_stats for an empty input: zero statistics, the coefficients, the
+// batch counted and the running statistics left as they are. False if input has values.
+inline bool statistics_of_empty(const at::Tensor& input, at::Tensor& mean, at::Tensor& var,
+                                Coefficients* coefficients) {
+  if (input.numel() != 0) return false;
+  mean.zero_();
+  var.zero_();
+  if (coefficients) coefficients_from(mean, var, *coefficients);
+  return true;
+}
+
 using StatsKernel = void (*)(const at::Tensor&, const at::Tensor*, at::Tensor*, at::Tensor&,
                              at::Tensor&, Coefficients*);
 using DualStatsKernel = void (*)(const at::Tensor&, const at::Tensor&, Statistics&, Statistics&);

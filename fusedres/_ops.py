@@ -529,9 +529,14 @@ def check_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, writ
         check_channel_vector(scale, input, acc, "scale")
     if shift is not None:
         check_channel_vector(shift, input, acc, "shift")
-    torch._check(grad_dtype is None or grad_dtype.is_floating_point,
-                 lambda: f"fusedres: grad_dtype must be a floating point type, got "
-                         f"{_dtype_name(grad_dtype)}")
+    _check_grad_dtype(grad_dtype, "grad_dtype")
+
+
+def _check_grad_dtype(dtype, name):
+    """The parameters' gradients' dtype of a backward op: a floating dtype, or None."""
+    torch._check(dtype is None or dtype.is_floating_point,
+                 lambda: f"fusedres: {name} must be a floating point type, got "
+                         f"{_dtype_name(dtype)}")
 
 
 def _fake_batch_norm_backward_reduce(grad_out, output, input, mean, invstd, write_grad=False,
@@ -575,9 +580,7 @@ def check_dual_batch_norm_backward(grad_out, output, input, mean, invstd, weight
     check_channel_vector(residual_invstd, input, acc, "residual_invstd")
     check_affine(weight, input, "weight")
     check_affine(residual_weight, input, "residual_weight")
-    torch._check(residual_grad_dtype is None or residual_grad_dtype.is_floating_point,
-                 lambda: f"fusedres: residual_grad_dtype must be a floating point type, got "
-                         f"{_dtype_name(residual_grad_dtype)}")
+    _check_grad_dtype(residual_grad_dtype, "residual_grad_dtype")
 
 
 def _fake_dual_batch_norm_backward(grad_out, output, input, mean, invstd, weight, residual,

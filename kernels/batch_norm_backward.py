@@ -129,19 +129,21 @@ def _reduce_merge_kernel(part_ptr, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad
         if DUAL:
             sum_gr += tl.sum(tl.load(part + 2 * programs * C, mask=ok, other=0.0), axis=0)
     _store_sums(sum_g, sum_gx, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
-                grad_bias_ptr, cols, col_ok, ACC, GRADS)
-    if DUAL:
+                grad_bias_ptr, cols, col_ok, ACC, GRADS, True)
+    if DUAL:  # (sum_dy is the same for both BNs: written once)
         _store_sums(sum_g, sum_gr, r_invstd_ptr, sum_dy_ptr, sum_dy_rhat_ptr, r_grad_weight_ptr,
-                    r_grad_bias_ptr, cols, col_ok, ACC, GRADS)
+                    r_grad_bias_ptr, cols, col_ok, ACC, GRADS, False)
 
 
 @triton.jit
 def _store_sums(sum_g, sum_gx, invstd_ptr, sum_dy_ptr, sum_dy_xhat_ptr, grad_weight_ptr,
-                grad_bias_ptr, cols, col_ok, ACC: tl.constexpr, GRADS: tl.constexpr):
-    """One BN's merged sums: sum_dy, sum_dy_xhat = sum(g * (x - mean)) * invstd, and with
-    GRADS the same as its parameters' gradients."""
+                grad_bias_ptr, cols, col_ok, ACC: tl.constexpr, GRADS: tl.constexpr,
+                SUM_DY: tl.constexpr):
+    """One BN's merged sums: sum_dy (with SUM_DY), sum_dy_xhat = sum(g * (x - mean)) *
+    invstd, and with GRADS the same as its parameters' gradients."""
     invstd = tl.load(invstd_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    tl.store(sum_dy_ptr + cols, sum_g, mask=col_ok)
+    if SUM_DY:
+        tl.store(sum_dy_ptr + cols, sum_g, mask=col_ok)
     tl.store(sum_dy_xhat_ptr + cols, sum_gx * invstd, mask=col_ok)
     if GRADS:
         tl.store(grad_bias_ptr + cols, sum_g.to(grad_bias_ptr.dtype.element_ty), mask=col_ok)

@@ -153,12 +153,7 @@ void stats_channels_last(const ChannelView& v, const scalar_t* x_, const scalar_
 // (../channel_stats.h)
 void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
                    Tensor& var, Coefficients* coefficients) {
-  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
-    mean.zero_();
-    var.zero_();
-    if (coefficients) coefficients_from(mean, var, *coefficients);
-    return;
-  }
+  if (statistics_of_empty(input, mean, var, coefficients)) return;
   const ChannelView v = channel_view(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm_stats", [&] {

@@ -234,6 +234,10 @@ struct StatsPlane {
   Coefficients* coefficients;
 };
 
+inline int64_t* counter_of(const Coefficients* c) {
+  return c && c->running.counter.defined() ? c->running.counter.data_ptr<int64_t>() : nullptr;
+}
+
 template <typename acc_t>
 CoefficientsEpilogue<acc_t> coefficients_epilogue(Coefficients& k) {
   const RunningStats& r = k.running;
@@ -245,14 +249,10 @@ CoefficientsEpilogue<acc_t> coefficients_epilogue(Coefficients& k) {
           k.shift.data_ptr<acc_t>(),
           channel_buffer(r.mean),
           channel_buffer(r.var),
-          r.counter.defined() ? r.counter.data_ptr<int64_t>() : nullptr,
+          counter_of(&k),
           !r.momentum.has_value(),
           static_cast<acc_t>(r.momentum.value_or(0)),
           static_cast<acc_t>(static_cast<double>(r.count) / static_cast<double>(r.count - 1))};
-}
-
-inline int64_t* counter_of(const Coefficients* c) {
-  return c && c->running.counter.defined() ? c->running.counter.data_ptr<int64_t>() : nullptr;
 }
 
 // The statistics of p (z, sum: of p.x + z), or with q also those of q.x (the dual form): one
@@ -338,12 +338,7 @@ void statistics_launches(const Tensor& input, const Tensor* residual, Tensor* su
 // (../channel_stats.h)
 void channel_stats(const Tensor& input, const Tensor* residual, Tensor* sum, Tensor& mean,
                    Tensor& var, Coefficients* coefficients) {
-  if (input.numel() == 0) {  // no values: zero statistics, the caller skips running stats
-    mean.zero_();
-    var.zero_();
-    if (coefficients) coefficients_from(mean, var, *coefficients);
-    return;
-  }
+  if (statistics_of_empty(input, mean, var, coefficients)) return;
   statistics_launches(input, residual, sum, mean, var, coefficients);
 }
 
