@@ -21,11 +21,14 @@ How it is counted (fusedres._cost, under gpu_geometry(132): grids sized for an H
 - eager PyTorch: its ATen ops, one launch each (a lower bound: a BN on a GPU is 2-3 kernels).
 
 Scaling to N=256 (the emulation and the interpreter are too slow for 256 x 64 x 112 x 112):
-- cuda: counted at two batch sizes N1 and 2 * N1, where N1 is the first power of two at which
-  the launchers' grids stop growing (identical grids at N1 and 2 * N1, checked: they are then
-  the grids of N=256 too, so the reductions' partials have their N=256 size). Every count is
-  then a + b * N exactly (per-sample bytes, and the per-channel and partial bytes that do not
-  depend on N); the line through the two counts gives N=256.
+- cuda: counted at two batch sizes N1 and 2 * N1, N1 the first power of two at which every
+  reduction's row blocks grow from N1 to 2 * N1. A launch's bytes are a + b * N (per-sample
+  and per-channel bytes) but for a reduction's partials: k bytes per row block, written by the
+  reduction and read by its merge, and the row blocks grow with N until each reduces enough
+  rows (csrc/cuda/utils.cuh, min_partial_rows). So k is the merge's growth per row block, the
+  row blocks at N=256 those of the launchers' rule (cuda_reduction_grid, a copy checked
+  against every counted grid), and the rest is the line through the two counts. Checked by
+  counting one shape at N=256 itself.
 - triton: counted at one small N (about 2**18 values), then scaled per tensor argument: bytes of
   a tensor of the activation's size that a kernel reads or writes whole scale by 256 / N; the
   reductions' partials by the number of row programs at N=256 over those counted (the launcher's
@@ -203,43 +206,145 @@ def linear_at(v1: int, v2: int, n1: int, n2: int, n: int) -> int:
     return int(value)
 
 
-def grids(phases: dict) -> list:
-    return [(p, launch.kernel, launch.grid) for p, c in phases.items() for launch in c.launches]
+# csrc/cuda/utils.cuh: threads per block, blocks per SM the reductions aim for, and the
+# partials' share of a reduction's bytes (kPartialShare).
+CUDA_BLOCK_THREADS = 256
+CUDA_BLOCKS_PER_SM = 8
+CUDA_PARTIAL_SHARE = 64
+
+
+def cuda_reduction_grid(rows: int, channels: int, partial_bytes: int, row_bytes: int,
+                        sms: int = _cost.H100_SMS) -> tuple[int, int]:
+    """(grid.x, grid.y) of channels_last_reduction_grid (csrc/cuda/utils.cuh) for a bfloat16
+    reduction whose blocks write partial_bytes per channel and whose rows move row_bytes per
+    channel; checked against every counted launch."""
+    vectors = -(-channels // (16 // DTYPE.itemsize))
+    target = sms * CUDA_BLOCKS_PER_SM
+    min_rows = -(-CUDA_PARTIAL_SHARE * partial_bytes // row_bytes)
+    max_gy = min(max(rows // min_rows, 1), 65535)
+    bx = 1
+    while bx < 32 and bx < vectors:
+        bx *= 2
+    while True:
+        by = CUDA_BLOCK_THREADS // bx
+        gx = -(-vectors // bx)
+        gy = max(1, min(target // gx, -(-rows // by), max_gy))
+        if bx <= 2 or gx * gy >= target // 2:
+            return gx, gy
+        bx //= 2
+
+
+def cuda_reduction_rows(launch, form: str, partials: int) -> tuple[int, int]:
+    """(partial bytes, row bytes) per channel by which a CUDA launcher sizes its reduction
+    (min_partial_rows), from the partial bytes per channel and block row counted: the
+    statistics count per tensor (the grid's z axis: the dual form's two), one bfloat16 read a
+    row; the backward reduce both BNs' sums at once, reading dy and x (and z) a row."""
+    if launch.kernel.startswith("stats_"):
+        return partials // launch.grid[2], DTYPE.itemsize
+    if launch.kernel.startswith("reduce_"):
+        return partials, DTYPE.itemsize * (3 if form == "dual" else 2)
+    raise RuntimeError(f"not a reduction: {launch.kernel}")
+
+
+def reduction_of(c: _cost.Count) -> int | None:
+    """The index of the phase's reduction launch (the one its merge follows), or None."""
+    names = c.kernels()
+    merges = [i for i, name in enumerate(names) if name == "merge_partials_kernel"]
+    if len(merges) > 1 or merges == [0]:
+        raise RuntimeError(f"unexpected launches {names}")
+    return merges[0] - 1 if merges else None
 
 
 def cuda_costs(form, channels, side) -> tuple[dict, int]:
-    """The cuda target's phases at N=256 from two counts with identical (saturated) grids."""
+    """The cuda target's phases at N=256 from counts at N1 and N2 = 2 * N1 (module docstring):
+    each launch's bytes are a + b * N, but for the partials of a reduction (written by it,
+    read by its merge), k bytes per block row times the row blocks, which grow with N."""
     fusedres.set_backend(TARGETS["cuda"])
+
+    def row_blocks(phases, phase):
+        i = reduction_of(phases[phase])
+        return None if i is None else phases[phase].launches[i].grid[1]
+
     n = 1
     counted = {n: count_phases(fused, make_case(form, n, channels, side))}
-    while True:
+    while True:  # the first N at which every reduction's row blocks grow from N to 2 * N
         counted[2 * n] = count_phases(fused, make_case(form, 2 * n, channels, side))
-        if grids(counted[n]) == grids(counted[2 * n]):
+        if all(row_blocks(counted[n], p) != row_blocks(counted[2 * n], p)
+               for p in PHASES if row_blocks(counted[n], p) is not None):
             break
         n *= 2
         if n >= BATCH:
-            raise RuntimeError(f"grids still grow at N={n}")
+            raise RuntimeError(f"{form} {channels}@{side}: no N with growing reductions")
     n1, n2 = n, 2 * n
+    rows = {m: m * side * side for m in (n1, n2, BATCH)}
     result = {}
     for phase in PHASES:
         a, b = counted[n1][phase], counted[n2][phase]
         if a.kernels() != b.kernels():
             raise RuntimeError(f"{form} {channels}@{side} {phase}: launches differ between "
                                f"N={n1} and N={n2}: {a.kernels()} / {b.kernels()}")
+        r = reduction_of(a)
+        # partial bytes (subtracted before the line through the counts, added back at N=256)
+        partial = {n1: [[0, 0] for _ in a.launches], n2: [[0, 0] for _ in a.launches],
+                   BATCH: [[0, 0] for _ in a.launches]}
+        grid256 = {}
+        if r is not None:
+            gy1, gy2 = a.launches[r].grid[1], b.launches[r].grid[1]
+            k = Fraction(b.launches[r + 1].read_bytes - a.launches[r + 1].read_bytes, gy2 - gy1)
+            if (k / channels).denominator != 1:
+                raise RuntimeError(f"{form} {channels}@{side} {phase}: partials of {k} bytes "
+                                   "a row block")
+            partial_bytes, row_bytes = cuda_reduction_rows(a.launches[r], form, int(k / channels))
+            rule = {m: cuda_reduction_grid(rows[m], channels, partial_bytes, row_bytes)
+                    for m in rows}
+            if (rule[n1], rule[n2]) != (a.launches[r].grid[:2], b.launches[r].grid[:2]):
+                raise RuntimeError(f"{form} {channels}@{side} {phase}: grid rule {rule} against "
+                                   f"the counted {a.launches[r].grid} / {b.launches[r].grid}")
+            grid256[r] = rule[BATCH] + a.launches[r].grid[2:]
+            for m in rows:
+                blocks_k = int(k * rule[m][1])
+                partial[m][r][1] = blocks_k  # written by the reduction
+                partial[m][r + 1][0] = blocks_k  # read by its merge
 
-        def at(f):
+        def at(la, lb, i, rw):  # a launch's bytes at N=256 (rw: 0 read, 1 written)
+            v1, v2 = ((la.read_bytes, lb.read_bytes) if rw == 0 else
+                      (la.write_bytes, lb.write_bytes))
+            return (linear_at(v1 - partial[n1][i][rw], v2 - partial[n2][i][rw], n1, n2, BATCH)
+                    + partial[BATCH][i][rw])
+
+        per_kernel = [(la.kernel, grid256.get(i, lb.grid), at(la, lb, i, 0), at(la, lb, i, 1))
+                      for i, (la, lb) in enumerate(zip(a.launches, b.launches))]
+
+        def aten(f):
             return linear_at(f(a), f(b), n1, n2, BATCH)
 
         result[phase] = Cost(
             kernels=[launch.kernel for launch in a.launches], aten=[op.name for op in a.aten],
-            kernel_read=at(lambda c: c.kernel_read_bytes),
-            kernel_write=at(lambda c: c.kernel_write_bytes),
-            aten_read=at(lambda c: sum(op.read_bytes for op in c.aten)),
-            aten_write=at(lambda c: sum(op.write_bytes for op in c.aten)),
-            per_kernel=[(la.kernel, la.grid, linear_at(la.read_bytes, lb.read_bytes, n1, n2, BATCH),
-                         linear_at(la.write_bytes, lb.write_bytes, n1, n2, BATCH))
-                        for la, lb in zip(a.launches, b.launches)])
+            kernel_read=sum(k[2] for k in per_kernel), kernel_write=sum(k[3] for k in per_kernel),
+            aten_read=aten(lambda c: sum(op.read_bytes for op in c.aten)),
+            aten_write=aten(lambda c: sum(op.write_bytes for op in c.aten)),
+            per_kernel=per_kernel)
     return result, n1
+
+
+def check_cuda_scaling(form, channels, side) -> str:
+    """The cuda target's prediction for N=256 against a count at N=256 itself: exact."""
+    predicted, n1 = cuda_costs(form, channels, side)
+    measured = count_phases(fused, make_case(form, BATCH, channels, side))
+    for phase in PHASES:
+        c, p = measured[phase], predicted[phase]
+        r = reduction_of(c)
+        seen = [(la.kernel, la.grid if i == r else None, la.read_bytes, la.write_bytes)
+                for i, la in enumerate(c.launches)]
+        expected = [(k, grid if i == r else None, rb, wb)
+                    for i, (k, grid, rb, wb) in enumerate(p.per_kernel)]
+        if seen != expected:
+            raise RuntimeError(f"cuda scaling check failed: {form} {channels}@{side} {phase}: "
+                               f"{expected} != {seen}")
+    blocks = [la.grid for la in measured["fwd"].launches[:1] + measured["bwd"].launches[:1]]
+    return (f"{form} {channels}x{side}x{side} (cuda): N={n1} and N={2 * n1} scaled to N={BATCH} "
+            f"equal the count at N={BATCH} in every launch, grid and byte (reduction grids "
+            f"{blocks[0]} and {blocks[1]})")
 
 
 def triton_programs(rows: int, channels: int) -> int:
@@ -530,6 +635,9 @@ def main(argv=None):
                       + "  ".join(f"{p} {c.launches} launches {passes(c, channels, side):.2f} "
                                   f"passes" for p, c in costs.items())
                       + f"  ({time.time() - t0:.0f} s)", flush=True)
+        if "cuda" in targets and not args.no_check:
+            checks.append(check_cuda_scaling("relu", 512, 7))
+            print(checks[-1], flush=True)
         if "triton" in targets and not args.no_check:
             for form, channels, side in (("relu", 512, 7), ("dual", 1024, 14)):
                 checks.append(check_triton_scaling(form, channels, side))

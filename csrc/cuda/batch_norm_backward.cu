@@ -439,8 +439,12 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
   const int64_t planes = kDual ? 2 : 1;
   Tensor partials;
   int64_t blocks;
+  // Rows counted by what every form reads, dy and x (and r): the grid, and so the order of
+  // the sums, is the same whether the ReLU mask comes from y or is recomputed from x.
+  const int64_t min_rows =
+      min_partial_rows(planes * 2 * sizeof(acc_t), int64_t(sizeof(scalar_t)) * (kDual ? 3 : 2));
   if (v.inner == 1) {
-    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    const auto g = channels_last_reduction_grid(v, VEC, device, /*blocks_per_sm=*/8, min_rows);
     blocks = g.grid.y;
     partials = at::empty({planes, 2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * K * sizeof(acc_t);
@@ -448,7 +452,7 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
                     reduce_channels_last_kernel<scalar_t, acc_t, VEC, kDual>)(
         a, r, v.outer, v.channels, partials.data_ptr<acc_t>());
   } else {
-    const dim3 grid = channels_first_grid(v, device);
+    const dim3 grid = channels_first_grid(v, device, min_rows);
     blocks = grid.y;
     partials = at::empty({planes, 2, blocks, v.channels}, acc_options);
     const size_t smem = size_t(kBlockThreads) * K * sizeof(acc_t);

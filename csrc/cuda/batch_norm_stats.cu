@@ -266,8 +266,11 @@ void launch_stats(const ChannelView& v, const StatsPlane<scalar_t, acc_t>& p,
   Tensor partials;
   int64_t blocks;
   const auto partial_options = options.dtype(at::kDouble);
+  // a row reads x (with z: and z, and writes their sum)
+  const int64_t min_rows =
+      min_partial_rows(3 * sizeof(moment_t), sizeof(scalar_t) * (z != nullptr ? 3 : 1));
   if (v.inner == 1) {
-    const auto g = channels_last_grid(v, VEC, device, /*blocks_per_sm=*/8);
+    const auto g = channels_last_reduction_grid(v, VEC, device, /*blocks_per_sm=*/8, min_rows);
     blocks = g.grid.y;
     partials = at::empty({planes, 3, blocks, v.channels}, partial_options);
     const size_t smem = size_t(g.block.x) * g.block.y * VEC * 3 * sizeof(moment_t);
@@ -276,7 +279,7 @@ void launch_stats(const ChannelView& v, const StatsPlane<scalar_t, acc_t>& p,
         p.x, z, sum, v.outer, v.channels, partials.data_ptr<moment_t>(), counter_of(p.coefficients),
         second);
   } else {
-    const dim3 grid = channels_first_grid(v, device);
+    const dim3 grid = channels_first_grid(v, device, min_rows);
     blocks = grid.y;
     partials = at::empty({planes, 3, blocks, v.channels}, partial_options);
     const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);

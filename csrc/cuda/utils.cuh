@@ -225,23 +225,62 @@ struct ChannelsLastGrid {
   dim3 block, grid;
 };
 
-inline ChannelsLastGrid channels_last_grid(const ChannelView& v, int vec, int device,
-                                           int blocks_per_sm) {
-  const int64_t vectors = ceil_div(v.channels, vec);
-  int bx = 1;
-  while (bx < 32 && bx < vectors) bx *= 2;
+// bx threads across the channels (vectors of them), rows split into at most max_gy blocks.
+inline ChannelsLastGrid channels_last_shape(const ChannelView& v, int64_t vectors, int bx,
+                                            int64_t target, int64_t max_gy) {
   const int by = kBlockThreads / bx;
   const int64_t gx = ceil_div(vectors, bx);
-  const int64_t target = int64_t(sm_count(device)) * blocks_per_sm;
   const int64_t gy =
-      std::clamp<int64_t>(target / gx, 1, std::min<int64_t>(ceil_div(v.outer, by), 65535));
+      std::clamp<int64_t>(target / gx, 1, std::min<int64_t>(ceil_div(v.outer, by), max_gy));
   return {dim3(bx, by), dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy))};
 }
 
-// Channels-first: one block column per channel, the grid's y dimension splits its values.
-inline dim3 channels_first_grid(const ChannelView& v, int device) {
+// Threads across the channels: up to 32 (a warp reads 32 consecutive vectors of a row).
+inline int channels_last_width(int64_t vectors) {
+  int bx = 1;
+  while (bx < 32 && bx < vectors) bx *= 2;
+  return bx;
+}
+
+inline ChannelsLastGrid channels_last_grid(const ChannelView& v, int vec, int device,
+                                           int blocks_per_sm) {
+  const int64_t vectors = ceil_div(v.channels, vec);
+  return channels_last_shape(v, vectors, channels_last_width(vectors),
+                             int64_t(sm_count(device)) * blocks_per_sm, 65535);
+}
+
+// A reduction's blocks each write a partial per channel, which the merge reads again: each
+// block reduces at least min_partial_rows rows (or values of a channel), so that the partials
+// move at most 1 / kPartialShare of the bytes the reduction's rows move. (Sized to fill the
+// GPU alone, a 7x7 BN at N = 256, 12,544 rows over 528 block rows, wrote partials of half its
+// input's size, which the merge read again.)
+constexpr int64_t kPartialShare = 64;
+
+// partial_bytes: what a block writes per channel; row_bytes: what a row moves per channel.
+inline int64_t min_partial_rows(int64_t partial_bytes, int64_t row_bytes) {
+  return ceil_div(kPartialShare * partial_bytes, row_bytes);
+}
+
+// channels_last_grid for a reduction: at most one block row per min_rows rows; where that
+// leaves fewer than half the blocks the GPU wants, narrower blocks (fewer channels, more rows
+// each) make more of them across the channels, down to 2 threads (32 bytes) of a row.
+inline ChannelsLastGrid channels_last_reduction_grid(const ChannelView& v, int vec, int device,
+                                                     int blocks_per_sm, int64_t min_rows) {
+  const int64_t vectors = ceil_div(v.channels, vec);
+  const int64_t target = int64_t(sm_count(device)) * blocks_per_sm;
+  const int64_t max_gy = std::clamp<int64_t>(v.outer / min_rows, 1, 65535);
+  for (int bx = channels_last_width(vectors);; bx /= 2) {
+    const ChannelsLastGrid g = channels_last_shape(v, vectors, bx, target, max_gy);
+    if (bx <= 2 || int64_t(g.grid.x) * g.grid.y >= target / 2) return g;
+  }
+}
+
+// A channels-first reduction: one block column per channel, the grid's y dimension splits its
+// values, at least min_values of them a block (min_partial_rows).
+inline dim3 channels_first_grid(const ChannelView& v, int device, int64_t min_values) {
   const int64_t target = int64_t(sm_count(device)) * 8;
-  const int64_t per_channel_blocks = ceil_div(v.per_channel(), kBlockThreads * 4);
+  const int64_t per_channel_blocks = std::min(ceil_div(v.per_channel(), kBlockThreads * 4),
+                                              std::max<int64_t>(1, v.per_channel() / min_values));
   const int64_t gy = std::clamp<int64_t>(ceil_div(target, v.channels), 1,
                                          std::min<int64_t>(per_channel_blocks, 65535));
   return dim3(static_cast<unsigned>(v.channels), static_cast<unsigned>(gy));
