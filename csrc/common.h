@@ -214,6 +214,19 @@ inline void check_apply_args(const at::Tensor& input, const at::Tensor& mean,
   if (residual_shift) check_channel_vector(*residual_shift, input, acc, "residual_shift");
 }
 
+// Arguments of batch_norm_coefficients: an eval BN's running statistics (required) and its
+// optional weight and bias, each C values of a floating dtype on input's device.
+inline void check_coefficients_args(const at::Tensor& input, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  check_input(input, "input");
+  check_affine(running_mean, input, "running_mean");
+  check_affine(running_var, input, "running_var");
+  check_affine(weight, input, "weight");
+  check_affine(bias, input, "bias");
+}
+
 // Arguments shared by the two BN backward passes.
 // The backward's ReLU mask comes from the saved output, or (scale given) is recomputed from
 // input as the forward computed that output: relu((input - mean) * scale + shift).

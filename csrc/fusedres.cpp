@@ -19,6 +19,11 @@
 //                             triton: kernels/batch_norm_apply.py
 //                             used by: fusedres/functional.py (eval forms of batch_norm_relu,
 //                             batch_norm_add_relu, dual_batch_norm_add_relu)
+// batch_norm_coefficients     cpu: csrc/cpu/batch_norm_apply.cpp (host code: csrc/normalize_act.h)
+//                             cuda: csrc/cuda/batch_norm_apply.cu
+//                             triton: kernels/batch_norm_apply.py
+//                             used by: fusedres/functional.py (the eval forms, before
+//                             batch_norm_apply)
 // batch_norm_act_train        cpu, cuda: csrc/batch_norm_train.h (stats + apply), registered
 //                             with each device's statistics (csrc/{cpu,cuda}/batch_norm_stats.*)
 //                             triton: kernels/batch_norm_train.py
@@ -94,6 +99,15 @@ FUSEDRES_LIBRARY_DEF(m) {
       "batch_norm_apply(Tensor input, Tensor mean, Tensor scale, Tensor? shift, "
       "Tensor? residual, Tensor? residual_mean, Tensor? residual_scale, Tensor? residual_shift, "
       "bool relu) -> Tensor");
+
+  // An eval BN as batch_norm_apply takes it: mean = running_mean, scale = weight /
+  // sqrt(running_var + eps) (IEEE-rounded square root and division; weight 1 without one) and
+  // shift = bias (0 without one), new tensors in float (double for double inputs), in one
+  // launch. input: the BN's input, of which only the channels, dtype and device are used.
+  // running_mean, running_var, weight and bias: C values of any floating dtype.
+  m.def(
+      "batch_norm_coefficients(Tensor input, Tensor running_mean, Tensor running_var, "
+      "Tensor? weight, Tensor? bias, float eps) -> (Tensor mean, Tensor scale, Tensor shift)");
 
   // Training forward: batch statistics of input, then one normalize (+ residual) (+ ReLU)
   // pass. Returns the output, the batch mean and biased variance, and the coefficients the

@@ -6,13 +6,16 @@
 // residual_scale is 1, an absent residual means no residual term. Tensors are dense in input's
 // layout (the per-channel vectors contiguous, float / double); out must not alias an input.
 //
-// Also the host side of the two ops built on it, written once for both devices.
+// Also the host side of the two ops built on it, written once for both devices, and of
+// batch_norm_coefficients, which gives an eval BN's vectors for it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
 #include <optional>
+#include <tuple>
 
 #include "common.h"
 
@@ -59,6 +62,40 @@ at::Tensor add_relu_op(const at::Tensor& input_, const at::Tensor& residual) {
   at::Tensor out = at::empty_like(input);
   kernel(input, {.residual = match_layout(residual, input), .relu = true}, out);
   return out;
+}
+
+// batch_norm_coefficients: an eval BN's mean, scale = weight / sqrt(running_var + eps) and
+// shift = bias (C values each, in the statistics' dtype) from its vectors as
+// channel_parameter gives them (weight / bias undefined: none), in one kernel.
+struct CoefficientsArgs {
+  at::Tensor running_mean, running_var, weight, bias;
+  double eps;
+};
+
+namespace cpu {
+void coefficients(const CoefficientsArgs& args, at::Tensor& mean, at::Tensor& scale,
+                  at::Tensor& shift);
+}
+namespace cuda {
+void coefficients(const CoefficientsArgs& args, at::Tensor& mean, at::Tensor& scale,
+                  at::Tensor& shift);
+}
+
+using CoefficientsKernel = void (*)(const CoefficientsArgs&, at::Tensor&, at::Tensor&, at::Tensor&);
+
+template <CoefficientsKernel kernel>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_coefficients_op(
+    const at::Tensor& input, const at::Tensor& running_mean, const at::Tensor& running_var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  check_coefficients_args(input, running_mean, running_var, weight, bias);
+  const auto acc = accumulate_type(input.scalar_type());
+  at::Tensor mean = at::empty({input.size(1)}, running_mean.options().dtype(acc));
+  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean);
+  if (mean.numel() > 0)
+    kernel({channel_parameter(running_mean, acc), channel_parameter(running_var, acc),
+            channel_parameter(weight, acc), channel_parameter(bias, acc), eps},
+           mean, scale, shift);
+  return {mean, scale, shift};
 }
 
 }  // namespace fusedres

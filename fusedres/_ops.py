@@ -324,6 +324,50 @@ def _backward_apply(ctx, grad):
     return grads + (None,)
 
 
+# ---- batch_norm_coefficients -------------------------------------------------------------
+
+
+def check_batch_norm_coefficients(input, running_mean, running_var, weight, bias, eps):
+    check_input(input)
+    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        check_affine(t, input, name)
+
+
+def _fake_batch_norm_coefficients(input, running_mean, running_var, weight, bias, eps):
+    return channel_vector(input), channel_vector(input), channel_vector(input)
+
+
+def _setup_coefficients(ctx, inputs, output):
+    input, running_mean, running_var, weight, bias, eps = inputs
+    ctx.dtypes = (running_mean.dtype, running_var.dtype, bias.dtype if bias is not None else None)
+    # invstd, not running_var: a later training step updates running_var in place, which must
+    # not invalidate this graph (F.batch_norm's eval backward survives that too).
+    invstd = None
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        acc = output[1].dtype  # (no .to() of the same dtype: an op may not return its input)
+        invstd = ((running_var if running_var.dtype == acc else running_var.to(acc)) + eps).rsqrt()
+    ctx.save_for_backward(invstd, weight)
+
+
+def _backward_coefficients(ctx, grad_mean, grad_scale, grad_shift):
+    """scale = weight * invstd, invstd = (running_var + eps) ** -0.5: d weight = g * invstd,
+    d running_var = -g * weight * invstd ** 3 / 2 (torch ops: an eval BN is rarely trained)."""
+    invstd, weight = ctx.saved_tensors
+    mean_dtype, var_dtype, bias_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    grad_var = grad_weight = None
+    if grad_scale is not None and (need[2] or need[3]):
+        if need[2]:
+            w = weight.to(grad_scale.dtype) if weight is not None else 1.0
+            grad_var = (grad_scale * w * invstd.pow(3) * -0.5).to(var_dtype)
+        if need[3]:
+            grad_weight = _cast(grad_scale * invstd, weight)
+    return (None, grad_mean.to(mean_dtype) if need[1] and grad_mean is not None else None,
+            grad_var, grad_weight,
+            grad_shift.to(bias_dtype) if need[4] and grad_shift is not None else None, None)
+
+
 # ---- batch_norm_act_train ----------------------------------------------------------------
 
 
@@ -746,6 +790,8 @@ OPS = {
     "add_batch_norm_stats": Op(check_add_batch_norm_stats, _fake_add_batch_norm_stats),
     "batch_norm_apply": Op(check_batch_norm_apply, _fake_batch_norm_apply, _setup_apply,
                            _backward_apply),
+    "batch_norm_coefficients": Op(check_batch_norm_coefficients, _fake_batch_norm_coefficients,
+                                  _setup_coefficients, _backward_coefficients),
     "batch_norm_act_train": Op(check_batch_norm_act_train, _fake_batch_norm_act_train,
                                _setup_train, _backward_train),
     "add_batch_norm_act_train": Op(check_add_batch_norm_act_train,
@@ -768,8 +814,8 @@ OPS = {
 }
 
 _BN_OPS = ["batch_norm_stats", "add_batch_norm_stats", "batch_norm_apply",
-           "batch_norm_act_train", "add_batch_norm_act_train", "dual_batch_norm_act_train",
-           "batch_norm_backward_reduce", "batch_norm_backward_input",
+           "batch_norm_coefficients", "batch_norm_act_train", "add_batch_norm_act_train",
+           "dual_batch_norm_act_train", "batch_norm_backward_reduce", "batch_norm_backward_input",
            "dual_batch_norm_backward", "add_relu"]
 # The ops each namespace must define (fold_conv_bn, a CompositeImplicitAutograd C++ op, needs
 # neither a fake kernel nor autograd).

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _backend, reference
 from ._extension import cpp_loaded
 
-from ._ops import accumulate_dtype, register
+from ._ops import register
 
 if cpp_loaded:
     register("fusedres")  # fake kernels and autograd of the C++ ops
@@ -214,13 +214,13 @@ def _op_running_stats(input, running_mean, running_var, num_batches_tracked, mom
 _NO_RUNNING_STATS = (None, None, None, 0.1)
 
 
-def _eval_coefficients(input, running_mean, running_var, weight, bias, eps):
-    """Eval BN as out = (x - mean) * scale + shift, in float (double for double inputs)."""
-    acc = accumulate_dtype(input.dtype)
-    scale, shift = reference.scale_shift(running_var.to(acc), weight, bias, eps)
-    # A copy when autograd may save it: a later training step updates running_mean in place,
-    # which must not invalidate this graph (F.batch_norm's eval backward survives that too).
-    return running_mean.to(acc, copy=torch.is_grad_enabled()), scale, shift
+def _eval_coefficients(ops, input, running_mean, running_var, weight, bias, eps):
+    """Eval BN as out = (x - mean) * scale + shift, in float (double for double inputs): one
+    launch of batch_norm_coefficients. Its outputs are new tensors, so that a later training
+    step's in-place update of running_mean cannot invalidate a graph that saved them (as
+    F.batch_norm's eval backward survives that too)."""
+    return _call(ops.batch_norm_coefficients, input, running_mean, running_var, weight, bias,
+                 float(eps))
 
 
 def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, training,
@@ -240,8 +240,8 @@ def _batch_norm_act(input, residual, running_mean, running_var, weight, bias, tr
                                         bias, training, factor, eps, relu)
     ops = _fused_ops(backend)
     if not training:
-        mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
-                                                eps)
+        mean, scale, shift = _eval_coefficients(ops, input, running_mean, running_var, weight,
+                                                bias, eps)
         return _call(ops.batch_norm_apply, input, mean, scale, shift, residual, None, None, None,
                      relu)
     out, mean, var, *_ = ops.batch_norm_act_train(
@@ -350,12 +350,13 @@ def dual_batch_norm_add_relu(
         return reference.batch_norm_act(input, bn_residual, running_mean, running_var, weight,
                                         bias, training, factor, eps, relu)
     if not training:
-        mean, scale, shift = _eval_coefficients(input, running_mean, running_var, weight, bias,
-                                                eps)
+        ops = _fused_ops(backend)
+        mean, scale, shift = _eval_coefficients(ops, input, running_mean, running_var, weight,
+                                                bias, eps)
         residual_coefficients = _eval_coefficients(
-            residual, residual_running_mean, residual_running_var, residual_weight,
+            ops, residual, residual_running_mean, residual_running_var, residual_weight,
             residual_bias, residual_eps)
-        return _call(_fused_ops(backend).batch_norm_apply, input, mean, scale, shift, residual,
+        return _call(ops.batch_norm_apply, input, mean, scale, shift, residual,
                      *residual_coefficients, relu)
     out, mean, var, _, residual_mean, residual_var, _ = _fused_ops(
         backend).dual_batch_norm_act_train(input, weight, bias, residual, residual_weight,

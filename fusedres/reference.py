@@ -117,11 +117,19 @@ def batch_norm_apply(input, mean, scale, shift, residual, residual_mean, residua
 
 def scale_shift(var, weight, bias, eps):
     """BN as (x - mean) * scale + shift: scale = weight / sqrt(var + eps), shift = bias, in
-    var's dtype (also the functional eval path)."""
+    var's dtype."""
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight.to(var.dtype)
     return scale, bias.to(var.dtype) if bias is not None else None
+
+
+def batch_norm_coefficients(input, running_mean, running_var, weight, bias, eps):
+    """The batch_norm_coefficients op: an eval BN's (mean, scale, shift), new tensors in the
+    dtype of input's statistics."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    _, scale, shift = train_coefficients(running_var.to(acc), weight, bias, eps)
+    return running_mean.to(acc, copy=True), scale, shift
 
 
 def train_coefficients(var, weight, bias, eps):

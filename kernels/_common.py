@@ -159,6 +159,18 @@ def _run(kernel, config, grid, args, kwargs):
         jit[grid](*args, **kwargs, **config.all_kwargs())
 
 
+@triton.jit
+def inverse_std(var, eps_hi, eps_lo, ACC: tl.constexpr):
+    """1 / sqrt(var + eps), eps = eps_hi + eps_lo (float_pair), square root and division
+    IEEE-rounded as the CUDA kernels' (the BN coefficients of training and eval)."""
+    var_eps = var + eps_hi + eps_lo
+    if ACC == tl.float64:
+        invstd = 1.0 / tl.sqrt(var_eps)  # (IEEE-rounded in float64)
+    else:
+        invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var_eps))
+    return invstd
+
+
 def float_pair(value: float) -> tuple[float, float]:
     """(hi, lo), both float32 values, hi + lo == value to about 2**-48 of it. A Python float
     argument reaches a compiled Triton kernel as float32 (the interpreter keeps the double):

@@ -4,7 +4,8 @@ The residual term is absent, the residual itself, or (residual - residual_mean[c
 residual_scale[c] + residual_shift[c] (the dual-BN form); see csrc/fusedres.cpp. Each program
 normalises one (BLOCK_R, BLOCK_C) tile, its channels' coefficients loaded once (tile tuned
 on the GPU).
-Also the kernel of add_relu (no per-channel terms at all).
+Also the kernel of add_relu (no per-channel terms at all), and batch_norm_coefficients: an
+eval BN's (mean, scale, shift) for it in one small launch.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import check, dense, match_layout
+from fusedres._ops import accumulate_dtype, check, dense, match_layout
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, autotuned,
-                      channel_view, launch, tile_grid, tile_of_program, tile_offsets, tl_acc)
+                      channel_view, float_pair, inverse_std, launch, tile_grid, tile_of_program,
+                      tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -96,3 +98,45 @@ def batch_norm_apply(input: torch.Tensor, mean: torch.Tensor, scale: torch.Tenso
           residual_shift, relu)
     return normalize_act(input, mean, scale, shift, residual, residual_mean, residual_scale,
                          residual_shift, relu)
+
+
+@triton.jit
+def _coefficients_kernel(running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr, mean_ptr,
+                         scale_ptr, shift_ptr, C, eps_hi, eps_lo, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """batch_norm_coefficients, BLOCK channels a program: mean = running_mean, scale = weight /
+    sqrt(running_var + eps), shift = bias (0 without one)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < C
+    tl.store(mean_ptr + cols, tl.load(running_mean_ptr + cols, mask=ok, other=0.0).to(ACC),
+             mask=ok)
+    var = tl.load(running_var_ptr + cols, mask=ok, other=1.0).to(ACC)
+    scale = inverse_std(var, eps_hi, eps_lo, ACC)
+    scale *= _channel_values(weight_ptr, cols, ok, HAS_WEIGHT, 1.0, ACC)
+    tl.store(scale_ptr + cols, scale, mask=ok)
+    tl.store(shift_ptr + cols, _channel_values(bias_ptr, cols, ok, HAS_BIAS, 0.0, ACC), mask=ok)
+
+
+_CHANNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_COEFFICIENTS_BLOCK = 256
+
+
+@torch.library.custom_op("fusedres_triton::batch_norm_coefficients", mutates_args=())
+def batch_norm_coefficients(input: torch.Tensor, running_mean: torch.Tensor,
+                            running_var: torch.Tensor, weight: Optional[torch.Tensor],
+                            bias: Optional[torch.Tensor], eps: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check("batch_norm_coefficients", input, running_mean, running_var, weight, bias, eps)
+    acc = accumulate_dtype(input.dtype)
+    C = input.shape[1]
+    mean, scale, shift = (torch.empty(C, dtype=acc, device=input.device) for _ in range(3))
+    if C == 0:
+        return mean, scale, shift
+    # (read in their own dtype where the kernel can, as the CUDA kernels' ChannelParam)
+    vectors = [t if t is None or t.dtype in _CHANNEL_DTYPES else t.to(acc)
+               for t in (running_mean, running_var, weight, bias)]
+    vectors = [t.contiguous() if t is not None else mean for t in vectors]  # (mean: never read)
+    launch(_coefficients_kernel, (triton.cdiv(C, _COEFFICIENTS_BLOCK),), input.device, *vectors,
+           mean, scale, shift, C, *float_pair(eps), HAS_WEIGHT=weight is not None,
+           HAS_BIAS=bias is not None, ACC=tl_acc(input.dtype), BLOCK=_COEFFICIENTS_BLOCK)
+    return mean, scale, shift

@@ -24,8 +24,8 @@ from fusedres._ops import check, dense, match_layout
 from fusedres.reference import train_coefficients
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, acc_dtype, autotuned,
-                      channel_view, float_pair, launch, round_to, row_split, tile_offsets,
-                      tl_acc)
+                      channel_view, float_pair, inverse_std, launch, round_to, row_split,
+                      tile_offsets, tl_acc)
 
 
 @triton.jit
@@ -178,11 +178,7 @@ def _merge_channels(part_ptr, programs, plane, C, inner, x_ptr, z_ptr, mean_ptr,
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, var, mask=col_ok)
     if AFFINE:
-        var_eps = var + eps_hi + eps_lo
-        if ACC == tl.float64:
-            invstd = 1.0 / tl.sqrt(var_eps)  # (IEEE-rounded in float64)
-        else:
-            invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.sqrt_rn(var_eps))
+        invstd = inverse_std(var, eps_hi, eps_lo, ACC)
         tl.store(invstd_ptr + cols, invstd, mask=col_ok)
         scale = invstd
         if HAS_WEIGHT:

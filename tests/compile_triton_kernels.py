@@ -65,6 +65,8 @@ def bn_workload(dtype, layouts=("channels_last", "nchw"), batch=16):
                 ops.batch_norm_act_train(x, w, b, x, 1e-5, True)
                 ops.dual_batch_norm_act_train(x, w, b, x, w, b, 1e-5, 1e-5, True)
                 ops.batch_norm_apply(x, mean, w, b, None, None, None, None, True)
+                for buffers in (mean, mean.to(BF16)):  # (a bfloat16 model's buffers too)
+                    ops.batch_norm_coefficients(x, buffers, buffers, w, b, 1e-5)
                 for y, mask in ((out, ()), (None, ()), (None, (scale, shift))):
                     s = ops.batch_norm_backward_reduce(x, y, x, mean, invstd, y is not None,
                                                        *mask)

@@ -302,6 +302,42 @@ def test_cuda_partials_stay_small_with_few_rows(form):
 
 
 @pytest.mark.parametrize("target", BOTH)
+def test_eval_bn_is_a_kernel_per_bn_and_the_normalize(target):
+    """An eval BN + ReLU (+ residual, + the shortcut's BN): one kernel computes each BN's
+    mean, scale and shift from its running statistics and parameters (a bfloat16 model's,
+    read in their dtype), one normalizes: no per-channel ATen ops between them, and only
+    per-channel bytes besides the normalize's two or three passes."""
+    use(target)
+    shape = (2, 16, 4, 4)
+    x, z = (make(shape, torch.bfloat16, "cpu", "channels_last") for _ in range(2))
+    bns = [[torch.randn(16).bfloat16(), torch.rand(16).bfloat16() + 0.5,
+            *[v.bfloat16() for v in channel_vectors(16, 2)]] for _ in range(2)]
+    (rm, rv, w, b), (rrm, rrv, rw, rb) = bns
+    tensor = x.numel() * x.element_size()
+    with torch.no_grad():
+        for form, passes in (("relu", 2), ("add", 3), ("dual", 3)):
+            with _cost.count() as c:
+                if form == "relu":
+                    FF.batch_norm_relu(x, rm, rv, w, b)
+                elif form == "add":
+                    FF.batch_norm_add_relu(x, z, rm, rv, w, b)
+                else:
+                    FF.dual_batch_norm_add_relu(x, z, rm, rv, rrm, rrv, w, b, rw, rb)
+            bns_used = 2 if form == "dual" else 1
+            coefficients = ("coefficients_kernel" if target == EMULATED
+                            else "_coefficients_kernel")
+            assert c.kernels() == [coefficients] * bns_used + [
+                "normalize_channels_last_kernel" if target == EMULATED else "_normalize_kernel"]
+            assert c.aten == [] and c.total_launches == bns_used + 1, c.aten
+            per_channel = 16 * (2 * 4 + 3 * 4)  # (four bfloat16 vectors in, three float out)
+            normalize = c.launches[-1]
+            assert normalize.read_bytes + normalize.write_bytes == passes * tensor + 3 * 16 * 4 * (
+                bns_used)
+            for launch in c.launches[:-1]:
+                assert launch.read_bytes + launch.write_bytes == per_channel
+
+
+@pytest.mark.parametrize("target", BOTH)
 def test_glue_ops_are_listed(target):
     """The ATen ops of a training forward besides its kernels. With nn.BatchNorm2d's buffers
     there are none: the statistics kernel counts the batch and the merge updates the running

@@ -65,6 +65,8 @@ def call_of(name, defaults):
 apply = call_of("batch_norm_apply", lambda: dict(
     input=x(), mean=vec(), scale=vec(), shift=vec(), residual=x(), residual_mean=None,
     residual_scale=None, residual_shift=None, relu=True))
+coefficients = call_of("batch_norm_coefficients", lambda: dict(
+    input=x(), running_mean=vec(), running_var=vec(), weight=vec(), bias=vec(), eps=1e-5))
 NO_RUNNING = dict(running_mean=None, running_var=None, num_batches_tracked=None, momentum=0.1)
 train = call_of("batch_norm_act_train", lambda: dict(
     input=x(), weight=vec(), bias=vec(), residual=None, eps=1e-5, relu=True, **NO_RUNNING))
@@ -111,6 +113,16 @@ CASES = [
      "fusedres: residual_mean / residual_scale / residual_shift given without a residual"),
     ("apply-residual-scale-length", apply(residual_scale=vec(5)),
      "fusedres: residual_scale must have shape (4,), got [5]"),
+    ("coefficients-input-1d", coefficients(input=torch.randn(5)),
+     "fusedres: input must have shape (N, C, ...), got 1 dimension(s)"),
+    ("coefficients-mean-length", coefficients(running_mean=vec(3)),
+     "fusedres: running_mean must have shape (4,), got [3]"),
+    ("coefficients-var-int", coefficients(running_var=torch.ones(C, dtype=torch.int64)),
+     "fusedres: running_var must be a floating point tensor, got Long"),
+    ("coefficients-weight-device", coefficients(weight=meta_vec()),
+     "fusedres: weight is on meta but input is on cpu"),
+    ("coefficients-bias-2d", coefficients(bias=torch.ones(1, C)),
+     "fusedres: bias must have shape (4,), got [1, 4]"),
     ("train-one-value", train(input=x(1, C, 1, 1)),
      "Expected more than 1 value per channel when training, got input size [1, 4, 1, 1]"),
     ("train-weight-length", train(weight=vec(3)), "fusedres: weight must have shape (4,), got [3]"),

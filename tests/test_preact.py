@@ -250,9 +250,10 @@ def launches(model, x, backward=False):
 def test_every_bn_relu_is_one_fused_op(arch):
     """Training: one fused BN + ReLU training op per BN (its backward one fused reduce and one
     input-gradient op), no ATen batch norm; each block's add is one op with the BN + ReLU
-    after it (the next block's bn1, or final_bn). Eval: one fused affine + ReLU pass per BN; after
-    fold_bn, the BNs after a convolution are its bias + ReLU epilogue (conv_bias_relu) and
-    only the pre-activations (each block's bn1, final_bn) remain as fused passes."""
+    after it (the next block's bn1, or final_bn). Eval: per BN one op computes its coefficients
+    and one fused affine + ReLU pass applies them; after fold_bn, the BNs after a convolution
+    are its bias + ReLU epilogue (conv_bias_relu) and only the pre-activations (each block's
+    bn1, final_bn) remain as fused passes."""
     use(("cpp", "cpu"))
     _, model = pair(arch)
     blocks = [b for i in range(1, 5) for b in getattr(model, f"layer{i}")]
@@ -265,10 +266,11 @@ def test_every_bn_relu_is_one_fused_op(arch):
     assert counts.get("fusedres::batch_norm_backward_input") == bns
     assert not [k for k in counts if k.startswith("aten::")], counts
     counts = launches(model.eval(), x)
-    assert counts == {"fusedres::batch_norm_apply": bns}
+    assert counts == {"fusedres::batch_norm_coefficients": bns, "fusedres::batch_norm_apply": bns}
     folded = fusedres.fold_bn(model)
     counts = launches(folded, x)
-    assert counts == {"fusedres::batch_norm_apply": len(blocks) + 1,
+    assert counts == {"fusedres::batch_norm_coefficients": len(blocks) + 1,
+                      "fusedres::batch_norm_apply": len(blocks) + 1,
                       "fusedres::conv_bias_relu": bns - len(blocks) - 1}
 
 

@@ -55,6 +55,13 @@ def _sample_args(device, dtype, layout, requires_grad, shape):
         ("batch_norm_apply", (x(), vec(), vec(True), vec(), None, None, None, None, True)),
         ("batch_norm_apply", (x(), vec(), vec(True), None, x(), None, None, None, False)),
         ("batch_norm_apply", (x(), vec(), vec(True), vec(), x(), vec(), vec(True), vec(), True)),
+        ("batch_norm_coefficients", (x().detach(), vec(), vec(True), vec(True), vec(), 1e-5)),
+        ("batch_norm_coefficients", (x().detach(), vec(), vec(True), None, None, 1e-3)),
+        # a bfloat16 model's buffers, a half weight: read in their own dtypes
+        ("batch_norm_coefficients", (x().detach(), per_channel(4, device, torch.bfloat16),
+                                     per_channel(4, device, torch.bfloat16, positive=True),
+                                     per_channel(4, device, torch.float16, True, requires_grad),
+                                     None, 1e-5)),
         ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, True)),
         ("batch_norm_act_train", (x(), None, None, x(), 1e-3, True)),
         ("batch_norm_act_train", (x(), vec(True), vec(), None, 1e-5, False)),
@@ -157,21 +164,25 @@ def test_raw_op_numbers(target, layout, dtype):
 @pytest.mark.parametrize("target", TARGETS)
 def test_gradcheck_fp64(target):
     use(target)
-    differentiable = {"batch_norm_apply", "batch_norm_act_train", "dual_batch_norm_act_train",
-                      "add_batch_norm_act_train", "add_relu"}
+    differentiable = {"batch_norm_apply", "batch_norm_coefficients", "batch_norm_act_train",
+                      "dual_batch_norm_act_train", "add_batch_norm_act_train", "add_relu"}
     if target[0] != "triton":
         differentiable |= CONV_OPS
     checked = set()
     # Few elements: gradcheck evaluates every op twice per input element.
     for op, args in sample_calls(target, torch.float64, shape=(2, 4, 2, 3)):
         name = op._qualified_op_name.split("::")[1]
-        if name not in differentiable:
+        if name not in differentiable or any(  # (a half-precision argument: opcheck's only)
+                isinstance(a, torch.Tensor) and a.requires_grad and a.dtype != torch.float64
+                for a in args):
             continue
 
         def first_output(*a, op=op, name=name):
             out = op(*a)
             if name == "add_batch_norm_act_train":
                 return out[:2]  # the output and the sum (the input's gradient sums both)
+            if name == "batch_norm_coefficients":
+                return out  # mean, scale, shift: each from its own inputs
             return out[0] if isinstance(out, tuple) else out
 
         assert torch.autograd.gradcheck(first_output, args, eps=1e-6, atol=1e-5, rtol=1e-4), name

@@ -1,10 +1,12 @@
-// CPU: the normalize pass (../normalize_act.h) and batch_norm_apply, its op.
+// CPU: the normalize pass (../normalize_act.h) and batch_norm_apply, its op; and
+// batch_norm_coefficients, an eval BN's vectors for it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -90,8 +92,58 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
       });
 }
 
+namespace {
+
+// A per-channel vector of a channel dtype (channel_parameter's), read as acc_t.
+template <typename acc_t>
+struct ChannelReader {
+  const void* data;  // nullptr: none
+  at::ScalarType type;
+  acc_t absent;
+
+  ChannelReader(const Tensor& t, acc_t absent_value)
+      : data(t.defined() ? t.const_data_ptr() : nullptr),
+        type(t.defined() ? t.scalar_type() : at::kFloat),
+        absent(absent_value) {}
+
+  acc_t operator[](int64_t c) const {
+    if (data == nullptr) return absent;
+    switch (type) {
+      case at::kDouble:
+        return static_cast<acc_t>(static_cast<const double*>(data)[c]);
+      case at::kHalf:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(data)[c]));
+      case at::kBFloat16:
+        return static_cast<acc_t>(static_cast<float>(static_cast<const at::BFloat16*>(data)[c]));
+      default:
+        return static_cast<acc_t>(static_cast<const float*>(data)[c]);
+    }
+  }
+};
+
+}  // namespace
+
+// (../normalize_act.h) One loop over the channels.
+void coefficients(const CoefficientsArgs& a, Tensor& mean, Tensor& scale, Tensor& shift) {
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm_coefficients", [&] {
+    using acc_t = scalar_t;
+    const ChannelReader<acc_t> rm(a.running_mean, 0), rv(a.running_var, 0), w(a.weight, 1),
+        b(a.bias, 0);
+    const acc_t eps = static_cast<acc_t>(a.eps);
+    acc_t* m = mean.data_ptr<acc_t>();
+    acc_t* s = scale.data_ptr<acc_t>();
+    acc_t* sh = shift.data_ptr<acc_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      m[c] = rm[c];
+      s[c] = acc_t(1) / std::sqrt(rv[c] + eps) * w[c];
+      sh[c] = b[c];
+    }
+  });
+}
+
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_apply", &batch_norm_apply_op<normalize_act>);
+  m.impl("batch_norm_coefficients", &batch_norm_coefficients_op<coefficients>);
 }
 
 }  // namespace fusedres::cpu

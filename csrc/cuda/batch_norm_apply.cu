@@ -1,4 +1,5 @@
-// CUDA: the normalize pass (../normalize_act.h) and batch_norm_apply, its op.
+// CUDA: the normalize pass (../normalize_act.h) and batch_norm_apply, its op; and
+// batch_norm_coefficients, an eval BN's vectors for it.
 // channels_last: each thread owns VEC channels (16-byte accesses) and walks rows, its
 // channels' parameters held in registers. Channels-first: a flat loop, VEC values of one
 // channel per access.
@@ -148,7 +149,37 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t ? t->const_data_ptr<T>() : nullptr;
 }
 
+// batch_norm_coefficients: a thread per channel. The square root and the division are
+// IEEE-rounded, as the training merge's (CoefficientsEpilogue, batch_norm_stats.cu).
+template <typename acc_t>
+__global__ void coefficients_kernel(ChannelParam running_mean, ChannelParam running_var,
+                                    ChannelParam weight, ChannelParam bias, acc_t eps, int64_t C,
+                                    acc_t* __restrict__ mean, acc_t* __restrict__ scale,
+                                    acc_t* __restrict__ shift) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  store(mean + c, running_mean.get(c, acc_t(0)));
+  const acc_t invstd = acc_t(1) / sqrt_rn(running_var.get(c, acc_t(0)) + eps);
+  store(scale + c, invstd * weight.get(c, acc_t(1)));
+  store(shift + c, bias.get(c, acc_t(0)));
+}
+
 }  // namespace
+
+// (../normalize_act.h)
+void coefficients(const CoefficientsArgs& a, Tensor& mean, Tensor& scale, Tensor& shift) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm_coefficients", [&] {
+    FUSEDRES_LAUNCH(static_cast<unsigned>(ceil_div(C, kBlockThreads)), kBlockThreads, 0, stream,
+                    coefficients_kernel<scalar_t>)(
+        channel_param(a.running_mean), channel_param(a.running_var), channel_param(a.weight),
+        channel_param(a.bias), static_cast<scalar_t>(a.eps), C, mean.data_ptr<scalar_t>(),
+        scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
   if (input.numel() == 0) return;
@@ -179,6 +210,7 @@ void normalize_act(const Tensor& input, const NormalizeArgs& a, Tensor& out) {
 
 FUSEDRES_LIBRARY_IMPL(FUSEDRES_CUDA_KEY, m) {
   m.impl("batch_norm_apply", &batch_norm_apply_op<normalize_act>);
+  m.impl("batch_norm_coefficients", &batch_norm_coefficients_op<coefficients>);
 }
 
 }  // namespace fusedres::cuda
