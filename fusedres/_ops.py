@@ -143,7 +143,9 @@ def check_affine(t, x, name):
                  lambda: f"fusedres: {name} is on {t.device} but input is on {x.device}")
 
 
-_BUFFER_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The dtypes the kernels read and write per-channel vectors in as they are (csrc/common.h:
+# is_channel_dtype); others are cast.
+CHANNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_running_stats(running_mean, running_var, counter, momentum, x, prefix=""):
@@ -158,7 +160,7 @@ def check_running_stats(running_mean, running_var, counter, momentum, x, prefix=
         check_affine(t, x, prefix + name)
         if t is None:
             continue
-        torch._check(t.dtype in _BUFFER_DTYPES,
+        torch._check(t.dtype in CHANNEL_DTYPES,
                      lambda: f"fusedres: {prefix}{name} must be Float, Double, Half or BFloat16, "
                              f"got {_dtype_name(t.dtype)}")
         torch._check(t.is_contiguous(), lambda: f"fusedres: {prefix}{name} must be contiguous "

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._ops import accumulate_dtype, check, dense, match_layout
+from fusedres._ops import CHANNEL_DTYPES, accumulate_dtype, check, dense, match_layout
 
 from ._common import (TILE_CONFIGS, TILE_FIXED, TILE_INTERPRETED, TILE_KEY, autotuned,
                       channel_view, float_pair, inverse_std, launch, tile_grid, tile_of_program,
@@ -117,7 +117,6 @@ def _coefficients_kernel(running_mean_ptr, running_var_ptr, weight_ptr, bias_ptr
     tl.store(shift_ptr + cols, _channel_values(bias_ptr, cols, ok, HAS_BIAS, 0.0, ACC), mask=ok)
 
 
-_CHANNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _COEFFICIENTS_BLOCK = 256
 
 
@@ -133,7 +132,7 @@ def batch_norm_coefficients(input: torch.Tensor, running_mean: torch.Tensor,
     if C == 0:
         return mean, scale, shift
     # (read in their own dtype where the kernel can, as the CUDA kernels' ChannelParam)
-    vectors = [t if t is None or t.dtype in _CHANNEL_DTYPES else t.to(acc)
+    vectors = [t if t is None or t.dtype in CHANNEL_DTYPES else t.to(acc)
                for t in (running_mean, running_var, weight, bias)]
     vectors = [t.contiguous() if t is not None else mean for t in vectors]  # (mean: never read)
     launch(_coefficients_kernel, (triton.cdiv(C, _COEFFICIENTS_BLOCK),), input.device, *vectors,

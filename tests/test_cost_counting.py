@@ -271,9 +271,9 @@ def test_cuda_partials_stay_small_with_few_rows(form):
     read by the merge) stay a small share of the bytes, also where a tensor has few rows for
     the GPU's 1,056 blocks (14x14: 1,568 rows at N = 8; sized to fill the GPU alone, the
     statistics' partials, written and read again, came to three quarters of x's size, 25%
-    over the forward's floor):
-    every op within 3% of its floor, partials and all, under an H100's geometry. Narrower
-    blocks (fewer channels each) keep more of them: 4 block columns across 64 channels."""
+    over the forward's floor): every op within 3% of its floor, partials and all, under an
+    H100's geometry. Narrower blocks (fewer channels each) keep more of them: 4 block columns
+    across 64 channels."""
     use(EMULATED)
     shape = (8, 64, 14, 14)
     x, z = (make(shape, torch.bfloat16, "cpu", "channels_last", requires_grad=True)
