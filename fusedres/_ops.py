@@ -745,17 +745,23 @@ def _setup_fused_conv2d(ctx, inputs, output):
 
 
 def _backward_fused_conv2d(ctx, grad, _grad_mean, _grad_var):
-    """The prologue's output is recomputed from the saved input (the forward never stores
-    it); ATen does the data and weight gradients."""
+    """The prologue's output, relu(x * scale + shift) rounded to x's dtype, is recomputed from
+    the saved input by the normalize kernel (the forward never stores it); ATen does the data
+    and weight gradients; the BN backward's reduce then gives the prologue's gradients (its
+    ReLU mask recomputed from x as the forward rounded it, sum(g) and sum(g * x): mean 0,
+    invstd 1) and writes the masked gradient, which one more normalize pass scales: 2 + 3 + 2
+    passes over x's size, no float32 temporaries."""
     input, weight, bias, scale, shift, out = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     has_bias, has_residual, input_relu, relu = ctx.flags
     need = ctx.needs_input_grad
+    ops = ctx.ops
     g = _relu_grad(grad, out, relu)
-    conv_input, pre = input, None
+    conv_input = input
     if scale is not None:
-        pre = input.float() * broadcast_channel(scale, input) + broadcast_channel(shift, input)
-        conv_input = (pre.clamp_min(0) if input_relu else pre).to(input.dtype)
+        zero = scale.new_zeros(scale.shape)
+        conv_input = ops.batch_norm_apply(input, zero, scale, shift, None, None, None, None,
+                                          input_relu)
     need_conv_input = need[0] or (scale is not None and (need[4] or need[5]))
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g, conv_input, weight, [weight.shape[0]] if has_bias else None, stride, padding,
@@ -764,13 +770,14 @@ def _backward_fused_conv2d(ctx, grad, _grad_mean, _grad_var):
     if scale is None:
         grad_x = grad_a
     elif need_conv_input:
-        grad_pre = grad_a.float()
-        if input_relu:
-            grad_pre = grad_pre * (pre > 0)
-        dims = [d for d in range(input.dim()) if d != 1]
-        grad_x = (grad_pre * broadcast_channel(scale, input)).to(input.dtype) if need[0] else None
-        grad_scale = (grad_pre * input.float()).sum(dims) if need[4] else None
-        grad_shift = grad_pre.sum(dims) if need[5] else None
+        mask = (scale, shift) if input_relu else (None, None)
+        sum_g, sum_gx, grad_pre, *_ = ops.batch_norm_backward_reduce(
+            dense(grad_a), None, input, zero, torch.ones_like(zero), need[0], *mask)
+        if need[0]:
+            grad_x = ops.batch_norm_apply(grad_pre, zero, scale, None, None, None, None, None,
+                                          False)
+        grad_scale = sum_gx if need[4] else None
+        grad_shift = sum_g if need[5] else None
     return (grad_x, grad_w, _cast(grad_b, bias) if has_bias else None,
             g if has_residual and need[3] else None, grad_scale, grad_shift) + (None,) * 7
 

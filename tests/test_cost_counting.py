@@ -4,6 +4,7 @@ interpreter, plus the ATen ops of the ops' glue. Here: the counts equal the byte
 hand for simple kernels on both targets (masked-off Triton elements excluded), strict counting
 shows that no CUDA kernel touches a tensor without the counted helpers, nothing is recorded
 outside a count, counts repeat exactly, and gpu_geometry sizes the grids of a bigger GPU."""
+import math
 import sys
 
 import pytest
@@ -335,6 +336,28 @@ def test_eval_bn_is_a_kernel_per_bn_and_the_normalize(target):
                 bns_used)
             for launch in c.launches[:-1]:
                 assert launch.read_bytes + launch.write_bytes == per_channel
+
+
+@pytest.mark.triton
+def test_conv_prologue_backward_is_kernels():
+    """fused_conv2d's backward with a BN + ReLU prologue: the prologue's output is recomputed
+    by the normalize kernel and its gradients come from the BN backward's reduce (mask
+    recomputed from x) and one more normalize pass; besides the convolution's own backward and
+    its output ReLU's, no ATen op touches a tensor of x's size (there were 8-10 float32 passes
+    of torch ops)."""
+    use(TRITON)
+    x = make((2, 8, 10, 10), torch.float32, "cpu", "channels_last", requires_grad=True)
+    w = make((8, 8, 3, 3), torch.float32, "cpu", "channels_last", requires_grad=True)
+    scale, shift = (v.requires_grad_() for v in channel_vectors(8, 2))
+    out = FF.fused_conv2d(x, w, None, 1, 1, input_scale=scale, input_shift=shift, relu=True)
+    grad = torch.ones_like(out)
+    with _cost.count() as c:
+        torch.autograd.grad(out, (x, w, scale, shift), grad)
+    assert [launch.kernel for launch in c.launches] == [
+        "_normalize_kernel", "_reduce_partial_kernel", "_reduce_merge_kernel", "_normalize_kernel"]
+    big = [op.name for op in c.aten if op.name != "aten::threshold_backward" and any(
+        isinstance(s, (list, tuple)) and math.prod(s) >= x.numel() for s in op.shapes)]
+    assert big == [], big
 
 
 @pytest.mark.parametrize("target", BOTH)
