@@ -13,9 +13,10 @@ What is counted, and how exactly:
 - CUDA kernels (csrc/cuda, run on CPU tensors by the `cuda-emulated` backend): every global-
   memory access goes through the load / store helpers of csrc/cuda/utils.cuh, which the
   emulation counts (csrc/emulation/cost.cpp). Exact: the bytes the load and store instructions
-  move (`*_requests`), and the distinct bytes each launch reads and writes (`read_bytes`,
-  `write_bytes`: what DRAM must deliver when a launch's repeated reads, such as the per-channel
-  parameters every thread reads, hit the cache). count(strict=True) also fails any launch that
+  move (`*_requests`), their number (`*_accesses`, `accesses_by_size`), and the distinct bytes
+  each launch reads and writes (`read_bytes`, `write_bytes`: what DRAM must deliver when a
+  launch's repeated reads, such as the per-channel parameters every thread reads, hit the
+  cache). count(strict=True) also fails any launch that
   touches a tensor without the helpers (the tests run every kernel so), which proves that the
   count misses nothing.
 - Triton kernels (kernels/, every launch through kernels._common.launch): under the
@@ -65,6 +66,10 @@ class Launch:
     write_bytes: Optional[int]  # distinct bytes written
     read_requests: Optional[int]  # bytes the load instructions move
     write_requests: Optional[int]  # bytes the store instructions move
+    # Emulated CUDA: the load and store instructions (a 16-byte vector is one); else None.
+    read_accesses: Optional[int] = None
+    write_accesses: Optional[int] = None
+    accesses_by_size: Optional[dict] = None  # bytes (1, 2, 4, 8, 16) -> loads and stores
     meta: dict = field(default_factory=dict)  # Triton: the launch's meta-parameters
     # Interpreted Triton: the distinct bytes per tensor argument, one dict each: names (the
     # kernel's arguments that are this tensor), shape, nbytes, read_bytes, write_bytes.
@@ -408,6 +413,8 @@ def _cuda_launch(record: dict) -> Launch:
                   block=record["block"], read_bytes=record["read_bytes"],
                   write_bytes=record["write_bytes"], read_requests=record["read_requests"],
                   write_requests=record["write_requests"],
+                  read_accesses=record["read_accesses"], write_accesses=record["write_accesses"],
+                  accesses_by_size=dict(zip((1, 2, 4, 8, 16), record["accesses_by_size"])),
                   meta={"shared_bytes": record["shared_bytes"]})
 
 

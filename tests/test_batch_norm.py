@@ -92,16 +92,31 @@ def test_low_precision_parameter_gradients(target, dtype, kind):
     check_backward(target, "channels_last", dtype, kind, True, True, dtype)
 
 
-def check_backward(target, layout, dtype, kind, relu, training, param_dtype):
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("hw", [(3, 11), (5, 10), (6, 6), (7, 7), (8, 8), (3, 4)])
+@pytest.mark.parametrize("kind", ["none", "dual"])
+def test_channels_first_plane_lengths(target, hw, kind):
+    """NCHW planes (H * W values of one sample and channel) of every length mod 8, in bfloat16:
+    the CUDA kernels read each plane's whole 16-byte vectors at once and its clipped ends value
+    by value (3x4: all values one by one); forward and gradients match the reference."""
+    check_backward(target, "nchw", torch.bfloat16, kind, True, True, torch.float32,
+                   shape=(3, 5, *hw), check_output=True)
+
+
+def check_backward(target, layout, dtype, kind, relu, training, param_dtype, shape=SHAPE,
+                   check_output=False):
     device = use(target)
-    C = SHAPE[1]
-    x = make(SHAPE, dtype, device, layout, scale=2.0, offset=0.5, requires_grad=True)
-    residual = make(SHAPE, dtype, device, layout, requires_grad=True) if kind != "none" else None
+    C = shape[1]
+    x = make(shape, dtype, device, layout, scale=2.0, offset=0.5, requires_grad=True)
+    residual = make(shape, dtype, device, layout, requires_grad=True) if kind != "none" else None
     params = bn_params(C, param_dtype, device, requires_grad=True)
     residual_params = bn_params(C, param_dtype, device, True) if kind == "dual" else None
-    grad = make(SHAPE, dtype, device, layout)
+    grad = make(shape, dtype, device, layout)
 
     out = run_fused(kind, x, residual, params, residual_params, training, 0.1, 1e-5, relu)
+    if check_output:
+        ref, _ = reference_bn_act(x, residual, params, residual_params, training, 0.1, 1e-5, relu)
+        assert_close(out, ref, dtype)
     leaves = [x, params[2], params[3]]
     if residual is not None:
         leaves.append(residual)

@@ -97,20 +97,59 @@ def test_add_bn_relu_moves_its_floor(target):
     assert len(forward.launches) == 3 and len(backward.launches) == 3  # (+ glue: c.aten)
 
 
+def plane_walk(planes, inner, vec):
+    """What a channels-first kernel should access of a tensor of `planes` planes of `inner`
+    values, read `vec` values at a time (a 16-byte-aligned base): each aligned vector that lies
+    inside a plane is one access, every other value one of its own. Returns (whole vectors,
+    single values, the units the walk starts per plane: csrc/cuda/utils.cuh, PlaneUnits)."""
+    whole = single = 0
+    for p in range(planes):
+        start, end = p * inner, (p + 1) * inner
+        inside = max(0, end // vec - -(-start // vec))
+        whole += inside
+        single += inner - inside * vec
+    per_plane = inner // vec if inner % vec == 0 else (inner + 2 * vec - 2) // vec
+    return whole, single, per_plane
+
+
 @pytest.mark.emulated
-def test_emulated_requests_count_every_access():
-    """The requests are what the instructions move: the channels-first normalize kernel reads
-    its three coefficients for every element (scalar path: H * W = 35 is no multiple of 4), so
-    12 bytes more per element than the distinct bytes it reads."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hw", [(7, 7), (5, 7), (14, 14), (4, 8)])
+def test_emulated_channels_first_reads_vectors(dtype, hw):
+    """NCHW kernels read 16-byte vectors whatever H * W is (7x7: 49 values a plane, no multiple
+    of 8): each plane's aligned vectors are one access, only its clipped ends value by value,
+    and each unit of the walk reads its channel's coefficients once. Counted exactly for the
+    forward's statistics and normalize kernels and the backward's input gradient."""
     use(EMULATED)
-    x = make((3, 40, 5, 7), torch.float32, "cpu", "nchw")
-    vectors = channel_vectors(40, 3)
+    C = 40
+    x = make((3, C, *hw), dtype, "cpu", "nchw", requires_grad=True)
+    inner, vec = hw[0] * hw[1], 16 // x.element_size()
+    whole, single, per_plane = plane_walk(3 * C, inner, vec)
+    accesses = whole + single
+    if inner % vec != 0:  # the point: far fewer accesses than values
+        assert accesses < x.numel() / 2
+    vectors = channel_vectors(C, 3)
     with _cost.count(strict=True) as c:
-        apply_op(EMULATED, x, vectors)
+        apply_op(EMULATED, x.detach(), vectors)
     (launch,) = c.launches
     assert launch.kernel == "normalize_channels_first_kernel"
-    assert launch.read_requests == x.numel() * (4 + 3 * 4)
-    assert launch.read_bytes == x.numel() * 4 + 3 * 40 * 4
+    assert launch.read_accesses == accesses + 3 * 3 * C * per_plane
+    assert launch.write_accesses == accesses
+    assert launch.read_requests == x.numel() * x.element_size() + 3 * 4 * 3 * C * per_plane
+    assert launch.read_bytes == x.numel() * x.element_size() + 3 * C * 4
+    if dtype == torch.bfloat16:  # by size: x and y's vectors and values, the float coefficients
+        assert launch.accesses_by_size == {1: 0, 2: 2 * single, 4: 3 * 3 * C * per_plane, 8: 0,
+                                           16: 2 * whole}
+
+    rm, rv, w, b = torch.zeros(C), torch.ones(C), *channel_vectors(C, 2)
+    with _cost.count(strict=True) as forward:
+        y = FF.batch_norm_relu(x, rm, rv, w, b, True)
+    with _cost.count(strict=True) as backward:
+        torch.autograd.grad(y, x, torch.randn_like(y))
+    kernels = {launch.kernel: launch for launch in forward.launches + backward.launches}
+    stats = kernels["stats_channels_first_kernel"]
+    assert stats.read_accesses == accesses  # x, nothing else
+    assert kernels["input_grad_channels_first_kernel"].write_accesses == accesses
 
 
 @pytest.mark.emulated

@@ -1,8 +1,8 @@
 // CUDA: the normalize pass (../normalize_act.h) and batch_norm_apply, its op; and
 // batch_norm_coefficients, an eval BN's vectors for it.
 // channels_last: each thread owns VEC channels (16-byte accesses) and walks rows, its
-// channels' parameters held in registers. Channels-first: a flat loop, VEC values of one
-// channel per access.
+// channels' parameters held in registers. Channels-first: a grid-stride loop over the planes'
+// units (PlaneUnits), one channel each.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -97,23 +97,27 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void normalize_channels_first_kernel(const scalar_t* __restrict__ x,
                                                 const scalar_t* __restrict__ residual,
                                                 scalar_t* __restrict__ out,
-                                                NormalizeParams<acc_t> p, int64_t vectors,
-                                                int64_t C, int64_t inner) {
+                                                NormalizeParams<acc_t> p, PlaneUnits<VEC> walk,
+                                                int64_t units, Divider channels) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
-    const int64_t i = u * VEC;
-    const Coefficients<acc_t> k(p, (i / inner) % C);
-    const auto xv = load_vec<scalar_t, VEC>(x + i);
-    Vec<scalar_t, VEC> rv;
-    if (residual != nullptr) rv = load_vec<scalar_t, VEC>(residual + i);
-    Vec<scalar_t, VEC> yv;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t plane = walk.plane_of(u);
+    const int64_t c = plane - channels.div(plane) * channels.divisor();
+    const Coefficients<acc_t> k(p, c);
+    walk.visit(u, plane, plane * walk.inner, [&](auto vec, int64_t i) {
+      constexpr int V = decltype(vec)::value;
+      const auto xv = load_vec<scalar_t, V>(x + i);
+      Vec<scalar_t, V> rv;
+      if (residual != nullptr) rv = load_vec<scalar_t, V>(residual + i);
+      Vec<scalar_t, V> yv;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
-      yv.v[j] =
-          k.template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r, p.relu);
-    }
-    store_vec<scalar_t, VEC>(out + i, yv);
+      for (int j = 0; j < V; ++j) {
+        const acc_t r = residual != nullptr ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
+        yv.v[j] =
+            k.template apply<scalar_t>(static_cast<acc_t>(xv.v[j]), residual != nullptr, r, p.relu);
+      }
+      store_vec<scalar_t, V>(out + i, yv);
+    });
   }
 }
 
@@ -136,10 +140,11 @@ void launch_normalize(const ChannelView& v, const scalar_t* x, const scalar_t* r
                       normalize_channels_last_kernel<scalar_t, acc_t, VEC, kPlainResidual>)(
           x, residual, out, p, v.outer, v.channels);
   } else {
-    const int64_t vectors = v.numel() / VEC;
-    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), kBlockThreads, 0, stream,
+    const PlaneUnits<VEC> walk(v.inner);
+    const int64_t units = walk.units(v.outer * v.channels);
+    FUSEDRES_LAUNCH(elementwise_blocks(units, device), kBlockThreads, 0, stream,
                     normalize_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        x, residual, out, p, vectors, v.channels, v.inner);
+        x, residual, out, p, walk, units, Divider(v.channels));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

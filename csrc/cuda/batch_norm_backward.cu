@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kBlockThreads, kDual ? min_blocks_per_sm<scala
 template <typename scalar_t, typename acc_t, int VEC, bool kDual>
 __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a,
                                              Shortcut<scalar_t, acc_t> r, int64_t outer, int64_t C,
-                                             int64_t inner, acc_t* __restrict__ partials) {
+                                             PlaneUnits<VEC> walk, acc_t* __restrict__ partials) {
   constexpr int K = kDual ? 3 : 2;
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_bytes);
@@ -198,31 +198,31 @@ __global__ void reduce_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a,
   acc_t rmu = 0, ris = 0;
   if constexpr (kDual) rmu = load(r.mean + c), ris = load(r.invstd + c);
   const MaskCoefficients<acc_t> kc = mask_coefficients(a, c);
-  acc_t mus[VEC];
-  MaskCoefficients<acc_t> k[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) mus[j] = mu, k[j] = kc;
-  const int64_t run_vectors = inner / VEC;
-  const int64_t vectors = outer * run_vectors;
+  const int64_t units = walk.units(outer);
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
   acc_t state[K] = {};
-  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
-    const int64_t o = u / run_vectors;
-    const int64_t i = (o * C + c) * inner + (u - o * run_vectors) * VEC;
-    acc_t g[VEC], x[VEC];
-    load_masked_grad<scalar_t, acc_t, VEC>(a, i, mus, k, g, x);
-    store_masked_grad<scalar_t, acc_t, VEC>(a, i, g);
+  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t o = walk.plane_of(u);
+    walk.visit(u, o, (o * C + c) * walk.inner, [&](auto vec, int64_t i) {
+      constexpr int V = decltype(vec)::value;
+      acc_t mus[V], g[V], x[V];
+      MaskCoefficients<acc_t> k[V];
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      state[0] += g[j];
-      state[1] += g[j] * (x[j] - mu) * is;
-    }
-    if constexpr (kDual) {
-      const auto rv = load_vec<scalar_t, VEC>(r.r + i);
+      for (int j = 0; j < V; ++j) mus[j] = mu, k[j] = kc;
+      load_masked_grad<scalar_t, acc_t, V>(a, i, mus, k, g, x);
+      store_masked_grad<scalar_t, acc_t, V>(a, i, g);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        state[K - 1] += g[j] * (static_cast<acc_t>(rv.v[j]) - rmu) * ris;
-    }
+      for (int j = 0; j < V; ++j) {
+        state[0] += g[j];
+        state[1] += g[j] * (x[j] - mu) * is;
+      }
+      if constexpr (kDual) {
+        const auto rv = load_vec<scalar_t, V>(r.r + i);
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          state[K - 1] += g[j] * (static_cast<acc_t>(rv.v[j]) - rmu) * ris;
+      }
+    });
   }
   block_merge_all<SumsOp<acc_t, K>, K>(
       state, smem, [&](int k, acc_t value) { store_partial<kDual>(partials, C, k, c, value); });
@@ -338,39 +338,43 @@ __global__ void input_grad_channels_first_kernel(BackwardArgs<scalar_t, acc_t> a
                                                  InputGradParams<acc_t> p,
                                                  Shortcut<scalar_t, acc_t> s,
                                                  const scalar_t* __restrict__ extra,
-                                                 scalar_t* __restrict__ dx, int64_t vectors,
-                                                 int64_t C, int64_t inner) {
+                                                 scalar_t* __restrict__ dx, PlaneUnits<VEC> walk,
+                                                 int64_t units, Divider channels) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
-    const int64_t i = u * VEC;
-    const int64_t c = (i / inner) % C;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t plane = walk.plane_of(u);
+    const int64_t c = plane - channels.div(plane) * channels.divisor();
     acc_t mu, k, mean_dy, proj;
     channel_coefficients(a.mean, a.invstd, p, c, p.weight.get(c, acc_t(1)), mu, k, mean_dy, proj);
     const MaskCoefficients<acc_t> kc = mask_coefficients(a, c);
-    acc_t mus[VEC];
-    MaskCoefficients<acc_t> mk[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) mus[j] = mu, mk[j] = kc;
-    acc_t g[VEC], x[VEC];
-    load_masked_grad<scalar_t, acc_t, VEC>(a, i, mus, mk, g, x);
-    acc_t e[VEC];
-    load_extra<scalar_t, acc_t, VEC>(extra, i, e);
-    Vec<scalar_t, VEC> out;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j)
-      out.v[j] = static_cast<scalar_t>(k * (g[j] - mean_dy - (x[j] - mu) * proj) + e[j]);
-    store_vec<scalar_t, VEC>(dx + i, out);
+    acc_t rmu = 0, rk = 0, rproj = 0;
     if constexpr (kDual) {
       const InputGradParams<acc_t> rp{s.weight, p.sum_dy, s.sum_dy_rhat, p.inv_count};
-      acc_t rmu, rk, unused, rproj;
+      acc_t unused;
       channel_coefficients(s.mean, s.invstd, rp, c, s.weight.get(c, acc_t(1)), rmu, rk, unused,
                            rproj);
-      acc_t rmus[VEC], rks[VEC], rprojs[VEC], mean_dys[VEC];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        rmus[j] = rmu, rks[j] = rk, rprojs[j] = rproj, mean_dys[j] = mean_dy;
-      store_shortcut_grad<scalar_t, acc_t, VEC>(s, i, g, mean_dys, rmus, rks, rprojs);
     }
+    walk.visit(u, plane, plane * walk.inner, [&](auto vec, int64_t i) {
+      constexpr int V = decltype(vec)::value;
+      acc_t mus[V], g[V], x[V], e[V];
+      MaskCoefficients<acc_t> mk[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) mus[j] = mu, mk[j] = kc;
+      load_masked_grad<scalar_t, acc_t, V>(a, i, mus, mk, g, x);
+      load_extra<scalar_t, acc_t, V>(extra, i, e);
+      Vec<scalar_t, V> out;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        out.v[j] = static_cast<scalar_t>(k * (g[j] - mean_dy - (x[j] - mu) * proj) + e[j]);
+      store_vec<scalar_t, V>(dx + i, out);
+      if constexpr (kDual) {
+        acc_t rmus[V], rks[V], rprojs[V], mean_dys[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          rmus[j] = rmu, rks[j] = rk, rprojs[j] = rproj, mean_dys[j] = mean_dy;
+        store_shortcut_grad<scalar_t, acc_t, V>(s, i, g, mean_dys, rmus, rks, rprojs);
+      }
+    });
   }
 }
 
@@ -458,7 +462,7 @@ void launch_reduce(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>& a,
     const size_t smem = size_t(kBlockThreads) * K * sizeof(acc_t);
     FUSEDRES_LAUNCH(grid, kBlockThreads, smem, stream,
                     reduce_channels_first_kernel<scalar_t, acc_t, VEC, kDual>)(
-        a, r, v.outer, v.channels, v.inner, partials.data_ptr<acc_t>());
+        a, r, v.outer, v.channels, PlaneUnits<VEC>(v.inner), partials.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_merge_partials<SumsOp<acc_t>, 2>(
@@ -476,10 +480,11 @@ void launch_input_grad(const ChannelView& v, const BackwardArgs<scalar_t, acc_t>
                     input_grad_channels_last_kernel<scalar_t, acc_t, VEC, kDual>)(
         a, p, s, extra, dx, v.outer, v.channels);
   } else {
-    const int64_t vectors = v.numel() / VEC;
-    FUSEDRES_LAUNCH(elementwise_blocks(vectors, device), kBlockThreads, 0, stream,
+    const PlaneUnits<VEC> walk(v.inner);
+    const int64_t units = walk.units(v.outer * v.channels);
+    FUSEDRES_LAUNCH(elementwise_blocks(units, device), kBlockThreads, 0, stream,
                     input_grad_channels_first_kernel<scalar_t, acc_t, VEC, kDual>)(
-        a, p, s, extra, dx, vectors, v.channels, v.inner);
+        a, p, s, extra, dx, walk, units, Divider(v.channels));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -167,7 +167,7 @@ template <typename scalar_t, typename acc_t, int VEC>
 __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ z,
                                             scalar_t* __restrict__ sum, int64_t outer, int64_t C,
-                                            int64_t inner, moment_t* __restrict__ partials,
+                                            PlaneUnits<VEC> walk, moment_t* __restrict__ partials,
                                             int64_t* __restrict__ counter,
                                             SecondInput<scalar_t> second) {
   FUSEDRES_DYNAMIC_SHARED(smem_bytes);
@@ -175,18 +175,19 @@ __global__ void stats_channels_first_kernel(const scalar_t* __restrict__ x,
   count_batch(counter);
   moment_t* smem = reinterpret_cast<moment_t*>(smem_bytes);
   const int64_t c = blockIdx.x;
-  const int64_t run_vectors = inner / VEC;
-  const int64_t vectors = outer * run_vectors;
+  const int64_t units = walk.units(outer);
   const int64_t stride = int64_t(gridDim.y) * blockDim.x;
   ShiftedSums<acc_t> sums;
   int64_t count = 0;
-  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < vectors; u += stride) {
-    const int64_t o = u / run_vectors;
-    const int64_t i = (u - o * run_vectors) * VEC;
-    const auto v = load_values<scalar_t, acc_t, VEC>(x, z, sum, (o * C + c) * inner + i);
+  for (int64_t u = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; u < units; u += stride) {
+    const int64_t o = walk.plane_of(u);
+    walk.visit(u, o, (o * C + c) * walk.inner, [&](auto vec, int64_t i) {
+      constexpr int V = decltype(vec)::value;
+      const auto v = load_values<scalar_t, acc_t, V>(x, z, sum, i);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) sums.add(static_cast<acc_t>(v.v[j]), count + j == 0);
-    count += VEC;
+      for (int j = 0; j < V; ++j) sums.add(static_cast<acc_t>(v.v[j]), count + j == 0);
+      count += V;
+    });
   }
   moment_t state[3];
   sums.to_moments(static_cast<acc_t>(count), state);
@@ -285,7 +286,7 @@ void launch_stats(const ChannelView& v, const StatsPlane<scalar_t, acc_t>& p,
     const size_t smem = size_t(kBlockThreads) * 3 * sizeof(moment_t);
     FUSEDRES_LAUNCH(dim3(grid.x, grid.y, planes), kBlockThreads, smem, stream,
                     stats_channels_first_kernel<scalar_t, acc_t, VEC>)(
-        p.x, z, sum, v.outer, v.channels, v.inner, partials.data_ptr<moment_t>(),
+        p.x, z, sum, v.outer, v.channels, PlaneUnits<VEC>(v.inner), partials.data_ptr<moment_t>(),
         counter_of(p.coefficients), second);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

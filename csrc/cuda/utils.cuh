@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -88,12 +89,88 @@ inline bool aligned16(const void* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// A ChannelView can be read VEC values at a time when every VEC-run shares one channel
-// (channels-first: inner % VEC == 0) or covers VEC consecutive channels (channels_last:
-// C % VEC == 0) and the pointers are 16-byte aligned.
+// A ChannelView is read VEC values at a time (the pointers 16-byte aligned) where its
+// channels_last rows hold whole vectors (C % VEC == 0), or channels-first (PlaneUnits) where
+// its planes hold whole vectors or are long enough that few of their values are read one by
+// one (7x7: 12 of 49 on average at VEC = 8).
 inline bool can_vectorize(const ChannelView& v, int vec) {
-  return v.inner == 1 ? v.channels % vec == 0 : v.inner % vec == 0;
+  return v.inner == 1 ? v.channels % vec == 0 : v.inner % vec == 0 || v.inner >= 4 * vec;
 }
+
+// ---- index arithmetic ----------------------------------------------------------------------
+// n / d for a divisor fixed at launch: a multiply-high, an add and a shift where n < 2**32
+// (Granlund & Montgomery's round-up method, exact for every such n), not the ~70
+// instructions of a 64-bit division; larger n divide.
+class Divider {
+ public:
+  explicit Divider(int64_t d) : d_(d) {
+    if (d > int64_t(UINT32_MAX)) return;  // (limit_ 0: always divide)
+    while ((int64_t(1) << shift_) < d) ++shift_;
+    magic_ = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift_) - d)) / d + 1);
+    limit_ = uint64_t(1) << 32;
+  }
+
+  __device__ __forceinline__ int64_t div(int64_t n) const {
+    const uint64_t u = static_cast<uint64_t>(n);
+    if (u >= limit_) return n / d_;
+    const uint32_t n32 = static_cast<uint32_t>(u);
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(n32, magic_);
+#else
+    const uint32_t high = static_cast<uint32_t>((uint64_t(n32) * magic_) >> 32);
+#endif
+    return static_cast<int64_t>((uint64_t(high) + n32) >> shift_);
+  }
+
+  __host__ __device__ __forceinline__ int64_t divisor() const { return d_; }
+
+ private:
+  int64_t d_;
+  uint64_t limit_ = 0;  // n below it: the fast form
+  uint32_t magic_ = 0;
+  int shift_ = 0;
+};
+
+// ---- channels-first walks ------------------------------------------------------------------
+// A channels-first tensor is outer x C planes of `inner` contiguous values (H*W). Its kernels
+// walk each plane in `per_plane` units: unit k is the 16-byte-aligned vector at the plane's
+// rounded-down start + k * VEC, clipped to the plane. A whole vector is one access; a clipped
+// one (the plane's ends, where inner % VEC != 0) is read value by value. Each unit belongs to
+// one channel, so its coefficients are a thread's scalars, and the index arithmetic is one
+// Divider per unit (none per value).
+template <int VEC>
+struct PlaneUnits {
+  int64_t inner;
+  Divider per_plane;  // divides by the units of a plane
+
+  explicit PlaneUnits(int64_t inner_)
+      : inner(inner_),
+        // aligned planes: inner / VEC units; else a plane starting one value short of a vector
+        // boundary spans the most, ceil((inner + VEC - 1) / VEC)
+        per_plane(inner_ % VEC == 0 ? inner_ / VEC : (inner_ + 2 * VEC - 2) / VEC) {}
+
+  __host__ __device__ __forceinline__ int64_t units(int64_t planes) const {
+    return planes * per_plane.divisor();
+  }
+
+  // The plane (of the tensor, or of a channel's planes) that unit u belongs to.
+  __device__ __forceinline__ int64_t plane_of(int64_t u) const { return per_plane.div(u); }
+
+  // body(std::integral_constant<int, V>, i): the V values at i (V = VEC or 1) of unit u, in
+  // the plane `plane` (plane_of(u)) whose values start at `start`.
+  template <typename Body>
+  __device__ __forceinline__ void visit(int64_t u, int64_t plane, int64_t start,
+                                        Body&& body) const {
+    const int64_t k = u - plane * per_plane.divisor();
+    const int64_t first = (start & ~int64_t(VEC - 1)) + k * VEC;
+    const int64_t lo = max(start, first), hi = min(start + inner, first + VEC);
+    if (hi - lo == VEC) {
+      body(std::integral_constant<int, VEC>(), lo);
+    } else {
+      for (int64_t i = lo; i < hi; ++i) body(std::integral_constant<int, 1>(), i);
+    }
+  }
+};
 
 inline int sm_count(int device) {
   int count = 0;

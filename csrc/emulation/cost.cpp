@@ -1,8 +1,9 @@
 // Cost counting in the emulation (fusedres._cost.count(): tests and bench only). Per kernel
 // launch: the kernel, its grid and block, the bytes of global memory its load and store
-// instructions move (requests), and the distinct bytes they read and write (each byte once,
-// however often it is touched: the DRAM traffic of a kernel whose repeated reads hit the cache,
-// which the per-channel parameters every thread reads do on a GPU).
+// instructions move (requests) and their number (accesses), and the distinct bytes they read
+// and write (each byte once, however often it is touched: the DRAM traffic of a kernel whose
+// repeated reads hit the cache, which the per-channel parameters every thread reads do on a
+// GPU).
 //
 // Exact by construction: every global-memory access of csrc/cuda goes through the helpers of
 // utils.cuh (load, store, load_vec, store_vec), which announce it here (begin_access /
@@ -68,6 +69,8 @@ struct LaunchCost {
   dim3 grid, block;
   size_t shared_bytes = 0;
   uint64_t read_requests = 0, write_requests = 0;  // bytes the load / store instructions move
+  uint64_t read_accesses = 0, write_accesses = 0;  // the load / store instructions
+  std::array<uint64_t, 5> accesses_by_size{};      // of 1, 2, 4, 8, 16 bytes (reads, writes)
   uint64_t read_bytes = 0, write_bytes = 0;        // distinct bytes read / written
 };
 
@@ -111,12 +114,17 @@ bool inside_tensor(const TensorMapping* m, const char* begin, size_t bytes) {
 void begin_access(const void* p, size_t bytes, bool write) {
   Current& c = current;
   if (!c.active) return;
+  size_t size_index = 0;
+  while (size_index < 4 && (size_t(1) << size_index) < bytes) ++size_index;
+  ++c.cost.accesses_by_size[size_index];
   const auto address = reinterpret_cast<uintptr_t>(p);
   if (write) {
     c.cost.write_requests += bytes;
+    ++c.cost.write_accesses;
     c.written.add(address, bytes);
   } else {
     c.cost.read_requests += bytes;
+    ++c.cost.read_accesses;
     c.read.add(address, bytes);
   }
   if (!strict) return;
@@ -212,13 +220,20 @@ PyObject* py_cost_stop(PyObject*, PyObject*) {
   for (size_t i = 0; i < done.size(); ++i) {
     const LaunchCost& r = done[i];
     PyObject* item =
-        Py_BuildValue("{s:s,s:(III),s:(III),s:n,s:K,s:K,s:K,s:K}", "kernel", r.kernel.c_str(),
-                      "grid", r.grid.x, r.grid.y, r.grid.z, "block", r.block.x, r.block.y,
-                      r.block.z, "shared_bytes", static_cast<Py_ssize_t>(r.shared_bytes),
+        Py_BuildValue("{s:s,s:(III),s:(III),s:n,s:K,s:K,s:K,s:K,s:K,s:K,s:(KKKKK)}", "kernel",
+                      r.kernel.c_str(), "grid", r.grid.x, r.grid.y, r.grid.z, "block", r.block.x,
+                      r.block.y, r.block.z, "shared_bytes", static_cast<Py_ssize_t>(r.shared_bytes),
                       "read_bytes", static_cast<unsigned long long>(r.read_bytes), "write_bytes",
                       static_cast<unsigned long long>(r.write_bytes), "read_requests",
                       static_cast<unsigned long long>(r.read_requests), "write_requests",
-                      static_cast<unsigned long long>(r.write_requests));
+                      static_cast<unsigned long long>(r.write_requests), "read_accesses",
+                      static_cast<unsigned long long>(r.read_accesses), "write_accesses",
+                      static_cast<unsigned long long>(r.write_accesses), "accesses_by_size",
+                      static_cast<unsigned long long>(r.accesses_by_size[0]),
+                      static_cast<unsigned long long>(r.accesses_by_size[1]),
+                      static_cast<unsigned long long>(r.accesses_by_size[2]),
+                      static_cast<unsigned long long>(r.accesses_by_size[3]),
+                      static_cast<unsigned long long>(r.accesses_by_size[4]));
     if (item == nullptr) {
       Py_DECREF(list);
       return nullptr;
