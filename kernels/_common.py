@@ -38,7 +38,7 @@ TILE_CONFIGS = [
 ]
 TILE_FIXED = TILE_CONFIGS[0]
 TILE_INTERPRETED = triton.Config({"BLOCK_R": 32, "BLOCK_C": 32})
-TILE_KEY = ["C", "inner"]
+TILE_KEY = ["C", "INNER"]
 
 # CUDA's limits on the grid's x, y and z dimensions.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
@@ -216,13 +216,16 @@ def row_split(rows: int, channels: int, device: torch.device) -> tuple[int, int]
 
 
 @triton.jit
-def tile_offsets(rows, cols, C, inner, CHANNELS_LAST: tl.constexpr):
-    """Memory offsets of a (rows, cols) tile; rows and cols are int64 vectors. C and inner
-    may be int32 scalars: every product has an int64 factor first (C * inner alone wraps
-    once a sample holds 2**31 values)."""
-    if CHANNELS_LAST:
+def tile_offsets(rows, cols, C, INNER: tl.constexpr):
+    """Memory offsets of a (rows, cols) tile of channel_view's (rows, C, INNER); rows and cols
+    are int64 vectors, C may be an int32 scalar: every product has an int64 factor first (C *
+    INNER alone wraps once a sample holds 2**31 values). INNER (H * W, or 1: channels_last) is
+    a compile-time constant, so that the NCHW tile's division and remainder by it are a
+    multiply-high and a shift, not a 64-bit division per row (a variant per H * W, as the
+    autotuner keys on it anyway)."""
+    if INNER == 1:
         return rows[:, None] * C + cols[None, :]
-    return (rows // inner)[:, None] * C * inner + (rows % inner)[:, None] + cols[None, :] * inner
+    return (rows // INNER)[:, None] * C * INNER + (rows % INNER)[:, None] + cols[None, :] * INNER
 
 
 @triton.jit

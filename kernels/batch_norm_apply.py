@@ -40,16 +40,16 @@ def affine_value(x, m, s, b):
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _normalize_kernel(x_ptr, r_ptr, y_ptr, mean_ptr, scale_ptr, shift_ptr, r_mean_ptr,
-                      r_scale_ptr, r_shift_ptr, rows, C, inner,
+                      r_scale_ptr, r_shift_ptr, rows, C, INNER: tl.constexpr,
                       HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                       HAS_RESIDUAL: tl.constexpr, HAS_R_MEAN: tl.constexpr,
                       HAS_R_SCALE: tl.constexpr, HAS_R_SHIFT: tl.constexpr, RELU: tl.constexpr,
-                      CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                      ACC: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     r, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
     ok = (r < rows)[:, None] & col_ok[None, :]
-    offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+    offsets = tile_offsets(r, cols, C, INNER)
     m = _channel_values(mean_ptr, cols, col_ok, HAS_MEAN, 0.0, ACC)
     s = _channel_values(scale_ptr, cols, col_ok, HAS_SCALE, 1.0, ACC)
     b = _channel_values(shift_ptr, cols, col_ok, HAS_SHIFT, 0.0, ACC)
@@ -85,7 +85,7 @@ def normalize_act(input, mean=None, scale=None, shift=None, residual=None, resid
         HAS_MEAN=mean is not None, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RESIDUAL=residual is not None, HAS_R_MEAN=residual_mean is not None,
         HAS_R_SCALE=residual_scale is not None, HAS_R_SHIFT=residual_shift is not None,
-        RELU=relu, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+        RELU=relu, ACC=tl_acc(x.dtype))
     return out
 
 

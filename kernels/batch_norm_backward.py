@@ -66,9 +66,9 @@ def _mask_coefficients(scale_ptr, shift_ptr, cols, col_ok, MASK: tl.constexpr,
 @autotuned(TILE_CONFIGS, TILE_KEY, TILE_FIXED, TILE_INTERPRETED)
 @triton.jit
 def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, part_ptr, g_ptr,
-                           r_ptr, r_mean_ptr, rows, C, inner, rows_per_program,
+                           r_ptr, r_mean_ptr, rows, C, INNER: tl.constexpr, rows_per_program,
                            MASK: tl.constexpr, HAS_SHIFT: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                           DUAL: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+                           DUAL: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # grid: (channel blocks, row programs), as _stats_partial_kernel. DUAL: also sum(g * (r -
     # r_mean)), the dual form's second BN's, as the partials' third row.
@@ -88,7 +88,7 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
     for r0 in range(start, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         ok = (r < end)[:, None] & col_ok[None, :]
-        offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+        offsets = tile_offsets(r, cols, C, INNER)
         x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(ACC)
         g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
         if WRITE_GRAD:  # exact: g is grad_out's value or 0
@@ -166,9 +166,9 @@ def _divide(a, b, ACC: tl.constexpr):
 def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weight_ptr,
                        sum_dy_ptr, sum_dy_xhat_ptr, scale_ptr, shift_ptr, extra_ptr, r_ptr,
                        dr_ptr, r_mean_ptr, r_invstd_ptr, r_weight_ptr, sum_dy_rhat_ptr, count,
-                       rows, C, inner, MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       rows, C, INNER: tl.constexpr, MASK: tl.constexpr, HAS_SHIFT: tl.constexpr,
                        HAS_WEIGHT: tl.constexpr, HAS_EXTRA: tl.constexpr, DUAL: tl.constexpr,
-                       HAS_R_WEIGHT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                       HAS_R_WEIGHT: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx = k * (g - mean_dy - (x - mean) * proj) (+ the extra gradient, with HAS_EXTRA), the
     per-channel k = weight * invstd, mean_dy = sum_dy / count, proj = sum_dy_xhat * invstd /
@@ -178,7 +178,7 @@ def _input_grad_kernel(dy_ptr, y_ptr, x_ptr, dx_ptr, mean_ptr, invstd_ptr, weigh
     rows_, cols = tile_of_program(rows, C, BLOCK_R, BLOCK_C)
     col_ok = cols < C
     ok = (rows_ < rows)[:, None] & col_ok[None, :]
-    offsets = tile_offsets(rows_, cols, C, inner, CHANNELS_LAST)
+    offsets = tile_offsets(rows_, cols, C, INNER)
     n = tl.full([BLOCK_C], count, ACC)
     mean_dy = _divide(tl.load(sum_dy_ptr + cols, mask=col_ok, other=0.0).to(ACC), n, ACC)
     mean, k, proj = _grad_coefficients(mean_ptr, invstd_ptr, weight_ptr, sum_dy_xhat_ptr, n,
@@ -256,7 +256,7 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, output: Optional[torch.Te
     launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
            x.device, dy, y, x, mean.contiguous(), scale, shift, partials,
            masked_grad if write_grad else dy, x, mean, rows, C, inner, rows_per_program, **mask,
-           WRITE_GRAD=write_grad, DUAL=False, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+           WRITE_GRAD=write_grad, DUAL=False, ACC=tl_acc(x.dtype))
     grads = (grad_weight, grad_bias) if grad_dtype is not None else (sum_dy, sum_dy)
     launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd.contiguous(),
            sum_dy, sum_dy_xhat, *grads, *(partials,) * 4, programs, C, ACC=tl_acc(x.dtype),
@@ -287,7 +287,7 @@ def batch_norm_backward_input(grad_out: torch.Tensor, output: Optional[torch.Ten
         sum_dy_xhat.contiguous(), scale, shift, extra if extra is not None else dy,
         *(x, grad_input), *(invstd,) * 4, x.numel() // C, rows, C, inner, **mask,
         HAS_WEIGHT=weight is not None, HAS_EXTRA=extra is not None, DUAL=False,
-        HAS_R_WEIGHT=False, CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+        HAS_R_WEIGHT=False, ACC=tl_acc(x.dtype))
     return grad_input
 
 
@@ -323,8 +323,7 @@ def dual_batch_norm_backward(grad_out: torch.Tensor, output: Optional[torch.Tens
     r_mean, r_invstd = residual_mean.contiguous(), residual_invstd.contiguous()
     launch(_reduce_partial_kernel, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), programs),
            x.device, dy, y, x, mean, scale, shift, partials, dy, r, r_mean, rows, C, inner,
-           rows_per_program, **mask, WRITE_GRAD=False, DUAL=True, CHANNELS_LAST=inner == 1,
-           ACC=tl_acc(x.dtype))
+           rows_per_program, **mask, WRITE_GRAD=False, DUAL=True, ACC=tl_acc(x.dtype))
     launch(_reduce_merge_kernel, (triton.cdiv(C, 32),), x.device, partials, invstd, sum_dy,
            sum_dy_xhat, grads[0], grads[1], r_invstd, sum_dy_rhat, grads[2], grads[3], programs,
            C, ACC=tl_acc(x.dtype), GRADS=True, DUAL=True, BLOCK_P=MERGE_ROWS, BLOCK_C=32)
@@ -334,6 +333,5 @@ def dual_batch_norm_backward(grad_out: torch.Tensor, output: Optional[torch.Tens
         sum_dy, sum_dy_xhat, scale, shift, dy, r, grad_residual, r_mean, r_invstd,
         residual_weight.contiguous() if residual_weight is not None else r_invstd, sum_dy_rhat,
         x.numel() // C, rows, C, inner, **mask, HAS_WEIGHT=weight is not None, HAS_EXTRA=False,
-        DUAL=True, HAS_R_WEIGHT=residual_weight is not None, CHANNELS_LAST=inner == 1,
-        ACC=tl_acc(x.dtype))
+        DUAL=True, HAS_R_WEIGHT=residual_weight is not None, ACC=tl_acc(x.dtype))
     return grad_input, grad_residual, *grads

@@ -56,10 +56,10 @@ def load_values(x_ptr, z_ptr, offsets, mask, ADD: tl.constexpr, ACC: tl.constexp
            restore=["counter_ptr", "second_counter_ptr"])
 @triton.jit
 def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_ptr,
-                          second_counter_ptr, rows, C, inner, rows_per_program, ADD: tl.constexpr,
+                          second_counter_ptr, rows, C, INNER: tl.constexpr, rows_per_program,
+                          ADD: tl.constexpr,
                           COUNT: tl.constexpr, SECOND_COUNT: tl.constexpr,
-                          CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                          ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # ADD: the statistics of x + z, which this kernel writes to sum. COUNT: one program adds
     # the batch to the counter (num_batches_tracked), which the merge after it reads.
     # grid: (channel blocks, row programs, tensors); the channel blocks, up to C / 8, on the x
@@ -85,14 +85,14 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_p
     n = tl.zeros([BLOCK_C], ACC)
     mean = tl.zeros([BLOCK_C], ACC)
     m2 = tl.zeros([BLOCK_C], ACC)
-    shift = channel_shift(src_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
+    shift = channel_shift(src_ptr, z_ptr, cols, col_ok, INNER, ADD, ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         row_ok = r < end
         ok = row_ok[:, None] & col_ok[None, :]
-        offsets = tile_offsets(r, cols, C, inner, CHANNELS_LAST)
+        offsets = tile_offsets(r, cols, C, INNER)
         x = load_values(src_ptr, z_ptr, offsets, ok, ADD, ACC)
         if ADD:
             tl.store(sum_ptr + offsets, x, mask=ok)
@@ -109,12 +109,11 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_p
 
 
 @triton.jit
-def channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD: tl.constexpr,
-                  CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr):
+def channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD: tl.constexpr, ACC: tl.constexpr):
     """Each channel's first value (sample 0, position 0; with ADD of x + z, computed again
     rather than read back from the sum another program writes), or 0 where that is Inf / NaN
     (x - Inf would turn an Inf into NaN): the shift of its statistics."""
-    offsets = cols if CHANNELS_LAST else cols * inner
+    offsets = cols * inner
     shift = load_values(x_ptr, z_ptr, offsets, col_ok, ADD, ACC).to(ACC)
     return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
 
@@ -155,7 +154,7 @@ def _merge_channels(part_ptr, programs, plane, C, inner, x_ptr, z_ptr, mean_ptr,
                     weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr, running_mean_ptr,
                     running_var_ptr, counter_ptr, eps_hi, eps_lo, momentum_hi, momentum_lo,
                     bessel_hi, bessel_lo, SHIFTED: tl.constexpr, ADD: tl.constexpr,
-                    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, AFFINE: tl.constexpr,
+                    ACC: tl.constexpr, AFFINE: tl.constexpr,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RUNNING: tl.constexpr,
                     CUMULATIVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """_stats_merge_kernel's work for one tensor's statistics."""
@@ -173,7 +172,7 @@ def _merge_channels(part_ptr, programs, plane, C, inner, x_ptr, z_ptr, mean_ptr,
             tl.load(part + 2 * plane, mask=ok, other=0.0), ok)
         n, mean, m2 = chan_merge(n, mean, m2, tile_n, tile_mean, tile_m2)
     if SHIFTED:
-        mean += channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, CHANNELS_LAST, ACC)
+        mean += channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD, ACC)
     var = tl.where(n > 0, m2 / tl.where(n > 0, n, 1.0), 0.0)
     tl.store(mean_ptr + cols, mean, mask=col_ok)
     tl.store(var_ptr + cols, var, mask=col_ok)
@@ -222,8 +221,7 @@ def _stats_merge_kernel(part_ptr, programs, plane, C, inner,
                         b_SHIFTED: tl.constexpr, b_ADD: tl.constexpr, b_AFFINE: tl.constexpr,
                         b_HAS_WEIGHT: tl.constexpr, b_HAS_BIAS: tl.constexpr,
                         b_RUNNING: tl.constexpr, b_CUMULATIVE: tl.constexpr,
-                        CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merges the first `programs` partial rows of [3][rows][C] (`plane` = rows * C values
     apart), BLOCK_P rows at a time (tile_moments); SHIFTED: their means are offsets from x's
     first values (with ADD: from those of x + z). AFFINE: also writes the BN's invstd =
@@ -240,14 +238,14 @@ def _stats_merge_kernel(part_ptr, programs, plane, C, inner,
                         weight_ptr, bias_ptr, invstd_ptr, scale_ptr, shift_ptr,
                         running_mean_ptr, running_var_ptr, counter_ptr, eps_hi, eps_lo,
                         momentum_hi, momentum_lo, bessel_hi, bessel_lo, SHIFTED, ADD,
-                        CHANNELS_LAST, ACC, AFFINE, HAS_WEIGHT, HAS_BIAS, RUNNING, CUMULATIVE,
+                        ACC, AFFINE, HAS_WEIGHT, HAS_BIAS, RUNNING, CUMULATIVE,
                         BLOCK_P, BLOCK_C)
     else:
         _merge_channels(part_ptr + 3 * plane, programs, plane, C, inner, b_x_ptr, b_z_ptr,
                         b_mean_ptr, b_var_ptr, b_weight_ptr, b_bias_ptr, b_invstd_ptr,
                         b_scale_ptr, b_shift_ptr, b_running_mean_ptr, b_running_var_ptr,
                         b_counter_ptr, b_eps_hi, b_eps_lo, b_momentum_hi, b_momentum_lo,
-                        b_bessel_hi, b_bessel_lo, b_SHIFTED, b_ADD, CHANNELS_LAST, ACC,
+                        b_bessel_hi, b_bessel_lo, b_SHIFTED, b_ADD, ACC,
                         b_AFFINE, b_HAS_WEIGHT, b_HAS_BIAS, b_RUNNING, b_CUMULATIVE, BLOCK_P,
                         BLOCK_C)
 
@@ -293,7 +291,7 @@ def merge_stats(partials, programs, x, inner, affine=None, out=None, residual=No
     launch(_stats_merge_kernel, (triton.cdiv(C, 32), 1 if second is None else 2),
            partials.device, partials, programs, rows * C, C, inner, **args,
            **{"b_" + k: v for k, v in second_args.items()},
-           CHANNELS_LAST=inner == 1, ACC=tl_acc(partials.dtype), BLOCK_P=MERGE_ROWS, BLOCK_C=32)
+           ACC=tl_acc(partials.dtype), BLOCK_P=MERGE_ROWS, BLOCK_C=32)
     return outputs if second is None else (outputs, second_outputs)
 
 
@@ -343,7 +341,7 @@ def channel_stats(input: torch.Tensor, affine=None, residual=None, running=None,
                y if y is not None else x, counters[1] if counters[1] is not None else partials,
                rows, C, inner, rows_per_program, ADD=z is not None,
                COUNT=counters[0] is not None, SECOND_COUNT=counters[1] is not None,
-               CHANNELS_LAST=inner == 1, ACC=tl_acc(x.dtype))
+               ACC=tl_acc(x.dtype))
         statistics = merge_stats(
             partials, programs, x, inner, affine, residual=z,
             running=_merge_running(running, rows), second=(y, second[1], _merge_running(second[2], rows))

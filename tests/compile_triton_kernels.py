@@ -11,11 +11,14 @@
    float64 accumulation, float32, fused_conv2d's prologue and statistics, grouped and dilated
    convolutions), with the fixed config, for sm_90.
 
-The interpreter tests check what the kernels compute; this checks that they compile. Run as a
-script with TRITON_INTERPRET unset (tests/test_triton_compile.py does, in shards).
+The interpreter tests check what the kernels compute; this checks that they compile, and that
+the BN tile kernels' PTX has no 64-bit division or remainder (NCHW offsets divide by H * W, a
+compile-time constant: kernels/_common.tile_offsets). Run as a script with TRITON_INTERPRET
+unset (tests/test_triton_compile.py does, in shards).
 Usage: compile_triton_kernels.py [--shard I/N] [--list]
 """
 import argparse
+import re
 import sys
 
 import torch
@@ -28,6 +31,9 @@ from fusedres.kernels import _common, fused_conv2d
 
 ARCHS = (90, 80)
 BF16 = torch.bfloat16
+# Kernels whose every element's offset goes through tile_offsets: no 64-bit div / rem in them.
+NO_DIVISION = {"_normalize_kernel", "_stats_partial_kernel", "_reduce_partial_kernel",
+               "_input_grad_kernel"}
 
 
 def record(workload):
@@ -180,9 +186,15 @@ def main():
             continue
         try:
             src, options = specialise(kernel, args, kwargs, config, arch)
-            triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options=options.__dict__)
         except Exception as e:  # report which kernel, config and arch failed
             print(f"FAILED {describe(kernel, config, arch)}: {type(e).__name__}: {e}")
+            return 1
+        name = (kernel.fn if hasattr(kernel, "configs") else kernel).__name__
+        division = re.search(r"\b(?:div|rem)\.[su]64\b", compiled.asm["ptx"])
+        if name in NO_DIVISION and division:
+            print(f"FAILED {describe(kernel, config, arch)}: {division.group(0)} in its PTX")
             return 1
         count += 1
     print(f"compiled {count} kernel variants")

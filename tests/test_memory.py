@@ -134,10 +134,10 @@ def test_functional_ops_do_not_grow_memory(target):
 
 if triton is not None:
     @triton.jit
-    def _tile_offsets_kernel(out_ptr, row0, C, inner, CHANNELS_LAST: tl.constexpr):
+    def _tile_offsets_kernel(out_ptr, row0, C, INNER: tl.constexpr):
         rows = row0 + tl.arange(0, 4).to(tl.int64)
         cols = C - 2 + tl.arange(0, 2).to(tl.int64)  # the last two channels
-        offsets = tile_offsets(rows, cols, C, inner, CHANNELS_LAST)
+        offsets = tile_offsets(rows, cols, C, INNER)
         tl.store(out_ptr + tl.arange(0, 4)[:, None] * 2 + tl.arange(0, 2)[None, :], offsets)
 
 
@@ -150,10 +150,10 @@ if triton is not None:
 ])
 def test_triton_tile_offsets_are_64_bit(device, C, inner, row0):
     """The element offsets of every Triton BN kernel, for tensors past 2**31 elements, with
-    C and inner passed as 32-bit ints (Triton's default for small ints). Runs on the CPU in
-    the interpreter: no 8 GB tensor needed."""
+    C passed as a 32-bit int (Triton's default for small ints), H * W a 32-bit constant. Runs
+    on the CPU in the interpreter: no 8 GB tensor needed."""
     out = torch.empty(4, 2, dtype=torch.int64, device=device)
-    _tile_offsets_kernel[(1,)](out, row0, C, inner, CHANNELS_LAST=inner == 1)
+    _tile_offsets_kernel[(1,)](out, row0, C, inner)
     expected = [[(r // inner) * C * inner + r % inner + c * inner for c in (C - 2, C - 1)]
                 for r in range(row0, row0 + 4)]
     assert out.cpu().tolist() == expected

@@ -199,7 +199,7 @@ def test_grid_over_the_limit_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"_stats_merge_kernel: 70000 programs on grid axis 1"):
         _common.launch(batch_norm_stats._stats_merge_kernel, (1, 70000), x.device, partials, 1,
                        4, 4, 1, **args, **{"b_" + k: v for k, v in args.items()},
-                       CHANNELS_LAST=True, ACC=triton.language.float32, BLOCK_P=64, BLOCK_C=32)
+                       ACC=triton.language.float32, BLOCK_P=64, BLOCK_C=32)
 
 
 # ---- the convolution's statistics and defects -----------------------------------------------
