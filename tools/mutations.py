@@ -359,8 +359,8 @@ CATALOG = [
     Mutation("triton-tile-offsets-divide-at-run-time", "kernels/_common.py",
              "NCHW tile offsets divide by a run-time H * W (a 64-bit division per row)",
              "return (rows // INNER)[:, None] * C * INNER + (rows % INNER)[:, None]",
-             "return (rows // (INNER + 0 * C))[:, None] * C * INNER"
-             " + (rows % (INNER + 0 * C))[:, None]",
+             "return (rows // (C * INNER // C))[:, None] * C * INNER"
+             " + (rows % (C * INNER // C))[:, None]",
              ["tests/test_triton_compile.py"]),
     Mutation("conv-prologue-backward-unmasked", "fusedres/_ops.py",
              "fused_conv2d backward: the prologue's ReLU mask left out of its gradients",
