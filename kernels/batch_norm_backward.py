@@ -80,9 +80,11 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
     r_mean = tl.zeros([BLOCK_C], ACC)
     if DUAL:
         r_mean = tl.load(r_mean_ptr + cols, mask=col_ok, other=0.0).to(ACC)
-    sum_g = tl.zeros([BLOCK_C], ACC)
-    sum_gx = tl.zeros([BLOCK_C], ACC)
-    sum_gr = tl.zeros([BLOCK_C], ACC)
+    # per register slot (row lane, channel), summed across the program's threads once, after
+    # the loop
+    sum_g = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    sum_gx = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    sum_gr = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -93,17 +95,17 @@ def _reduce_partial_kernel(dy_ptr, y_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr,
         g = _masked_grad(dy_ptr, y_ptr, offsets, ok, x, mean, scale, shift, MASK, ACC)
         if WRITE_GRAD:  # exact: g is grad_out's value or 0
             tl.store(g_ptr + offsets, g.to(g_ptr.dtype.element_ty), mask=ok)
-        sum_g += tl.sum(g, axis=0)
-        sum_gx += tl.sum(g * tl.where(ok, x - mean[None, :], 0.0), axis=0)
+        sum_g += g
+        sum_gx += g * tl.where(ok, x - mean[None, :], 0.0)
         if DUAL:
             r = tl.load(r_ptr + offsets, mask=ok, other=0.0).to(ACC)
-            sum_gr += tl.sum(g * tl.where(ok, r - r_mean[None, :], 0.0), axis=0)
+            sum_gr += g * tl.where(ok, r - r_mean[None, :], 0.0)
     out = part_ptr + pid_r * C + cols
     programs = tl.num_programs(1).to(tl.int64)
-    tl.store(out, sum_g, mask=col_ok)
-    tl.store(out + programs * C, sum_gx, mask=col_ok)
+    tl.store(out, tl.sum(sum_g, axis=0), mask=col_ok)
+    tl.store(out + programs * C, tl.sum(sum_gx, axis=0), mask=col_ok)
     if DUAL:
-        tl.store(out + 2 * programs * C, sum_gr, mask=col_ok)
+        tl.store(out + 2 * programs * C, tl.sum(sum_gr, axis=0), mask=col_ok)
 
 
 @triton.jit

@@ -82,10 +82,13 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_p
             if first:
                 tl.store(second_counter_ptr, tl.load(second_counter_ptr) + 1)
     col_ok = cols < C
-    n = tl.zeros([BLOCK_C], ACC)
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
     shift = channel_shift(src_ptr, z_ptr, cols, col_ok, INNER, ADD, ACC)
+    # Each register slot (row lane, channel) sums the values it sees, shifted, as a CUDA thread
+    # does; the slots' moments are combined once, after the loop (no reduction across the
+    # program's threads per tile).
+    count = tl.zeros([BLOCK_R], ACC)  # the values each row lane summed
+    s1 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
+    s2 = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     start = pid_r * rows_per_program
     end = tl.minimum(start + rows_per_program, rows)
     for r0 in range(start, end, BLOCK_R):
@@ -96,12 +99,11 @@ def _stats_partial_kernel(x_ptr, z_ptr, sum_ptr, part_ptr, counter_ptr, second_p
         x = load_values(src_ptr, z_ptr, offsets, ok, ADD, ACC)
         if ADD:
             tl.store(sum_ptr + offsets, x, mask=ok)
-        x = x.to(ACC)
-        x = tl.where(ok, x - shift[None, :], 0.0)
-        count = tl.sum(row_ok.to(ACC), axis=0)
-        tile_mean = tl.sum(x, axis=0) / count
-        d = tl.where(ok, x - tile_mean[None, :], 0.0)
-        n, mean, m2 = chan_merge(n, mean, m2, count, tile_mean, tl.sum(d * d, axis=0))
+        x = tl.where(ok, x.to(ACC) - shift[None, :], 0.0)
+        count += row_ok.to(ACC)
+        s1 += x
+        s2 += x * x
+    n, mean, m2 = slot_moments(count, s1, s2, col_ok)
     out = part_ptr + pid_r * C + cols
     tl.store(out, n, mask=col_ok)
     tl.store(out + programs * C, mean, mask=col_ok)
@@ -116,6 +118,18 @@ def channel_shift(x_ptr, z_ptr, cols, col_ok, inner, ADD: tl.constexpr, ACC: tl.
     offsets = cols * inner
     shift = load_values(x_ptr, z_ptr, offsets, col_ok, ADD, ACC).to(ACC)
     return tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+
+
+@triton.jit
+def slot_moments(count, s1, s2, col_ok):
+    """(count, mean, M2) per channel from a tile of register slots' shifted sums s1, s2 of
+    count[row lane] values each: each slot's moments (M2 = s2 - s1 * mean, NaN with an Inf or
+    NaN among its values, as CUDA's ShiftedSums), then their union (tile_moments)."""
+    n = tl.broadcast_to(count[:, None], s1.shape)
+    mean = s1 / tl.where(n > 0, n, 1.0)
+    v = s2 - s1 * mean
+    m2 = tl.where(tl.abs(mean) < float("inf"), tl.where(v < 0.0, 0.0, v), float("nan"))
+    return tile_moments(n, mean, m2, (n > 0) & col_ok[None, :])
 
 
 @triton.jit

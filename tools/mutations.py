@@ -362,6 +362,9 @@ CATALOG = [
              "return (rows // (C * INNER // C))[:, None] * C * INNER"
              " + (rows % (C * INNER // C))[:, None]",
              ["tests/test_triton_compile.py"]),
+    Mutation("triton-slot-moments-uncentred", "kernels/batch_norm_stats.py",
+             "Triton statistics: a register slot's M2 left uncentred (its sum of squares)",
+             "v = s2 - s1 * mean", "v = s2", OPS),
     Mutation("conv-prologue-backward-unmasked", "fusedres/_ops.py",
              "fused_conv2d backward: the prologue's ReLU mask left out of its gradients",
              "mask = (scale, shift) if input_relu else (None, None)", "mask = (None, None)",
