@@ -92,15 +92,15 @@ inline bool aligned16(const void* p) {
 // A ChannelView is read VEC values at a time (the pointers 16-byte aligned) where its
 // channels_last rows hold whole vectors (C % VEC == 0), or channels-first (PlaneUnits) where
 // its planes hold whole vectors or are long enough that few of their values are read one by
-// one (7x7: 12 of 49 on average at VEC = 8).
+// one (7x7: 7 of 49 on average at VEC = 8).
 inline bool can_vectorize(const ChannelView& v, int vec) {
   return v.inner == 1 ? v.channels % vec == 0 : v.inner % vec == 0 || v.inner >= 4 * vec;
 }
 
 // ---- index arithmetic ----------------------------------------------------------------------
 // n / d for a divisor fixed at launch: a multiply-high, an add and a shift where n < 2**32
-// (Granlund & Montgomery's round-up method, exact for every such n), not the ~70
-// instructions of a 64-bit division; larger n divide.
+// (Granlund & Montgomery's round-up method, exact for every such n), not a division (tens of
+// instructions; per vector, it was the channels-first kernels' index cost); larger n divide.
 class Divider {
  public:
   explicit Divider(int64_t d) : d_(d) {
