@@ -222,7 +222,7 @@ def tile_offsets(rows, cols, C, INNER: tl.constexpr):
     INNER alone wraps once a sample holds 2**31 values). INNER (H * W, or 1: channels_last) is
     a compile-time constant, so that the NCHW tile's division and remainder by it are a
     multiply-high and a shift, not a 64-bit division per row (a variant per H * W, as the
-    autotuner keys on it anyway)."""
+    autotuner keys on it anyway; untuned, a compile per new H * W)."""
     if INNER == 1:
         return rows[:, None] * C + cols[None, :]
     return (rows // INNER)[:, None] * C * INNER + (rows % INNER)[:, None] + cols[None, :] * INNER
