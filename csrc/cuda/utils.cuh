@@ -4,6 +4,8 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #ifdef FUSEDRES_CUDA_EMULATION
 #include "../emulation/cuda_runtime.h"  // host stand-ins: the kernels run on the CPU
 #ifndef __launch_bounds__
@@ -98,37 +100,26 @@ inline bool can_vectorize(const ChannelView& v, int vec) {
 }
 
 // ---- index arithmetic ----------------------------------------------------------------------
-// n / d for a divisor fixed at launch: a multiply-high, an add and a shift where n < 2**32
-// (Granlund & Montgomery's round-up method, exact for every such n), not a division (tens of
-// instructions; per vector, it was the channels-first kernels' index cost); larger n divide.
+// n / d for a divisor fixed at launch: ATen's IntDivider (a multiply-high, an add and a shift)
+// where d and n are below 2**31, not a division (tens of instructions; per vector, it was the
+// channels-first kernels' index cost); beyond that, a division.
 class Divider {
  public:
-  explicit Divider(int64_t d) : d_(d) {
-    if (d > int64_t(UINT32_MAX)) return;  // (limit_ 0: always divide)
-    while ((int64_t(1) << shift_) < d) ++shift_;
-    magic_ = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift_) - d)) / d + 1);
-    limit_ = uint64_t(1) << 32;
-  }
+  explicit Divider(int64_t d)
+      : d_(d),
+        fast_(d <= INT32_MAX ? static_cast<unsigned>(d) : 1u),
+        limit_(d <= INT32_MAX ? int64_t(INT32_MAX) : 0) {}
 
   __device__ __forceinline__ int64_t div(int64_t n) const {
-    const uint64_t u = static_cast<uint64_t>(n);
-    if (u >= limit_) return n / d_;
-    const uint32_t n32 = static_cast<uint32_t>(u);
-#ifdef __CUDA_ARCH__
-    const uint32_t high = __umulhi(n32, magic_);
-#else
-    const uint32_t high = static_cast<uint32_t>((uint64_t(n32) * magic_) >> 32);
-#endif
-    return static_cast<int64_t>((uint64_t(high) + n32) >> shift_);
+    return n >= 0 && n <= limit_ ? fast_.div(static_cast<unsigned>(n)) : n / d_;
   }
 
   __host__ __device__ __forceinline__ int64_t divisor() const { return d_; }
 
  private:
   int64_t d_;
-  uint64_t limit_ = 0;  // n below it: the fast form
-  uint32_t magic_ = 0;
-  int shift_ = 0;
+  at::cuda::detail::IntDivider<unsigned> fast_;
+  int64_t limit_;  // n up to it: the fast form (0 where d itself is too large)
 };
 
 // ---- channels-first walks ------------------------------------------------------------------
