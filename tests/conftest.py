@@ -1,5 +1,6 @@
 """Shared test helpers: backends and devices, layouts, tolerances and the fp64 reference
 comparisons."""
+import copy
 import os
 import sys
 
@@ -111,6 +112,48 @@ def rel_err(out, ref):
     if denom == 0:
         return out.norm().item()
     return ((out - ref).norm() / denom).item()
+
+
+def nudged(model, seed=0):
+    """A copy of a float64 model with every parameter moved by about one unit in the last place
+    (a relative N(0, 2**-52) step). It computes the same function as `model` up to float64's
+    rounding, so how far its results land from the model's is the noise of the comparison
+    itself, which deep networks, a few values per BN channel and SGD steps amplify far past
+    1e-16 (ResNet-50's eval output after one training step moves by 2e-10). Nudge before
+    making the optimizers."""
+    twin = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            step = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            p.mul_(1 + 2.0**-52 * step.to(p.device))
+    return twin
+
+
+NOISE_FACTOR = 10
+
+
+def each_close64(ours, theirs, tolerance=1e-10, noise=None):
+    """Each named float64 tensor of `ours` within `tolerance` (relative norm) of the one of
+    `theirs` with the same name; integer tensors equal. `noise`, the same tensors from a
+    nudged() twin of the reference, widens the bound to NOISE_FACTOR times its worst error
+    against the reference where the comparison is that ill-conditioned: no float64
+    implementation can be held closer than the reference is to itself (a wrong term is off by
+    far more)."""
+    ours, theirs = list(ours), list(theirs)
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    bound = tolerance
+    if noise is not None:
+        noise = list(noise)
+        assert [n for n, _ in noise] == [n for n, _ in theirs]
+        bound = max(tolerance, NOISE_FACTOR * max(
+            rel_err(t, ref) for (_, t), (_, ref) in zip(noise, theirs) if t.is_floating_point()))
+    for (name, t), (_, ref) in zip(ours, theirs):
+        if t.is_floating_point():
+            err = rel_err(t, ref)
+            assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
+        else:
+            assert torch.equal(t.cpu(), ref.cpu()), name
 
 
 def assert_as_accurate(out, ref32, ref64, floor=1e-4, factor=3):
