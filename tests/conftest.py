@@ -134,8 +134,9 @@ NOISE_FACTOR = 10
 
 
 def each_close64(ours, theirs, tolerance=1e-10, noise=None):
-    """Each named float64 tensor of `ours` within `tolerance` (relative norm) of the one of
-    `theirs` with the same name; integer tensors equal. `noise`, the same tensors from a
+    """Each named floating-point tensor of `ours` (float64 unless a test passes its own
+    `tolerance`) within `tolerance` (relative norm) of the one of `theirs` with the same name;
+    integer tensors equal. `noise`, the same tensors from a
     nudged() twin of the reference, widens the bound to NOISE_FACTOR times its worst error
     against the reference where the comparison is that ill-conditioned: no float64
     implementation can be held closer than the reference is to itself (a wrong term is off by

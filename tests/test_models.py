@@ -245,8 +245,8 @@ def test_float64_training_matches_torchvision(arch, channels_last):
     reference, fused = pair(arch, num_classes=10, norm_layer=norm)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = [m.double().to(memory_format=fmt) for m in (reference, fused)]
-    models.append(nudged(reference))
-    twin = models[2]
+    twin = nudged(reference)
+    models.append(twin)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in models]
     for mode in ("train", "eval"):
         x = torch.randn(4, 3, 32, 32, dtype=torch.float64).to(memory_format=fmt)

@@ -523,8 +523,8 @@ def test_layout_is_timms_resnetv2(arch):
             outs[-1].square().sum().backward()
         assert_close(outs[1], outs[0], torch.float64)
         each_close64(sorted((timm_key(k), p.grad.reshape(10, -1) if k == "head.fc.weight"
-                           else p.grad) for k, p in theirs.named_parameters()),
-                   sorted(grads(ours)))
+                             else p.grad) for k, p in theirs.named_parameters()),
+                     sorted(grads(ours)))
 
 
 @pytest.mark.parametrize("arch", ["resnetv2_50", "resnetv2_50d"])
