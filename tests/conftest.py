@@ -150,6 +150,7 @@ def each_close64(ours, theirs, tolerance=1e-10, noise=None):
         bound = max(tolerance, NOISE_FACTOR * max(
             rel_err(t, ref) for (_, t), (_, ref) in zip(noise, theirs) if t.is_floating_point()))
     for (name, t), (_, ref) in zip(ours, theirs):
+        assert t.shape == ref.shape, (name, t.shape, ref.shape)  # rel_err would broadcast
         if t.is_floating_point():
             err = rel_err(t, ref)
             assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
